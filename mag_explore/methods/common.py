@@ -1,0 +1,49 @@
+"""Small pieces shared by the methods: layouts tied to the prompt, frozen weights."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+def layout_for_run(layout, sampler):
+    """The layout resolved against the sampler's prompt and sized like its image."""
+    if (layout.height, layout.width) != (sampler.height, sampler.width):
+        warnings.warn(
+            f"layout is {layout.height}×{layout.width} but the image is {sampler.height}×{sampler.width}: "
+            "resizing the layout (nearest)", stacklevel=3,
+        )
+        layout = layout.resized(sampler.height, sampler.width)
+    return layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
+
+
+@contextmanager
+def frozen_weights(*modules: torch.nn.Module) -> Iterator[None]:
+    """Switch off ``requires_grad`` on every weight, and put each flag back afterwards.
+
+    Guidance needs the gradient with respect to the latent only; weights that require
+    grad would make autograd keep work for them too.
+    """
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
+    """Recompute activations in the backward pass (less memory, ~30 % more time); restored after."""
+    before = getattr(unet, "is_gradient_checkpointing", False)
+    if enabled and not before:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            unet.disable_gradient_checkpointing()

@@ -1,0 +1,74 @@
+"""Masked-attention swapping (paper §3.1): overwrite the attention of the region's words.
+
+In the conditional half of classifier-free guidance, for every region and every token of
+its words, the cross-attention probability becomes ``1/len(tokens)`` inside the region and
+``0`` outside. Other tokens keep their probabilities, so rows no longer sum to one - that
+is what the official code does; ``renormalize=True`` rescales the other tokens instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import AttentionContext, AttentionHook
+from ..sampling import Control
+from ..schedule import StepsLike, as_step_range
+from .common import layout_for_run
+
+
+class MaskedAttentionSwap(Control, AttentionHook):
+    """Swap the region tokens' attention for their masks during ``steps``.
+
+    Args:
+        layout: the regions and the words they control.
+        steps: official style ``700`` (while t > 700, the official default), or step
+            indices ``(start, stop)``, or a ``StepRange``.
+        renormalize: rescale the other tokens so that each row sums to one again.
+        mask_mode: "nearest" (official) or "area" to resize masks to each layer.
+    """
+
+    def __init__(self, layout, steps: StepsLike = 700, renormalize: bool = False, mask_mode: str = "nearest"):
+        self.layout, self.steps = layout, as_step_range(steps)
+        self.renormalize, self.mask_mode = renormalize, mask_mode
+        self._run_layout = None
+        self.swapped_steps: list[int] = []
+
+    def attention_hooks(self) -> list:
+        return [self]
+
+    def start(self, sampler) -> None:
+        self._run_layout = layout_for_run(self.layout, sampler)
+        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "swap steps")
+        self.swapped_steps = []
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)
+
+    def edit_probs(self, probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        rows = ctx.rows("cond")  # the unconditional half is left alone
+        masks = self._run_layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device)
+        masks = masks.flatten(1).to(probs.dtype)  # (regions, pixels)
+        edited = probs.clone()
+        cond = edited[rows]  # (b, heads, pixels, tokens)
+        for region, mask in zip(self._run_layout.regions, masks):
+            tokens = list(region.token_indices)
+            cond[..., tokens] = (mask / len(tokens))[None, None, :, None].expand(*cond.shape[:3], len(tokens))
+        if self.renormalize:
+            cond = self._renormalize(cond, probs[rows])
+        edited[rows] = cond
+        if not self.swapped_steps or self.swapped_steps[-1] != ctx.step_index:
+            self.swapped_steps.append(ctx.step_index)
+        return edited
+
+    def _renormalize(self, cond: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        swapped = torch.zeros(cond.shape[-1], dtype=torch.bool, device=cond.device)
+        for region in self._run_layout.regions:
+            swapped[list(region.token_indices)] = True
+        fixed_mass = cond[..., swapped].sum(-1, keepdim=True)
+        other_mass = original[..., ~swapped].sum(-1, keepdim=True).clamp_min(1e-12)
+        scale = (1 - fixed_mass).clamp_min(0) / other_mass
+        cond[..., ~swapped] = original[..., ~swapped] * scale
+        return cond
+
+    @property
+    def diagnostics(self) -> dict:
+        return {"swapped_steps": list(self.swapped_steps)}
