@@ -6,6 +6,7 @@ from .processor import (
     attention_resolution,
     cross_attention_hooks,
     cross_attention_layer_names,
+    remove_cross_attention_hooks,
 )
 from .store import AttentionStore
 
@@ -18,4 +19,5 @@ __all__ = [
     "attention_resolution",
     "cross_attention_hooks",
     "cross_attention_layer_names",
+    "remove_cross_attention_hooks",
 ]

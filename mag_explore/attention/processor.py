@@ -182,11 +182,19 @@ def _installed_controller(unet) -> AttentionController | None:
     return None
 
 
-def _uninstall(unet) -> None:
-    """Put back every processor that one of ours replaced (also after an interrupted cell)."""
+def remove_cross_attention_hooks(unet) -> int:
+    """Put back every processor that one of ours replaced; returns how many.
+
+    ``with cross_attention_hooks(...)`` always cleans up by itself, also after an error or
+    an interrupted cell. This is for a block entered by hand (``__enter__``) and never left.
+    """
     processors = unet.attn_processors
-    restored = {name: (p.original if isinstance(p, CrossAttentionProcessor) else p) for name, p in processors.items()}
+    ours = {name for name, p in processors.items() if isinstance(p, CrossAttentionProcessor)}
+    for name in ours:
+        processors[name].controller.installed = False
+    restored = {name: (p.original if name in ours else p) for name, p in processors.items()}
     unet.set_attn_processor(restored)
+    return len(ours)
 
 
 @contextmanager
@@ -209,7 +217,7 @@ def cross_attention_hooks(unet, hooks: Iterable[AttentionHook]) -> Iterator[Atte
                 controller.hooks.remove(hook)
         return
     if controller is not None:  # left behind by a block that never exited: clean up first
-        _uninstall(unet)
+        remove_cross_attention_hooks(unet)
 
     controller = AttentionController(unet)
     controller.hooks = hooks
