@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import numbers
 import warnings
 from dataclasses import dataclass, field, replace

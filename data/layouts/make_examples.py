@@ -39,7 +39,8 @@ def main() -> None:
     for name, (prompt, shapes) in EXAMPLES.items():
         for size, suffix in ((64, ""), (512, "_512")):
             regions = Layout.from_shapes(size, size, shapes).to_color_png(HERE / f"{name}{suffix}.png")
-        (HERE / f"{name}.json").write_text(json.dumps({"prompt": prompt, "regions": regions}, indent=2) + "\n")
+        entry = {"prompt": prompt, "regions": regions}
+        (HERE / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
     # Official order of three_objects.png (BGR strings, reversed): white [255, 255, 255],
     # blue [255, 0, 0], green [0, 255, 0], red [0, 0, 255]; white gets no words.
     official = {
