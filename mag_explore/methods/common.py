@@ -1,7 +1,6 @@
 """Small pieces shared by the methods: layouts tied to the prompt, frozen weights."""
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -10,12 +9,7 @@ import torch
 
 def layout_for_run(layout, sampler):
     """The layout resolved against the sampler's prompt and sized like its image."""
-    if (layout.height, layout.width) != (sampler.height, sampler.width):
-        warnings.warn(
-            f"layout is {layout.height}×{layout.width} but the image is {sampler.height}×{sampler.width}: "
-            "resizing the layout (nearest)", stacklevel=3,
-        )
-        layout = layout.resized(sampler.height, sampler.width)
+    layout = layout.for_generation(sampler.height, sampler.width)  # warns if it had to resize
     return layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
 
 

@@ -1,0 +1,187 @@
+"""Masked-attention swapping and masked-attention guidance on the tiny pipelines."""
+import numpy as np
+import pytest
+import torch
+
+from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
+from mag_explore.layouts import Layout, rect
+from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap, NonFiniteGuidanceError, mag_loss_terms
+from mag_explore.sampling import Sampler, StepState, generate
+
+PROMPT = "a red circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("blue square", 0.5, 0, 1, 1)])
+
+
+def full_store():
+    return AttentionStore(tokens="all", heads="all", roles=("uncond", "cond"), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- swapping
+def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
+    swapped, plain = full_store(), full_store()
+    swap = MaskedAttentionSwap(layout, steps=(0, 2))
+    generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[swap], store=swapped, progress=False)
+    generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, store=plain, progress=False)
+    first = cross_attention_layer_names(sd15_pipe.unet)[0]  # same input in both runs at step 0
+    for step in (0, 1):
+        for layer in swapped.layers:
+            cond = swapped.get(step, layer)[1]  # (heads, h, w, 77)
+            h, w = swapped.resolution(layer)
+            masks = layout.masks_at(h, w)
+            for region, mask in zip(((2, 3), (6, 7)), masks):  # red circle, blue square
+                for token in region:
+                    expected = (mask / len(region)).expand(cond.shape[0], h, w)
+                    assert torch.equal(cond[..., token], expected)
+        # other tokens and the unconditional half are untouched (compared where inputs are identical)
+        if step == 0:
+            ref = plain.get(0, first)
+            ours = swapped.get(0, first)
+            others = [i for i in range(77) if i not in (2, 3, 6, 7)]
+            assert torch.allclose(ours[1][..., others], ref[1][..., others], atol=1e-6)
+            assert torch.allclose(ours[0], ref[0], atol=1e-6)
+    # steps outside the range: no swapped pattern
+    cond = swapped.get(2, first)[1][..., 2]
+    assert not torch.equal(cond, (layout.masks_at(*swapped.resolution(first))[0] / 2).expand_as(cond))
+    assert swap.diagnostics["swapped_steps"] == [0, 1]
+
+
+def test_swap_renormalized_rows_sum_to_one(sd15_pipe, layout):
+    store = full_store()
+    swap = MaskedAttentionSwap(layout, steps=(0, 1), renormalize=True)
+    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[swap], store=store, progress=False)
+    for layer in store.layers:
+        assert torch.allclose(store.get(0, layer)[1].sum(-1), torch.ones(()), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the MAG loss
+def test_mag_loss_matches_the_formula_on_a_hand_made_tensor():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 3, 16, 10, generator=g).softmax(-1)  # (batch, heads, pixels, tokens)
+    masks = (torch.rand(2, 16, generator=g) > 0.5).float()
+    groups, lmbda = [[1, 2], [4]], 0.5
+    expected = 0.0
+    p, m = probs.numpy().astype(np.float64), masks.numpy()
+    for region, tokens in enumerate(groups):
+        for b in range(2):
+            for head in range(3):
+                for pixel in range(16):
+                    for token in tokens:
+                        a = p[b, head, pixel, token]
+                        expected += -a if m[region, pixel] else lmbda * a
+    loss, inside, outside = mag_loss_terms(probs, masks, groups, lmbda)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert inside.shape == outside.shape == (2,)
+    assert (inside + outside).sum().item() == pytest.approx(p[..., [1, 2, 4]].sum(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- MAG in the sampler
+def first_state(pipe, layout, mag, **kw):
+    sampler = Sampler(pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag], **kw)
+    from mag_explore.attention import cross_attention_hooks
+
+    return sampler, cross_attention_hooks(pipe.unet, sampler.hooks)
+
+
+@pytest.mark.parametrize("pipe_name", ["sd15_pipe", "sd21_pipe"])
+def test_one_guidance_step_lowers_the_loss(request, pipe_name, layout):
+    pipe = request.getfixturevalue(pipe_name)
+    mag = MaskedAttentionGuidance(layout, alpha=1.0, steps=(0, 1))
+    sampler, hooks = first_state(pipe, layout, mag)
+    with hooks as controller:
+        controller.set_step(0, sampler.scheduler.timesteps[0])
+        state = StepState(pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
+                          sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
+        loss_before, grad = mag.loss_and_grad(state, sampler.latents)
+        moved = sampler.latents - mag.alpha * grad
+        loss_after, _ = mag.loss_and_grad(state, moved)
+    assert grad.abs().max() > 0
+    assert loss_after < loss_before
+    # only the latent required grad: weights untouched, no gradients left on them
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # the flags are restored
+
+
+def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
+    plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
+    mag = MaskedAttentionGuidance(layout, alpha=0.0, steps=(0, 2))
+    guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag], progress=False)
+    assert np.abs(plain.pixels - guided.pixels).max() <= 1e-4
+    assert mag.diagnostics["step"] == [0, 1]
+
+
+def test_guidance_changes_the_image_and_records_diagnostics(sd15_pipe, layout):
+    plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
+    mag = MaskedAttentionGuidance(layout, alpha=5.0, steps=(0, 2), iterations=2)
+    guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag], progress=False)
+    assert np.abs(plain.pixels - guided.pixels).max() > 1e-3
+    d = guided.diagnostics["MaskedAttentionGuidance"]
+    assert d["step"] == [0, 0, 1, 1] and d["iteration"] == [0, 1, 0, 1]
+    assert d["loss"][1] < d["loss"][0]  # the second iteration starts from a better x_t
+    assert all(len(s) == 2 and all(0 <= v <= 1 for v in s) for s in d["inside_share"])
+
+
+def count_unet_calls(pipe, **kw):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0] if a else k["sample"].shape[0]),
+                                                 with_kwargs=True)
+    try:
+        generate(pipe, PROMPT, num_inference_steps=5, seed=0, progress=False, **kw)
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_steps_outside_the_range_run_no_guidance_pass(sd15_pipe, layout):
+    mag = MaskedAttentionGuidance(layout, alpha=0.1, steps=600, iterations=2)  # t = 801, 601 > 600 of 5 steps
+    calls = count_unet_calls(sd15_pipe, controls=[mag])
+    # guided steps: 2 conditional-only passes (batch 1) before the CFG pass (batch 2)
+    assert calls == [1, 1, 2, 1, 1, 2, 2, 2, 2]
+
+
+def test_gradient_checkpointing_gives_the_same_update(sd15_pipe, layout):
+    results = []
+    for checkpointing in (False, True):
+        mag = MaskedAttentionGuidance(layout, alpha=2.0, steps=(0, 1), gradient_checkpointing=checkpointing)
+        results.append(generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[mag], progress=False))
+        assert not sd15_pipe.unet.is_gradient_checkpointing
+    assert np.abs(results[0].pixels - results[1].pixels).max() <= 1e-4
+
+
+def test_non_finite_loss_stops_with_a_clear_error(sd15_pipe, layout):
+    before = sd15_pipe.unet.attn_processors
+
+    def broken_loss(probs, masks, groups, lmbda):
+        loss, inside, outside = mag_loss_terms(probs, masks, groups, lmbda)
+        return loss * float("nan"), inside, outside
+
+    mag = MaskedAttentionGuidance(layout, steps=(1, 2), loss_fn=broken_loss)
+    with pytest.raises(NonFiniteGuidanceError, match=r"step 1 \(t=601\).*smaller alpha"):
+        generate(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag], progress=False)
+    after = sd15_pipe.unet.attn_processors
+    assert all(after[n] is before[n] for n in before)
+    assert all(p.requires_grad for p in sd15_pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda lay: MaskedAttentionGuidance(lay, steps=(0, 9)), "stop step 9"),
+    (lambda lay: MaskedAttentionSwap(lay, steps=990), "selects no step"),
+    (lambda lay: MaskedAttentionGuidance(lay, resolutions=[1024]), "no cross-attention layer matched"),
+    (lambda lay: MaskedAttentionGuidance(Layout.from_shapes(64, 64, [rect("dog", 0, 0, 1, 1)])), "'dog' is not in the prompt"),
+])
+def test_bad_settings_raise_and_restore(sd15_pipe, layout, make, message):
+    before = sd15_pipe.unet.attn_processors
+    with pytest.raises(ValueError, match=message):
+        generate(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[make(layout)], progress=False)
+    after = sd15_pipe.unet.attn_processors
+    assert all(after[n] is before[n] for n in before)
+
+
+def test_layout_of_another_size_is_resized_with_a_warning(sd15_pipe):
+    big = Layout.from_shapes(128, 128, [rect("red circle", 0, 0, 0.5, 1)])
+    with pytest.warns(UserWarning, match="128x128"):
+        generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False,
+                 controls=[MaskedAttentionGuidance(big, steps=(0, 1))])
