@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, cross_attention_hooks
 from .models import model_defaults
+from .tokens import prompt_tokens, token_indices
 
 
 @dataclass
@@ -83,10 +84,20 @@ class GenerationResult:
     step_latents: list[torch.Tensor] = field(default_factory=list)
     step_x0: list[torch.Tensor] = field(default_factory=list)
     diagnostics: dict = field(default_factory=dict)
+    tokenizer: Any = field(default=None, repr=False)
 
     @property
     def image(self) -> Image.Image:
         return self.images[0]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The prompt's tokens (index 0 = BOS), to name the attention maps."""
+        return prompt_tokens(self.tokenizer, self.prompt)
+
+    def token_indices(self, phrase: str, occurrence: int = 1) -> list[int]:
+        """Token indices of a word or phrase of the prompt (sub-word pieces included)."""
+        return token_indices(self.tokenizer, self.prompt, phrase, occurrence)
 
 
 def encode_text(pipe, texts: list[str]) -> torch.Tensor:
@@ -255,6 +266,7 @@ class Sampler:
             images=images, pixels=pixels, latents=self.latents.detach().cpu(), timesteps=self.timesteps,
             prompt=self.prompt, settings=settings, store=self.store,
             step_latents=self.step_latents, step_x0=self.step_x0, diagnostics=diagnostics,
+            tokenizer=self.pipe.tokenizer,
         )
 
 

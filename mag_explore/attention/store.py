@@ -192,3 +192,40 @@ class AttentionStore(AttentionHook):
         elif normalize == "sum":
             result = result / result.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
         return result
+
+    # -- saving ------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the maps to a ``.safetensors`` file (no pickle), with what they are in its metadata."""
+        import json
+
+        from safetensors.torch import save_file
+
+        tensors = {f"{step}|{layer}": maps.contiguous() for (step, layer), maps in self.maps.items()}
+        meta = {
+            "token_indices": json.dumps(self.token_indices),
+            "timesteps": json.dumps({str(k): v for k, v in self.timesteps.items()}),
+            "heads": self.heads,
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> "AttentionStore":
+        """Read maps written by ``save`` (queries work; contexts hold the shapes only)."""
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            store = cls(heads=meta["heads"])
+            for key in f.keys():
+                step, layer = key.split("|", 1)
+                maps = f.get_tensor(key)
+                store.maps[(int(step), layer)] = maps
+                store.contexts[(int(step), layer)] = AttentionContext(
+                    layer=layer, place=layer.split("_")[0], height=maps.shape[2], width=maps.shape[3],
+                    heads=maps.shape[1], step_index=int(step), timestep=None, batch_roles=("cond",),
+                )
+        store.token_indices = json.loads(meta["token_indices"])
+        store.timesteps = {int(k): v for k, v in json.loads(meta["timesteps"]).items()}
+        return store

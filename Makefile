@@ -1,0 +1,26 @@
+# Two entry points a fresh machine needs: `make demo` and `make test`.
+# Both create .venv and install the package into it on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch goes in first, so that nothing pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,notebooks]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m mag_explore demo --out outputs/demo.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_engine.py
+
+.PHONY: install demo test bench

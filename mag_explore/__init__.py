@@ -1,0 +1,39 @@
+"""mag-explore: see and steer cross-attention in text-to-image diffusion models.
+
+    >>> import mag_explore as mx
+    >>> pipe = mx.load_pipeline()                      # the embedded "shapes" model on a CPU
+    >>> layout = mx.Layout.from_json("data/layouts/left_right.json")
+    >>> mag = mx.MaskedAttentionGuidance(layout)       # official defaults: α 0.08, λ 0.5, t > 700
+    >>> result = mx.generate(pipe, layout.prompt, controls=[mag], store=mx.AttentionStore())
+    >>> result.images[0]
+"""
+from .attention import (
+    AttentionContext,
+    AttentionHook,
+    AttentionStore,
+    cross_attention_hooks,
+    cross_attention_layer_names,
+    remove_cross_attention_hooks,
+)
+from .layouts import Layout, Region, ellipse, polygon, rect
+from .methods import (
+    MaskedAttentionGuidance,
+    MaskedAttentionSwap,
+    NonFiniteGuidanceError,
+    make_controls,
+    mag_loss_terms,
+)
+from .models import load_pipeline, model_defaults
+from .sampling import Control, GenerationResult, Sampler, StepState, generate
+from .schedule import StepRange
+from .tokens import show_tokens, token_indices, token_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionContext", "AttentionHook", "AttentionStore", "Control", "GenerationResult", "Layout",
+    "MaskedAttentionGuidance", "MaskedAttentionSwap", "NonFiniteGuidanceError", "Region", "Sampler",
+    "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names", "ellipse", "generate",
+    "load_pipeline", "mag_loss_terms", "make_controls", "model_defaults", "polygon", "rect",
+    "remove_cross_attention_hooks", "show_tokens", "token_indices", "token_table",
+]

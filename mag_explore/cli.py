@@ -1,0 +1,134 @@
+"""Command line: ``python -m mag_explore generate|demo ...``.
+
+Every error on bad input is one line on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _json_arg(text: str):
+    """A JSON value given inline or as a path to a .json file."""
+    path = Path(text)
+    if text.endswith(".json") and path.exists():
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON: {text!r} ({error.msg})") from None
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id or local folder of an SD 1.x/2.x pipeline, or 'shapes' (default: 'shapes' "
+                        "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
+    p.add_argument("--negative-prompt", default=None, help="default: the model's ('low quality', as the official MAG)")
+    p.add_argument("--layout", help="color-label PNG of the regions")
+    p.add_argument("--regions", help='JSON {"#ff0000": "red circle", ...} (inline or a .json file) with --layout')
+    p.add_argument("--word-ids", help='official MAG format with --layout, e.g. "[[1,2,3,4],[6,7]]" (index 0 = BOS)')
+    p.add_argument("--method", choices=["none", "swap", "mag"], default="mag", help="default: mag")
+    p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD)")
+    p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
+    p.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default 700)")
+    p.add_argument("--swap-until", type=int, default=700, help="swap while timestep t > T (default 700)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD)")
+    p.add_argument("--seed", type=int, default=42, help="default 42 (the official script's)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mag_explore", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate one image with none / swap / MAG")
+    gen.add_argument("--prompt", required=True, help="the text prompt")
+    add_generation_options(gen)
+    gen.add_argument("--out", required=True, help="where to write the PNG")
+    gen.add_argument("--save-attention", help="also save the cross-attention maps (.safetensors)")
+    demo = commands.add_parser("demo", help="none vs swap vs MAG on an example layout, as one figure")
+    demo.add_argument("--model", default=None, help="default: the embedded 'shapes' model without a GPU")
+    demo.add_argument("--layout", default=str(DATA / "layouts" / "left_right.json"), help="layout JSON")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="outputs/demo.png", help="where to write the figure")
+    demo.add_argument("--device", default=None)
+    return parser
+
+
+def load_layout(args, prompt: str | None = None):
+    from .layouts import Layout
+
+    if args.layout is None:
+        if args.method != "none":
+            raise ValueError(f"--method {args.method} needs --layout PNG with --regions or --word-ids")
+        return None
+    if args.layout.endswith(".json"):
+        return Layout.from_json(args.layout)
+    if (args.regions is None) == (args.word_ids is None):
+        raise ValueError("with --layout PNG give exactly one of --regions JSON or --word-ids JSON")
+    if args.regions is not None:
+        regions = _json_arg(args.regions)
+        if not isinstance(regions, dict):
+            raise ValueError(f'--regions must be a JSON object like {{"#ff0000": "red circle"}}, got {regions!r}')
+        return Layout.from_color_png(args.layout, regions, prompt=prompt)
+    return Layout.from_official(args.layout, args.word_ids, prompt=prompt)
+
+
+def run_generate(args) -> str:
+    from .attention import AttentionStore
+    from .methods import make_controls
+    from .models import load_pipeline, model_defaults
+    from .sampling import generate
+
+    layout = load_layout(args, args.prompt)
+    pipe = load_pipeline(args.model, device=args.device)
+    d = model_defaults(pipe)
+    controls = make_controls(
+        args.method, layout,
+        alpha=d["mag_alpha"] if args.alpha is None else args.alpha,
+        lmbda=d["mag_lambda"] if args.lmbda is None else args.lmbda,
+        guide_steps=d["guide_until"] if args.guide_until is None else args.guide_until,
+        swap_steps=args.swap_until,
+    )
+    store = AttentionStore() if args.save_attention else None
+    result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.cfg, seed=args.seed, height=args.height, width=args.width,
+                      controls=controls, store=store)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    lines = [f"wrote {out}"]
+    if store is not None:
+        store.save(args.save_attention)
+        lines.append(f"wrote {args.save_attention} ({store.nbytes / 1e6:.1f} MB of attention maps)")
+    return "\n".join(lines)
+
+
+def run_demo(args) -> str:
+    from .demo import demo_figure
+
+    out = demo_figure(model=args.model, layout_path=args.layout, steps=args.steps, seed=args.seed,
+                      out=args.out, device=args.device)
+    return f"wrote {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .methods import NonFiniteGuidanceError
+
+    try:
+        message = {"generate": run_generate, "demo": run_demo}[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, NonFiniteGuidanceError, OSError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0

@@ -1,0 +1,158 @@
+"""Figures that teach: every function returns a matplotlib Figure whose titles name the
+words, the steps and the layers shown. Plots only read results; they never run the model.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionStore
+
+
+def _word(token: str) -> str:
+    return token.replace("</w>", "")
+
+
+def _as_array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+
+
+def upsample_map(map_hw: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(map_hw[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _steps_label(store: AttentionStore, steps) -> str:
+    steps = sorted(store.step_indices if steps is None else steps)
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}–{steps[-1]}"
+
+
+def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
+    """Words or token indices -> (label, indices) pairs; None: every word of the prompt."""
+    store_tokens = result.store.token_indices
+    names = result.tokens
+    if tokens is None:
+        last = len(names) - 1
+        return [(_word(names[i]), [i]) for i in store_tokens if 0 < i < last]
+    pairs = []
+    for token in tokens:
+        if isinstance(token, int):
+            pairs.append((_word(names[token]) if token < len(names) else f"#{token}", [token]))
+        else:
+            pairs.append((token, result.token_indices(token)))
+    return pairs
+
+
+def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=None, resolutions=None,
+                    overlay: bool = True, alpha: float = 0.6, cmap: str = "jet") -> plt.Figure:
+    """One panel per word: its cross-attention averaged over steps, layers and heads, over the image.
+
+    ``tokens``: words/phrases of the prompt or token indices (default: every word).
+    """
+    store = result.store
+    if store is None or not store.maps:
+        raise ValueError("this result has no attention: pass store=AttentionStore() to generate()")
+    pairs = _resolve_tokens(result, tokens)
+    image = _as_array(result.images[0])
+    size = image.shape[:2]
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.2 * (len(pairs) + 1), 2.6), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=9)
+    for ax, (label, indices) in zip(axes[0, 1:], pairs):
+        maps = store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0)
+        heat = upsample_map(maps, size)
+        if overlay:
+            ax.imshow(image)
+            ax.imshow(heat, cmap=cmap, alpha=alpha)
+        else:
+            ax.imshow(heat, cmap=cmap)
+        ax.set_title(f'"{label}"', fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    res = "all layers" if resolutions is None else f"layers at {sorted(resolutions)}"
+    fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | None = None,
+                              resolutions=None, cmap: str = "jet") -> plt.Figure:
+    """How one word's map forms over the denoising steps (a row of maps)."""
+    store = result.store
+    (label, indices), = _resolve_tokens(result, [token])
+    steps = list(store.step_indices if steps is None else steps)
+    if len(steps) > 10:
+        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, 10).round().astype(int)]
+    fig, axes = plt.subplots(1, len(steps), figsize=(1.8 * len(steps), 2.3), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        ax.imshow(store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).numpy(), cmap=cmap)
+        ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f'"{label}" over the steps (all layers, head mean)', fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_over_layers(result, token: str | int, step: int | None = None, cmap: str = "jet") -> plt.Figure:
+    """One word's map in every cross-attention layer, at one step (default: the last stored)."""
+    store = result.store
+    (label, indices), = _resolve_tokens(result, [token])
+    step = store.step_indices[-1] if step is None else step
+    layers = store.layers
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.8 * len(layers), 2.5), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        heat = sum(store.map(step, layer, i) for i in indices)
+        ax.imshow(heat.numpy(), cmap=cmap)
+        h, w = store.resolution(layer)
+        ax.set_title(f"{short_layer_name(layer)}\n{h}×{w}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)})', fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def short_layer_name(layer: str) -> str:
+    """'up_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'up1.0'."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return "mid"
+    return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]}"
+
+
+def plot_images(images: dict, layout=None, title: str | None = None) -> plt.Figure:
+    """Images side by side (e.g. none / swap / MAG), with the layout first if given."""
+    panels = ([("layout", layout.color_image())] if layout is not None else []) + [
+        (name, _as_array(img)) for name, img in images.items()
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.7), squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels):
+        ax.imshow(picture)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt.Figure:
+    """MAG per guided step: the loss before the update, and each region's attention share inside its mask."""
+    if not diagnostics or not diagnostics.get("step"):
+        raise ValueError("no guidance diagnostics: was MAG active in any step?")
+    steps = [f"{s}.{i}" if i else str(s) for s, i in zip(diagnostics["step"], diagnostics["iteration"])]
+    shares = np.array(diagnostics["inside_share"])
+    labels = labels or [f"region {i}" for i in range(shares.shape[1])]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    left.plot(steps, diagnostics["loss"], marker="o")
+    left.set(title="MAG loss before each update", xlabel="step", ylabel="L")
+    for i, label in enumerate(labels):
+        right.plot(steps, shares[:, i], marker="o", label=label)
+    right.set(title="share of attention inside the mask", xlabel="step", ylim=(0, 1))
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=7, rotation=90)
+    fig.tight_layout()
+    return fig
