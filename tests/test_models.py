@@ -53,6 +53,7 @@ def test_saved_pipeline_loads_back_identical(kind, request):
     assert public(loaded.scheduler.config) == public(built.scheduler.config)
     prompt = "a purple teddy bear"
     assert loaded.tokenizer(prompt).input_ids == built.tokenizer(prompt).input_ids
+    assert loaded.tokenizer.model_max_length == 77 and len(loaded.tokenizer) == built.text_encoder.config.vocab_size
 
     # what load_pipeline promises on a CPU
     assert loaded.device.type == "cpu"
