@@ -73,8 +73,8 @@ def as_step_range(value: StepsLike) -> StepRange:
         return value
     if isinstance(value, bool):
         raise TypeError(f"step range {value!r}: give a timestep threshold (int), (start, stop) or a StepRange")
-    if isinstance(value, int):
-        return StepRange(above_timestep=value)
+    if isinstance(value, (int, float)):
+        return StepRange(above_timestep=int(value))
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return StepRange(start=int(value[0]), stop=None if value[1] is None else int(value[1]))
     raise TypeError(f"step range {value!r}: give a timestep threshold (int), (start, stop) or a StepRange")
