@@ -142,8 +142,10 @@ def _alpha_before(scheduler, timestep: int) -> torch.Tensor:
 def inversion_step(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor):
     """One step up: ``sample`` at the level just below ``timestep`` -> the latent at ``timestep``.
 
-    The exact inverse of ``scheduler.step(model_output, timestep, x_t)`` (eta 0) for the
-    same ``model_output``. Returns (x_t, predicted x_0).
+    With noise prediction this is the exact inverse of ``scheduler.step(model_output,
+    timestep, x_t)`` (eta 0) for the same ``model_output``; v- and x0-predictions are
+    first turned into noise at the latent at hand, as diffusers' ``DDIMInverseScheduler``
+    does. Returns (x_t, predicted x_0).
     """
     prediction = scheduler.config.prediction_type
     if prediction not in _PREDICTIONS:
