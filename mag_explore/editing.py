@@ -16,13 +16,13 @@ Both runs start from the same x_T with the inversion's guidance scale (1 by defa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .attention import AttentionStore
-from .inversion import InversionResult, invert, psnr, reconstruct
+from .inversion import InversionResult, as_pil_image, invert, psnr, reconstruct
 from .layouts import Layout
 from .methods import METHOD_NAMES, make_controls
 from .methods.inject import AttentionInjection, injection_store
@@ -188,3 +188,17 @@ def edit_image(
                       progress=progress)
     return EditResult(edited=edited, source=source, inversion=inversion, layout=layout,
                       source_layout=source_layout)
+
+
+def color_ious(image: Any, expected: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Shapes world: IoU of each color's pixels in ``image`` with the mask where it should be.
+
+    ``expected`` maps a color name ("red") to a bool (H, W) mask, e.g. a target region or
+    the object's mask in the input. Pixels are read with ``segment_by_color``; a color
+    absent from the image scores 0.
+    """
+    from .shapes.world import mask_iou, segment_by_color
+
+    found = segment_by_color(np.asarray(as_pil_image(image)))
+    return {color: mask_iou(found.get(color, np.zeros_like(mask, dtype=bool)), np.asarray(mask, bool))
+            for color, mask in expected.items()}
