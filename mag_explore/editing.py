@@ -157,6 +157,13 @@ def edit_image(
     size = (inversion.height, inversion.width)
     target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
     kept_tokens = [i for word in keep for i in token_indices(tokenizer, prompt, word)]
+    moved = {i for r in target.regions for i in r.token_indices}
+    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
+    if both:
+        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
+                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
+    if inject_steps is not None and not keep:
+        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
 
     # 1. the source run: redraws the input, and records where each word is
     store = AttentionStore()
@@ -171,9 +178,7 @@ def edit_image(
         source_layout = source_layout.for_generation(*size)
 
     # 2. the edited run: the target regions, plus the kept words where they are
-    taken = {tuple(r.token_indices) for r in target.regions}
-    kept = [r for r in (_kept_regions(keep, source_layout, tokenizer, prompt) if keep else [])
-            if tuple(r.token_indices) not in taken]
+    kept = _kept_regions(keep, source_layout, tokenizer, prompt) if keep else []
     layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
     steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,

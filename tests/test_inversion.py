@@ -209,6 +209,10 @@ def test_edit_errors_name_the_bad_value(sd15_pipe, target):
         edit_image(sd15_pipe, image, PROMPT, target, method="magic", inversion=inversion, progress=False)
     with pytest.raises(ValueError, match="made for prompt 'a red circle and a blue square', not 'a red circle'"):
         edit_image(sd15_pipe, image, "a red circle", target, inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"kept words \['red circle'\] also have a region in the target layout"):
+        edit_image(sd15_pipe, image, PROMPT, target, keep=["red circle"], inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"inject_steps=\(0, 1\) injects the maps of the kept words, but keep is empty"):
+        edit_image(sd15_pipe, image, PROMPT, target, inject_steps=(0, 1), inversion=inversion, progress=False)
     given = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 0.5)])
     with pytest.raises(ValueError, match=r"'blue square' has no region in the source layout; .*\['red circle'\]"):
         edit_image(sd15_pipe, image, PROMPT, target, source_layout=given, keep=["blue square"],
