@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .attention import AttentionStore
@@ -92,18 +93,31 @@ def _phrases(layout: Layout) -> list[str]:
     return [layout.label(i) for i in range(len(layout))]
 
 
-def _kept_regions(keep: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
-    """The regions of ``source_layout`` whose words are the ``keep`` phrases (matched by tokens)."""
+def _regions_of(words: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
+    """The regions of ``source_layout`` whose words are ``words`` (matched by token indices)."""
     resolved = source_layout.resolve(tokenizer, prompt)
     by_tokens = {tuple(r.token_indices): r for r in resolved.regions}
     regions = []
-    for word in keep:
+    for word in words:
         found = by_tokens.get(tuple(token_indices(tokenizer, prompt, word)))
         if found is None:
-            raise ValueError(f"kept word {word!r} has no region in the source layout; its regions are "
+            raise ValueError(f"{word!r} has no region in the source layout; its regions are "
                              f"{_phrases(source_layout)}")
         regions.append(found)
     return regions
+
+
+def renoise(latents: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
+    """``latents`` with fresh Gaussian noise in every latent cell that a region of ``layout`` touches.
+
+    An inverted x_T still holds each object where it was (that is how it redraws the
+    image), and MAG has to fight that to move it. Fresh noise where the moved object is
+    and where it should go leaves the model free to draw it anew there.
+    """
+    h, w = latents.shape[-2:]
+    touched = layout.masks_at(h, w, mode="area").amax(0) > 0
+    noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    return torch.where(touched.to(latents.device), noise.to(latents.device, latents.dtype), latents)
 
 
 def edit_image(
@@ -123,6 +137,8 @@ def edit_image(
     lmbda: float | None = None,
     guide_steps: StepsLike | None = None,
     inversion: InversionResult | None = None,
+    renoise_moved: bool = False,
+    seed: int = 0,
     progress: bool = True,
 ) -> EditResult:
     """Move or reshape the objects of ``image`` into ``target_layout``.
@@ -142,6 +158,8 @@ def edit_image(
         alpha, lmbda, guide_steps: MAG's step size, outside weight and steps (default:
             the model's); ``guide_steps`` is also swap's range.
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
+        renoise_moved: start the edited run from fresh noise (``seed``) where the moved
+            words are (source layout or attention) and where they go (``renoise``).
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
@@ -172,14 +190,20 @@ def edit_image(
         steps = as_step_range(inject_steps).selected(inversion.timesteps)
         recorders.append(RecordAttention(injection_store(kept_tokens, steps=steps)))
     source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
-    if keep and source_layout is None:
-        source_layout = layout_from_attention(store, tokenizer, prompt, keep, threshold=threshold, size=size)
+    moved_words = _phrases(target)
+    located = list(keep) + (moved_words if renoise_moved else [])
+    if located and source_layout is None:
+        source_layout = layout_from_attention(store, tokenizer, prompt, located, threshold=threshold, size=size)
     elif source_layout is not None:
         source_layout = source_layout.for_generation(*size)
 
     # 2. the edited run: the target regions, plus the kept words where they are
-    kept = _kept_regions(keep, source_layout, tokenizer, prompt) if keep else []
+    kept = _regions_of(keep, source_layout, tokenizer, prompt) if keep else []
     layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
+    latents = inversion.latents
+    if renoise_moved:
+        was = _regions_of(moved_words, source_layout, tokenizer, prompt)
+        latents = renoise(latents, Layout(list(target.regions) + was), seed)
     steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,
@@ -187,7 +211,7 @@ def edit_image(
     if recorders:
         controls.append(AttentionInjection(recorders[0].store, kept_tokens, steps=inject_steps))
     s = inversion.settings
-    edited = generate(pipe, prompt, latents=inversion.latents, controls=controls, store=AttentionStore(),
+    edited = generate(pipe, prompt, latents=latents, controls=controls, store=AttentionStore(),
                       num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                       negative_prompt=s["negative_prompt"], height=inversion.height, width=inversion.width,
                       progress=progress)
