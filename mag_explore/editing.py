@@ -107,6 +107,18 @@ def _regions_of(words: Sequence[str], source_layout: Layout, tokenizer, prompt: 
     return regions
 
 
+def _kept_tokens(target: Layout, keep: Sequence[str], inject_steps, tokenizer, prompt: str) -> list[int]:
+    """Token indices of the kept words, after checking that no word both moves and stays."""
+    moved = {i for r in target.regions for i in r.token_indices}
+    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
+    if both:
+        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
+                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
+    if inject_steps is not None and not keep:
+        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+    return [i for word in keep for i in token_indices(tokenizer, prompt, word)]
+
+
 def renoise(latents: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
     """``latents`` with fresh Gaussian noise in every latent cell that a region of ``layout`` touches.
 
@@ -174,21 +186,14 @@ def edit_image(
         raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
     size = (inversion.height, inversion.width)
     target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
-    kept_tokens = [i for word in keep for i in token_indices(tokenizer, prompt, word)]
-    moved = {i for r in target.regions for i in r.token_indices}
-    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
-    if both:
-        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
-                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
-    if inject_steps is not None and not keep:
-        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+    kept_tokens = _kept_tokens(target, keep, inject_steps, tokenizer, prompt)
 
     # 1. the source run: redraws the input, and records where each word is
     store = AttentionStore()
     recorders = []
-    if inject_steps is not None and kept_tokens:
-        steps = as_step_range(inject_steps).selected(inversion.timesteps)
-        recorders.append(RecordAttention(injection_store(kept_tokens, steps=steps)))
+    if inject_steps is not None:
+        injected = as_step_range(inject_steps).selected(inversion.timesteps)
+        recorders.append(RecordAttention(injection_store(kept_tokens, steps=injected)))
     source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
     moved_words = _phrases(target)
     located = list(keep) + (moved_words if renoise_moved else [])
@@ -204,10 +209,10 @@ def edit_image(
     if renoise_moved:
         was = _regions_of(moved_words, source_layout, tokenizer, prompt)
         latents = renoise(latents, Layout(list(target.regions) + was), seed)
-    steps = d["guide_until"] if guide_steps is None else guide_steps
+    guide_steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,
-                             guide_steps=steps, swap_steps=steps)
+                             guide_steps=guide_steps, swap_steps=guide_steps)
     if recorders:
         controls.append(AttentionInjection(recorders[0].store, kept_tokens, steps=inject_steps))
     s = inversion.settings
