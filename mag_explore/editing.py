@@ -33,6 +33,9 @@ from .schedule import StepsLike, as_step_range
 from .tokens import token_indices
 
 
+STARTS = ("inverted", "renoise", "move")
+
+
 class RecordAttention(Control):
     """A control that only records: lets a run fill a second store besides ``store=``."""
 
@@ -119,6 +122,40 @@ def _kept_tokens(target: Layout, keep: Sequence[str], inject_steps, tokenizer, p
     return [i for word in keep for i in token_indices(tokenizer, prompt, word)]
 
 
+def move_latents(latents: torch.Tensor, source: Layout, target: Layout, seed: int = 0) -> torch.Tensor:
+    """Carry each word's latent cells from its ``source`` region to its ``target`` region.
+
+    An inverted x_T still draws every object where it was; shifting the cells under a
+    word's source region so that its centre lands on the centre of the word's target
+    region makes the sampler draw it there instead. Where the object was, fresh noise
+    (``seed``) lets the model fill in background. Regions are matched by token indices
+    (both layouts resolved); cells shifted past the border are dropped.
+    """
+    h, w = latents.shape[-2:]
+    by_tokens = {tuple(r.token_indices): i for i, r in enumerate(source.regions)}
+    src_cells = source.masks_at(h, w, mode="area") > 0
+    moves = []
+    for region, box in zip(target.regions, target.masks_at(h, w, mode="area") > 0):
+        index = by_tokens.get(tuple(region.token_indices))
+        if index is None:
+            raise ValueError(f"{target.label(target.regions.index(region))!r} has no region in the source "
+                             f"layout; its regions are {_phrases(source)}")
+        dy, dx = (_centre(box) - _centre(src_cells[index])).round().long().tolist()
+        moves.append((src_cells[index], dy, dx))
+    moved = _fresh_noise(latents, torch.stack([cells for cells, _, _ in moves]).any(0), seed)
+    for cells, dy, dx in moves:
+        ys, xs = torch.nonzero(cells, as_tuple=True)
+        inside = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        moved[..., ys[inside] + dy, xs[inside] + dx] = latents[..., ys[inside], xs[inside]]
+    return moved
+
+
+def _centre(cells: torch.Tensor) -> torch.Tensor:
+    """Centre (row, column) of the bounding box of a bool mask."""
+    ys, xs = torch.nonzero(cells, as_tuple=True)
+    return torch.stack([ys.min() + ys.max(), xs.min() + xs.max()]).float() / 2
+
+
 def renoise(latents: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
     """``latents`` with fresh Gaussian noise in every latent cell that a region of ``layout`` touches.
 
@@ -127,9 +164,12 @@ def renoise(latents: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tenso
     and where it should go leaves the model free to draw it anew there.
     """
     h, w = latents.shape[-2:]
-    touched = layout.masks_at(h, w, mode="area").amax(0) > 0
+    return _fresh_noise(latents, layout.masks_at(h, w, mode="area").amax(0) > 0, seed)
+
+
+def _fresh_noise(latents: torch.Tensor, cells: torch.Tensor, seed: int) -> torch.Tensor:
     noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
-    return torch.where(touched.to(latents.device), noise.to(latents.device, latents.dtype), latents)
+    return torch.where(cells.to(latents.device), noise.to(latents.device, latents.dtype), latents)
 
 
 def edit_image(
@@ -149,7 +189,7 @@ def edit_image(
     lmbda: float | None = None,
     guide_steps: StepsLike | None = None,
     inversion: InversionResult | None = None,
-    renoise_moved: bool = False,
+    start: str = "inverted",
     seed: int = 0,
     progress: bool = True,
 ) -> EditResult:
@@ -170,11 +210,15 @@ def edit_image(
         alpha, lmbda, guide_steps: MAG's step size, outside weight and steps (default:
             the model's); ``guide_steps`` is also swap's range.
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
-        renoise_moved: start the edited run from fresh noise (``seed``) where the moved
-            words are (source layout or attention) and where they go (``renoise``).
+        start: the edited run's x_T: "inverted" (as inverted), "renoise" (fresh noise,
+            ``seed``, where the moved words are and where they go: ``renoise``) or "move"
+            (their inverted cells carried into the target regions: ``move_latents``). Where
+            the moved words are comes from ``source_layout`` or the attention.
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
+    if start not in STARTS:
+        raise ValueError(f"start={start!r}; use one of {STARTS}")
     if isinstance(keep, str):
         keep = [keep]
     d = model_defaults(pipe)
@@ -196,7 +240,7 @@ def edit_image(
         recorders.append(RecordAttention(injection_store(kept_tokens, steps=injected)))
     source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
     moved_words = _phrases(target)
-    located = list(keep) + (moved_words if renoise_moved else [])
+    located = list(keep) + (moved_words if start != "inverted" else [])
     if located and source_layout is None:
         source_layout = layout_from_attention(store, tokenizer, prompt, located, threshold=threshold, size=size)
     elif source_layout is not None:
@@ -206,9 +250,12 @@ def edit_image(
     kept = _regions_of(keep, source_layout, tokenizer, prompt) if keep else []
     layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
     latents = inversion.latents
-    if renoise_moved:
-        was = _regions_of(moved_words, source_layout, tokenizer, prompt)
-        latents = renoise(latents, Layout(list(target.regions) + was), seed)
+    if start != "inverted":
+        was = Layout(_regions_of(moved_words, source_layout, tokenizer, prompt), prompt=prompt)
+        if start == "renoise":
+            latents = renoise(latents, Layout(list(target.regions) + list(was.regions)), seed)
+        else:
+            latents = move_latents(latents, was, target, seed)
     guide_steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
-from mag_explore.editing import color_ious, edit_image, layout_from_attention, renoise
+from mag_explore.editing import color_ious, edit_image, layout_from_attention, move_latents, renoise
 from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods import NonFiniteGuidanceError
@@ -211,10 +211,29 @@ def test_renoise_replaces_only_the_cells_the_regions_touch():
     assert torch.equal(noised, renoise(latents, layout, seed=3))
 
 
-def test_edit_with_renoise_starts_from_other_noise_where_the_moved_word_is(sd15_pipe, target):
+def test_move_latents_carries_the_cells_to_the_target_and_renoises_the_source(tiny_tokenizer):
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[..., 1:3, 1:3] = torch.arange(1.0, 5.0).view(1, 4, 1, 1)  # the object: 2x2 cells at the top left
+    source = Layout.from_shapes(64, 64, [rect("red circle", 8, 8, 24, 24, units="pixels")]).resolve(
+        tiny_tokenizer, PROMPT)
+    target = Layout.from_shapes(64, 64, [rect("red circle", 40, 32, 56, 48, units="pixels")]).resolve(
+        tiny_tokenizer, PROMPT)
+    moved = move_latents(latents, source, target, seed=0)
+    assert torch.equal(moved[..., 4:6, 5:7], latents[..., 1:3, 1:3])  # 3 cells down, 4 right
+    assert (moved[..., 1:3, 1:3] != latents[..., 1:3, 1:3]).all()  # fresh noise where it was
+    untouched = torch.ones(8, 8, dtype=torch.bool)
+    untouched[1:3, 1:3] = untouched[4:6, 5:7] = False
+    assert torch.equal(moved[..., untouched], latents[..., untouched])
+    other = Layout.from_shapes(64, 64, [rect("blue square", 0, 0, 0.5, 0.5)]).resolve(tiny_tokenizer, PROMPT)
+    with pytest.raises(ValueError, match=r"'red circle' has no region in the source layout; .*\['blue square'\]"):
+        move_latents(latents, other, target)
+
+
+@pytest.mark.parametrize("start", ["renoise", "move"])
+def test_edit_can_start_from_other_noise_where_the_moved_word_is(sd15_pipe, target, start):
     image, _ = scene()
     inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=2, progress=False)
-    result = edit_image(sd15_pipe, image, PROMPT, target, method="none", renoise_moved=True,
+    result = edit_image(sd15_pipe, image, PROMPT, target, method="none", start=start,
                         inversion=inversion, progress=False)
     assert result.source_layout.label(0) == "red circle"  # where it was, read from the attention
     assert np.abs(result.edited.pixels - result.source.pixels).max() > 1e-3
@@ -225,6 +244,8 @@ def test_edit_errors_name_the_bad_value(sd15_pipe, target):
     inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"method='magic'; use one of \("):
         edit_image(sd15_pipe, image, PROMPT, target, method="magic", inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"start='paste'; use one of \('inverted', 'renoise', 'move'\)"):
+        edit_image(sd15_pipe, image, PROMPT, target, start="paste", inversion=inversion, progress=False)
     with pytest.raises(ValueError, match="made for prompt 'a red circle and a blue square', not 'a red circle'"):
         edit_image(sd15_pipe, image, "a red circle", target, inversion=inversion, progress=False)
     with pytest.raises(ValueError, match=r"kept words \['red circle'\] also have a region in the target layout"):
