@@ -10,7 +10,10 @@ Writes to ``--out``:
 * ``results.csv``: one row per image (method, layout, seed, per-region IoU, fidelity, seconds);
 * ``summary.md`` / ``summary.json``: mean IoU per method with a 95 % bootstrap interval,
   and the paired difference to "none";
-* ``grid.png``: the layouts (rows) and each method's image for the first seed (columns).
+* ``grid.png``: the layouts (rows) and each method's image for the first seed (columns);
+* ``images/<method>/layoutNN_seedS.png``: every image.
+
+A long run can be split by methods over processes and joined with ``merge_runs``.
 
 Segmentation: the embedded shapes model draws flat known colors, so ``color_segmenter``
 reads each phrase's color word exactly (``mag_explore.shapes.segment_by_color``). For
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .layouts import Layout, ellipse, polygon, rect
@@ -142,12 +146,13 @@ def _controls(method: str, layout: Layout, defaults: dict, options: dict) -> lis
 def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: Sequence[int], *,
              segmenter: Segmenter | None = None, fidelity: Callable[[np.ndarray, str], dict] | None = None,
              num_inference_steps: int | None = None, method_options: dict | None = None,
-             progress: bool = True) -> tuple[list[dict], dict]:
+             image_dir: str | Path | None = None, progress: bool = True) -> tuple[list[dict], dict]:
     """Generate every (layout, method, seed); returns the CSV rows and the first seed's images.
 
     ``segmenter`` defaults to ``color_segmenter`` and ``fidelity`` to ``shapes_fidelity``
     (both for the shapes world); ``method_options`` maps a method to extra options, e.g.
-    ``{"pww": {"weight": 0.4}}``.
+    ``{"pww": {"weight": 0.4}}``. With ``image_dir`` every image is also saved as a PNG
+    (``image_path``), to look at the failures behind a number.
     """
     from .models import model_defaults
     from .sampling import generate
@@ -158,7 +163,7 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
     defaults, options = model_defaults(pipe), method_options or {}
     rows, images = [], {}
     bar = tqdm(total=len(suite) * len(methods) * len(seeds), desc="evaluate", unit="image", disable=not progress)
-    for item in suite:
+    for index, item in enumerate(suite):
         phrases = [item.layout.label(i) for i in range(len(item.layout))]
         for method in methods:
             for seed in seeds:
@@ -171,9 +176,18 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
                 rows.append(_row(item, method, seed, image, phrases, segmenter, fidelity, seconds))
                 if seed == seeds[0]:
                     images[(item.name, method)] = image
+                if image_dir is not None:
+                    path = image_path(image_dir, index, method, seed)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    result.images[0].save(path)
                 bar.update()
     bar.close()
     return rows, images
+
+
+def image_path(image_dir: str | Path, index: int, method: str, seed: int) -> Path:
+    """Where ``evaluate`` saves the image of the suite's ``index``-th layout."""
+    return Path(image_dir) / method / f"layout{index:02d}_seed{seed}.png"
 
 
 def _row(item, method, seed, image, phrases, segmenter, fidelity, seconds) -> dict:
@@ -242,6 +256,17 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows written by ``write_csv``, with numbers as numbers again (blank cells stay "")."""
+    ints, strings = {"seed", "regions", "extra_colors"}, {"method", "layout"}
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            rows.append({k: v if k in strings or v == "" else (int(v) if k in ints else float(v))
+                         for k, v in raw.items()})
+    return rows
+
+
 def plot_grid(suite: Sequence[SuiteLayout], methods: Sequence[str], images: dict, rows: Sequence[dict],
               path: Path, seed: int) -> None:
     """Rows: layouts; columns: the layout, then each method's image (first seed), titled with its IoU."""
@@ -280,15 +305,43 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     suite = load_suite(suite_path, defaults["height"], defaults["width"])
     seed_list = list(range(seeds))
     rows, images = evaluate(pipe, suite, methods, seed_list, num_inference_steps=steps, progress=progress,
-                            segmenter=load_segmenter(segmenter) if segmenter else None)
+                            segmenter=load_segmenter(segmenter) if segmenter else None,
+                            image_dir=Path(out) / "images")
+    title = (f"{len(suite)} layouts × {seeds} seeds, model {model or 'default'}, "
+             f"{steps or defaults['num_inference_steps']} steps; 95 % CI: bootstrap over layouts")
+    return write_reports(suite, methods, rows, images, out, title)
+
+
+def write_reports(suite: Sequence[SuiteLayout], methods: Sequence[str], rows: Sequence[dict], images: dict,
+                  out: str | Path, title: str) -> str:
+    """results.csv, summary.md, summary.json and grid.png in ``out``; returns the summary table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     summary = bootstrap_summary(rows, methods)
-    title = (f"{len(suite)} layouts × {seeds} seeds, model {model or 'default'}, "
-             f"{steps or defaults['num_inference_steps']} steps; 95 % CI: bootstrap over layouts")
     table = format_summary(summary, title)
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_grid(suite, methods, images, rows, out / "grid.png", seed_list[0])
+    plot_grid(suite, methods, images, rows, out / "grid.png", min(r["seed"] for r in rows))
     return table + f"\n\nwrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'grid.png'}"
+
+
+def merge_runs(suite: Sequence[SuiteLayout], run_dirs: Sequence[str | Path], out: str | Path, title: str) -> str:
+    """Join runs of the same suite made with different ``--methods`` (e.g. in parallel processes).
+
+    Each run folder needs its results.csv and images/ (the command writes both).
+    """
+    rows = [row for d in run_dirs for row in read_csv(Path(d) / "results.csv")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seed = min(r["seed"] for r in rows)
+    images = {(item.name, method): _find_image(run_dirs, index, method, seed)
+              for index, item in enumerate(suite) for method in methods}
+    return write_reports(suite, methods, rows, images, out, title)
+
+
+def _find_image(run_dirs: Sequence[str | Path], index: int, method: str, seed: int) -> np.ndarray:
+    for folder in run_dirs:
+        path = image_path(Path(folder) / "images", index, method, seed)
+        if path.exists():
+            return np.asarray(Image.open(path).convert("RGB"))
+    raise FileNotFoundError(f"no image of layout {index}, method {method!r}, seed {seed} in {list(run_dirs)}")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mag_explore import cli
-from mag_explore.evaluate import (bootstrap_summary, color_segmenter, load_segmenter, load_suite,
-                                  shapes_fidelity)
+from mag_explore.evaluate import (bootstrap_summary, color_segmenter, load_segmenter, load_suite, merge_runs,
+                                  read_csv, shapes_fidelity)
 from mag_explore.shapes.world import COLORS, SHAPES, render
 
 SUITE = Path(__file__).resolve().parent.parent / "data" / "suites" / "shapes.json"
@@ -87,21 +87,32 @@ def test_load_segmenter_imports_a_function_and_names_bad_specs():
         load_segmenter("mag_explore.evaluate:nope")
 
 
-def test_evaluate_command_writes_csv_summary_and_grid(sd15_folder, tmp_path, capsys):
+def test_evaluate_command_writes_csv_summary_grid_and_runs_merge(sd15_folder, tmp_path, capsys):
     suite = {"layouts": [json.loads(SUITE.read_text())["layouts"][i] for i in (0, 6)]}  # 1 and 2 regions
     (tmp_path / "suite.json").write_text(json.dumps(suite))
-    out = tmp_path / "eval"
-    code = cli.main(["evaluate", "--model", str(sd15_folder), "--suite", str(tmp_path / "suite.json"),
-                     "--methods", "none,swap,mag,pww,lg", "--seeds", "2", "--steps", "5", "--out", str(out)])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * 5 * 2
+    runs = {"a": "none,swap,mag", "b": "pww,lg"}  # as two processes would split a long run
+    for name, methods in runs.items():
+        code = cli.main(["evaluate", "--model", str(sd15_folder), "--suite", str(tmp_path / "suite.json"),
+                         "--methods", methods, "--seeds", "2", "--steps", "5", "--out", str(tmp_path / name)])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+    a = tmp_path / "a"
+    rows = list(csv.DictReader(open(a / "results.csv")))
+    assert len(rows) == 2 * 3 * 2
     assert {"method", "layout", "seed", "iou_1", "iou_2", "fidelity", "seconds"} <= set(rows[0])
     two = [r for r in rows if r["regions"] == "2"]
     assert all(0 <= float(r["iou_2"]) <= 1 and float(r["seconds"]) > 0 for r in two)
-    assert "| lg | 4 |" in printed.out and "Δ vs none" in (out / "summary.md").read_text()
-    assert (out / "grid.png").stat().st_size > 10_000
+    assert "| lg | 4 |" in printed.out  # the summary table of the last run (b) is printed
+    assert "Δ vs none" in (a / "summary.md").read_text() and (a / "grid.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (a / "images" / "mag").iterdir()) == [
+        "layout00_seed0.png", "layout00_seed1.png", "layout01_seed0.png", "layout01_seed1.png"]
+
+    read = read_csv(a / "results.csv")
+    assert read[0]["seed"] == 0 and isinstance(read[0]["iou"], float) and read[0]["iou_2"] == ""
+    table = merge_runs(load_suite(tmp_path / "suite.json", 64, 64), [a, tmp_path / "b"], tmp_path / "all", "merged")
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "method" not in line
+            ] == ["none", "swap", "mag", "pww", "lg"]
+    assert len(read_csv(tmp_path / "all" / "results.csv")) == 20 and (tmp_path / "all" / "grid.png").exists()
 
 
 def test_evaluate_command_refuses_an_unknown_method(sd15_folder, tmp_path, capsys):
