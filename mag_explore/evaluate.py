@@ -20,7 +20,18 @@ reads each phrase's color word exactly (``mag_explore.shapes.segment_by_color``)
 Stable Diffusion pass your own segmenter, a callable ``(image HxWx3 uint8, phrases) ->
 list of HxW bool masks`` (for example around a transformers segmentation model you have):
 ``evaluate(..., segmenter=my_segmenter)`` or ``--segmenter my_module:my_function`` on the
-command line (the module is imported, nothing is evaluated). No such model runs in CI.
+command line (the module is imported by name; no text is run as code). No such model runs
+in CI. A sketch with CLIPSeg, if you have its weights::
+
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+    processor = CLIPSegProcessor.from_pretrained("CIDAS/clipseg-rd64-refined")
+    model = CLIPSegForImageSegmentation.from_pretrained("CIDAS/clipseg-rd64-refined")
+
+    def my_segmenter(image, phrases):
+        inputs = processor(text=list(phrases), images=[image] * len(phrases), return_tensors="pt")
+        logits = model(**inputs).logits.reshape(len(phrases), 352, 352)
+        masks = torch.nn.functional.interpolate(logits[:, None], size=image.shape[:2])[:, 0]
+        return list((masks.sigmoid() > 0.4).numpy())
 """
 from __future__ import annotations
 
