@@ -158,6 +158,34 @@ def test_one_layout_guidance_step_lowers_the_loss(sd15_pipe, layout):
     assert all(p.grad is None and p.requires_grad for p in sd15_pipe.unet.parameters())
 
 
+def test_the_ddim_step_size_moves_the_unet_input_as_the_published_lms_step():
+    # Published: x_lms <- x_lms - σ² ∇_{x_lms} L(scale_model_input(x_lms)), on LMS latents.
+    # Ours: x_t <- x_t - (1 - ᾱ_t) ∇_{x_t} L(x_t), on DDIM latents. Both must give the UNet the same input.
+    # Euler's scheduler stands in for LMS (which needs scipy): same σ, latents and scale_model_input.
+    lms = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading")
+    lms.set_timesteps(50)
+    index = 5
+    t, sigma = lms.timesteps[index], float(lms.sigmas[index])
+    lms._step_index = index  # scale_model_input reads the current step's σ
+    g = torch.Generator().manual_seed(0)
+    target, x_t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+
+    def loss(unet_input):
+        return ((unet_input - target) ** 2).sum()
+
+    x_lms = (x_t / lms.scale_model_input(torch.ones(()), t)).requires_grad_(True)  # x_t · sqrt(σ² + 1)
+    assert torch.allclose(lms.scale_model_input(x_lms, t), x_t, atol=1e-5)
+    (grad_lms,) = torch.autograd.grad(loss(lms.scale_model_input(x_lms, t)), x_lms)
+    published = lms.scale_model_input(x_lms.detach() - sigma**2 * grad_lms, t)
+
+    guidance = LayoutGuidance(Layout.from_shapes(8, 8, [rect("red circle", 0, 0, 0.5, 1)]))
+    guidance._alphas_cumprod = DDIMScheduler(**SD_BETAS).alphas_cumprod.double()
+    x = x_t.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(x), x)
+    ours = x_t - guidance.step_size(int(t)) * grad
+    assert torch.allclose(ours, published, atol=1e-4)
+
+
 def count_unet_calls(pipe, controls):
     calls = []
     handle = pipe.unet.register_forward_pre_hook(
