@@ -1,4 +1,4 @@
-"""Command line: ``python -m mag_explore generate|demo|edit ...``.
+"""Command line: ``python -m mag_explore generate|demo|evaluate|edit ...``.
 
 Every error on bad input is one line on stderr and a non-zero exit status.
 """
@@ -60,8 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to write the figure")
     demo.add_argument("--device", default=None)
+    add_evaluate_parser(commands)
     add_edit_parser(commands)
     return parser
+
+
+def add_evaluate_parser(commands) -> None:
+    ev = commands.add_parser("evaluate", help="mask-IoU benchmark: every layout x method x seed of a suite")
+    ev.add_argument("--model", default=None, help="default: the embedded 'shapes' model without a GPU")
+    ev.add_argument("--suite", default=str(DATA / "suites" / "shapes.json"), help="suite JSON of layouts")
+    ev.add_argument("--methods", default="none,swap,mag,pww,lg", help="comma-separated methods")
+    ev.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per layout and method")
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ev.add_argument("--segmenter", default=None,
+                    help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
+    ev.add_argument("--out", default="outputs/eval", help="folder for results.csv, summary.md, grid.png")
+    ev.add_argument("--device", default=None)
 
 
 def add_edit_parser(commands) -> None:
@@ -146,6 +160,14 @@ def run_demo(args) -> str:
     return f"wrote {out}"
 
 
+def run_evaluate(args) -> str:
+    from .evaluate import run_evaluation
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.steps,
+                          device=args.device, segmenter=args.segmenter)
+
+
 def run_edit(args) -> str:
     from .editing import edit_image
     from .models import load_pipeline
@@ -173,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     from .methods import NonFiniteGuidanceError
 
     try:
-        message = {"generate": run_generate, "demo": run_demo, "edit": run_edit}[args.command](args)
+        commands = {"generate": run_generate, "demo": run_demo, "evaluate": run_evaluate, "edit": run_edit}
+        message = commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, NonFiniteGuidanceError, OSError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {text}", file=sys.stderr)
