@@ -297,11 +297,11 @@ EDITS = [
     (("red", "circle", 16, 18, 20), ("blue", "square", 44, 44, 20), (38, 8, 58, 28)),
     (("yellow", "square", 16, 46, 20), ("purple", "circle", 44, 18, 20), (38, 36, 58, 56)),
 ]
-# Thresholds, from the measurements in the closing note of issue 7 (see each comment).
-PSNR_BELOW_VAE_DB = None
-MIN_PSNR_DB = None
-MOVED_MIN_IOU = None
-KEPT_MIN_IOU = None
+# Thresholds: see the measurements quoted at each test.
+PSNR_BELOW_VAE_DB = 3.0
+MIN_PSNR_DB = 22.0
+MOVED_MIN_IOU = 0.5
+KEPT_MIN_IOU = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -320,24 +320,40 @@ def shapes_case(pipe, case):
 @needs_shapes
 @pytest.mark.slow
 def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_pipe):
+    # No latent decodes better than the VAE's own encoding, so that PSNR is the ceiling
+    # (measured: 26.1-28.2 dB on these scenes); the inverted x_T redraws the input within
+    # 0.2-1.6 dB of it at 25 steps, while inverting with CFG 5 instead of 1 loses ~10 dB.
+    # The objects are found again where they were (color IoU measured 0.86-0.99).
     for case in EDITS:
-        image, _, _, inversion = shapes_case(shapes_pipe, case)
+        image, masks, _, inversion = shapes_case(shapes_pipe, case)
         vae_only = decode_latents(shapes_pipe, encode_image(shapes_pipe, image))[1][0]
-        limit, reconstructed = psnr(image, vae_only), psnr(image, reconstruct(shapes_pipe, inversion, progress=False).image)
-        assert reconstructed >= max(MIN_PSNR_DB, limit - PSNR_BELOW_VAE_DB), (limit, reconstructed)
+        reconstructed = reconstruct(shapes_pipe, inversion, progress=False).image
+        limit, measured = psnr(image, vae_only), psnr(image, reconstructed)
+        assert measured >= max(MIN_PSNR_DB, limit - PSNR_BELOW_VAE_DB), (limit, measured)
+        found = color_ious(reconstructed, {case[0][0]: masks[0], case[1][0]: masks[1]})
+        assert min(found.values()) >= 0.8, found
 
 
 @needs_shapes
 @pytest.mark.slow
 @pytest.mark.parametrize("case", EDITS, ids=[f"{m[0]}-{m[1]}" for m, _, _ in EDITS])
 def test_shapes_edit_moves_one_object_and_keeps_the_other(shapes_pipe, case):
+    # The edit that works on this model: x_T's cells carried to the target (start="move").
+    # (MAG from the inverted x_T does not move objects here: the model's word attention is
+    # not localized, see the closing note of issue 7.) A circle inscribed in its box has
+    # IoU pi/4 = 0.79 with it, a square ~1; 0.5 needs most of the object inside the box.
+    # Measured: moved 0.80 / 0.69, kept 0.98 / 0.60 (dev checkpoint; final in the note).
     image, masks, prompt, inversion = shapes_case(shapes_pipe, case)
-    (moved, kept, box), moved_phrase = case, " ".join(case[0][:2])
+    moved, kept, box = case
+    moved_phrase, kept_phrase = " ".join(moved[:2]), " ".join(kept[:2])
     target = Layout.from_shapes(64, 64, [rect(moved_phrase, *box, units="pixels")], prompt=prompt)
-    result = edit_image(shapes_pipe, image, prompt, target, keep=[" ".join(kept[:2])], inversion=inversion,
-                        progress=False)
+    where = Layout.from_arrays(np.stack(masks), [moved_phrase, kept_phrase], prompt=prompt)
+    result = edit_image(shapes_pipe, image, prompt, target, source_layout=where, keep=[kept_phrase],
+                        start="move", method="none", inversion=inversion, progress=False)
     before = color_ious(result.source.image, {moved[0]: target[0].mask})
     after = color_ious(result.image, {moved[0]: target[0].mask, kept[0]: masks[1]})
+    left_behind = color_ious(result.image, {moved[0]: masks[0]})[moved[0]]
     assert before[moved[0]] < 0.05  # the reconstruction has nothing there: the edit did the moving
     assert after[moved[0]] >= MOVED_MIN_IOU, after
+    assert left_behind < 0.1, left_behind
     assert after[kept[0]] >= KEPT_MIN_IOU, after
