@@ -296,64 +296,69 @@ SHAPES_STEPS = 25
 EDITS = [
     (("red", "circle", 16, 18, 20), ("blue", "square", 44, 44, 20), (38, 8, 58, 28)),
     (("yellow", "square", 16, 46, 20), ("purple", "circle", 44, 18, 20), (38, 36, 58, 56)),
+    (("purple", "triangle", 18, 20, 22), ("green", "circle", 20, 46, 20), (38, 9, 60, 31)),
+    (("green", "circle", 14, 32, 18), ("red", "square", 46, 14, 18), (37, 38, 55, 56)),
 ]
-# Thresholds: see the measurements quoted at each test.
-PSNR_BELOW_VAE_DB = 3.0
-MIN_PSNR_DB = 22.0
-MOVED_MIN_IOU = 0.5
-KEPT_MIN_IOU = 0.5
 
 
 @pytest.fixture(scope="module")
-def shapes_pipe():
-    return load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
-
-
-def shapes_case(pipe, case):
-    moved, kept, box = case
-    image, masks = render([moved, kept], BACKGROUND)
-    prompt = caption_for([moved[:2], kept[:2]])
-    inversion = invert(pipe, image, prompt, num_inference_steps=SHAPES_STEPS, progress=False)
-    return image, masks, prompt, inversion
+def shapes_cases():
+    """Per edit: the input image, the objects' true masks, the prompt and the 25-step inversion."""
+    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
+    cases = []
+    for moved, kept, box in EDITS:
+        image, masks = render([moved, kept], BACKGROUND)
+        prompt = caption_for([moved[:2], kept[:2]])
+        cases.append((image, masks, prompt, invert(pipe, image, prompt, num_inference_steps=SHAPES_STEPS,
+                                                   progress=False)))
+    return pipe, cases
 
 
 @needs_shapes
 @pytest.mark.slow
-def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_pipe):
-    # No latent decodes better than the VAE's own encoding, so that PSNR is the ceiling
-    # (measured: 26.1-28.2 dB on these scenes); the inverted x_T redraws the input within
-    # 0.2-1.6 dB of it at 25 steps, while inverting with CFG 5 instead of 1 loses ~10 dB.
-    # The objects are found again where they were (color IoU measured 0.86-0.99).
-    for case in EDITS:
-        image, masks, _, inversion = shapes_case(shapes_pipe, case)
-        vae_only = decode_latents(shapes_pipe, encode_image(shapes_pipe, image))[1][0]
-        reconstructed = reconstruct(shapes_pipe, inversion, progress=False).image
+def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
+    # No latent decodes better than the VAE's own encoding, so its PSNR is the ceiling
+    # (measured 26.1 / 27.2 / 28.2 / 26.4 dB on these scenes). The inverted x_T redraws the
+    # input within 0.1-1.3 dB of it (24.7 / 26.6 / 27.4 / 26.3 dB), so 2.5 dB below the
+    # ceiling, and never below 22 dB, leaves a margin without letting a broken inversion
+    # pass: inverting with CFG 5 instead of 1 measured up to 11 dB lower (16.5 dB).
+    # The objects must also be found again where they were (color IoU >= 0.8).
+    pipe, cases = shapes_cases
+    for (moved, kept, _), (image, masks, _, inversion) in zip(EDITS, cases):
+        vae_only = decode_latents(pipe, encode_image(pipe, image))[1][0]
+        reconstructed = reconstruct(pipe, inversion, progress=False).image
         limit, measured = psnr(image, vae_only), psnr(image, reconstructed)
-        assert measured >= max(MIN_PSNR_DB, limit - PSNR_BELOW_VAE_DB), (limit, measured)
-        found = color_ious(reconstructed, {case[0][0]: masks[0], case[1][0]: masks[1]})
+        assert measured >= max(22.0, limit - 2.5), (limit, measured)
+        found = color_ious(reconstructed, {moved[0]: masks[0], kept[0]: masks[1]})
         assert min(found.values()) >= 0.8, found
 
 
 @needs_shapes
 @pytest.mark.slow
-@pytest.mark.parametrize("case", EDITS, ids=[f"{m[0]}-{m[1]}" for m, _, _ in EDITS])
-def test_shapes_edit_moves_one_object_and_keeps_the_other(shapes_pipe, case):
+def test_shapes_edit_moves_one_object_and_keeps_the_other(shapes_cases):
     # The edit that works on this model: x_T's cells carried to the target (start="move").
-    # (MAG from the inverted x_T does not move objects here: the model's word attention is
-    # not localized, see the closing note of issue 7.) A circle inscribed in its box has
-    # IoU pi/4 = 0.79 with it, a square ~1; 0.5 needs most of the object inside the box.
-    # Measured: moved 0.80 / 0.69, kept 0.98 / 0.60 (dev checkpoint; final in the note).
-    image, masks, prompt, inversion = shapes_case(shapes_pipe, case)
-    moved, kept, box = case
-    moved_phrase, kept_phrase = " ".join(moved[:2]), " ".join(kept[:2])
-    target = Layout.from_shapes(64, 64, [rect(moved_phrase, *box, units="pixels")], prompt=prompt)
-    where = Layout.from_arrays(np.stack(masks), [moved_phrase, kept_phrase], prompt=prompt)
-    result = edit_image(shapes_pipe, image, prompt, target, source_layout=where, keep=[kept_phrase],
-                        start="move", method="none", inversion=inversion, progress=False)
-    before = color_ious(result.source.image, {moved[0]: target[0].mask})
-    after = color_ious(result.image, {moved[0]: target[0].mask, kept[0]: masks[1]})
-    left_behind = color_ious(result.image, {moved[0]: masks[0]})[moved[0]]
-    assert before[moved[0]] < 0.05  # the reconstruction has nothing there: the edit did the moving
-    assert after[moved[0]] >= MOVED_MIN_IOU, after
-    assert left_behind < 0.1, left_behind
-    assert after[kept[0]] >= KEPT_MIN_IOU, after
+    # MAG from the inverted x_T does not move objects here (IoU with the target 0.00 in all
+    # four scenes): the model's word attention is not localized (closing note of issue 7).
+    # Measured, moved object vs its target box: 0.79 / 0.64 / 0.40 / 0.80 (a circle fills
+    # pi/4 of its box, a triangle half of it); kept object vs where it was: 0.97 / 0.52 /
+    # 0.97 / 0.94 (the kept purple circle comes back as a square). So: every moved object
+    # lands in its box (>= 0.3) and leaves its old place, and on average the moved objects
+    # reach 0.55 and the kept ones 0.7, about 0.1 under the measured means 0.66 and 0.85.
+    # Shapes are not checked: the red circle of the first scene arrives as a square.
+    pipe, cases = shapes_cases
+    moved_ious, kept_ious = [], []
+    for (moved, kept, box), (image, masks, prompt, inversion) in zip(EDITS, cases):
+        moved_phrase, kept_phrase = " ".join(moved[:2]), " ".join(kept[:2])
+        target = Layout.from_shapes(64, 64, [rect(moved_phrase, *box, units="pixels")], prompt=prompt)
+        where = Layout.from_arrays(np.stack(masks), [moved_phrase, kept_phrase], prompt=prompt)
+        result = edit_image(pipe, image, prompt, target, source_layout=where, keep=[kept_phrase],
+                            start="move", method="none", inversion=inversion, progress=False)
+        before = color_ious(result.source.image, {moved[0]: target[0].mask})[moved[0]]
+        after = color_ious(result.image, {moved[0]: target[0].mask, kept[0]: masks[1]})
+        left_behind = color_ious(result.image, {moved[0]: masks[0]})[moved[0]]
+        assert before < 0.05, prompt  # the reconstruction has nothing there: the edit did the moving
+        assert after[moved[0]] >= 0.3 and left_behind < 0.1, (prompt, after, left_behind)
+        moved_ious.append(after[moved[0]])
+        kept_ious.append(after[kept[0]])
+    assert np.mean(moved_ious) >= 0.55, moved_ious
+    assert np.mean(kept_ious) >= 0.7, kept_ious
