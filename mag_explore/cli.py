@@ -89,7 +89,10 @@ def add_edit_parser(commands) -> None:
     ed.add_argument("--keep", action="append", default=[], metavar="WORDS",
                     help="words that stay where they are (repeat for several); their regions are read from "
                          "the source run's attention")
+    ed.add_argument("--source-layout", help="where the objects are now: a layout JSON (default: read from attention)")
     ed.add_argument("--threshold", type=float, default=0.5, help="attention threshold for the kept regions")
+    ed.add_argument("--start", default="inverted",
+                    help="x_T of the edit: inverted, renoise or move (carry the moved words' cells to the target)")
     ed.add_argument("--inject-steps", type=int, default=0,
                     help="inject the kept words' source attention during the first N steps (0: no injection)")
     ed.add_argument("--method", default="mag", help="mag, swap or none")
@@ -172,11 +175,15 @@ def run_edit(args) -> str:
     from .editing import edit_image
     from .models import load_pipeline
 
+    from .layouts import Layout
+
     layout = load_layout(args, args.prompt)
+    source = Layout.from_json(args.source_layout) if args.source_layout else None
     if args.inject_steps < 0:
         raise ValueError(f"--inject-steps {args.inject_steps}: give 0 (no injection) or a number of steps")
     pipe = load_pipeline(args.model, device=args.device)
-    result = edit_image(pipe, args.image, args.prompt, layout, method=args.method, keep=args.keep,
+    result = edit_image(pipe, args.image, args.prompt, layout, source_layout=source, start=args.start,
+                        method=args.method, keep=args.keep,
                         inject_steps=(0, args.inject_steps) if args.inject_steps else None,
                         threshold=args.threshold, num_inference_steps=args.steps, guidance_scale=args.cfg,
                         alpha=args.alpha, lmbda=args.lmbda, guide_steps=args.guide_until)

@@ -284,6 +284,15 @@ def test_cli_edit(sd15_folder, tmp_path, capsys):
     assert Image.open(out).size == (64, 64) and (tmp_path / "rec.png").exists()
     assert main(args[:-4] + ["--method", "magic", "--out", str(out)]) == 2
     assert "method='magic'" in capsys.readouterr().err
+    # where the objects are, given as a layout JSON, and the moved-latent start
+    Image.fromarray(np.where(np.arange(64)[:, None, None] >= 32, [0, 0, 255], [255, 0, 0])
+                    .astype(np.uint8).repeat(64, 1)).save(tmp_path / "source.png")
+    (tmp_path / "source.json").write_text(json.dumps(
+        {"prompt": PROMPT, "regions": {"#ff0000": "red circle", "#0000ff": "blue square"}}))
+    moved = args[:-4] + ["--source-layout", str(tmp_path / "source.json"), "--start", "move", "--out", str(out)]
+    assert main(moved) == 0
+    assert main(moved[:-2] + ["--start", "paste", "--out", str(out)]) == 2
+    assert "start='paste'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the embedded "shapes" model
