@@ -10,6 +10,10 @@
 
 The user only draws where things should *go*: where the kept words *are* is read from the
 source run's own cross-attention (``layout_from_attention``), unless a source layout is given.
+An inverted x_T still holds every object where it was; ``start="move"`` carries the moved
+words' latent cells into their target regions first (``move_latents``). On the embedded
+shapes model, whose word attention is not localized, that is what moves objects; MAG alone
+does not (measurements: the closing note of issue 7).
 Both runs start from the same x_T with the inversion's guidance scale (1 by default, see
 ``mag_explore.inversion``), so without controls the edited run is the source run.
 """
@@ -202,7 +206,7 @@ def edit_image(
         keep: words that should stay where they are. MAG/swap hold them in their source
             regions, which come from ``source_layout`` or, when it is None, from the
             source run's attention (``layout_from_attention`` with ``threshold``).
-        method: "mag" (default), "swap", or "none" (injection only).
+        method: a name of ``METHOD_NAMES``: "mag" (default), "swap", "none" (no control), ...
         inject_steps: also inject the kept words' source-run attention maps during
             these steps, e.g. ``(0, 10)`` or ``700`` (while t > 700); None: no injection.
         num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
