@@ -56,7 +56,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "mag_lambda": 0.5,
     "guide_until": 700,
 }
-_INFO_KEYS = frozenset({"description", "training"})
+_INFO_KEYS = frozenset({"description", "training", "measured"})
 # The type each key of mag_explore.json must have (bool is excluded below: it is an int).
 _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "height": (int,),
@@ -428,7 +428,7 @@ def model_defaults(pipe) -> dict[str, Any]:
         overrides = json.loads(file.read_text())
         if not isinstance(overrides, dict):
             raise ValueError(f"{file} must hold a JSON object with keys from {sorted(_DEFAULT_TYPES)}")
-        # "description" and "training" document the model for people; they set no default.
+        # "description", "training" and "measured" document the model for people; they set no default.
         overrides = {k: v for k, v in overrides.items() if k not in _INFO_KEYS}
         for key, value in overrides.items():
             if key not in _DEFAULT_TYPES:
