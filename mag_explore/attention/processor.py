@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .hooks import AttentionContext, AttentionHook
 
@@ -146,9 +147,15 @@ class CrossAttentionProcessor:
 
         ctx = self.controller.context(self.layer, pixels, batch, heads)
         hooks = [hook for hook in self.controller.hooks if hook.active(ctx)]
-        probs = self.attention_probs(attn, query, key, attention_mask, batch, hooks, ctx)
-
-        hidden_states = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        if hooks:
+            probs = self.attention_probs(attn, query, key, attention_mask, batch, hooks, ctx)
+            hidden_states = probs.to(value.dtype) @ value
+        else:  # no hook wants this layer now: keep the fused kernel
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)

@@ -1,0 +1,90 @@
+"""The command line, run as a user runs it: a subprocess, exit codes, files, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mag_explore.attention import AttentionStore
+from mag_explore.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUT_PNG = ROOT / "data" / "layouts" / "left_right.png"
+REGIONS = json.dumps({"#ff0000": "red circle", "#0000ff": "blue square"})
+PROMPT = "a red circle and a blue square"
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mag_explore", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def mag_run(sd15_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    done = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--layout", LAYOUT_PNG, "--regions", REGIONS,
+               "--method", "mag", "--alpha", "5", "--steps", "4", "--guide-until", "500", "--out", out / "mag.png",
+               "--save-attention", out / "maps.safetensors", "--device", "cpu")
+    return done, out
+
+
+def test_generate_writes_the_image_and_the_maps(mag_run):
+    done, out = mag_run
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out / 'mag.png'}" in done.stdout
+    assert Image.open(out / "mag.png").size == (64, 64)
+    store = AttentionStore.load(out / "maps.safetensors")
+    assert store.step_indices == [0, 1, 2, 3] and len(store.layers) == 7
+    assert store.map(0, store.layers[0], token=2).shape == (8, 8)
+
+
+def test_mag_changes_the_image_against_none(mag_run, sd15_folder):
+    done, out = mag_run
+    plain = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none", "--steps", "4",
+                "--out", out / "none.png", "--device", "cpu")
+    assert plain.returncode == 0, plain.stderr
+    a = np.asarray(Image.open(out / "none.png"), dtype=float)
+    b = np.asarray(Image.open(out / "mag.png"), dtype=float)
+    assert np.abs(a - b).max() > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "mag"], "needs --layout"),
+    (["--layout", str(LAYOUT_PNG), "--regions", '{"#00ff00": "red circle"}'], "#00ff00"),
+    (["--layout", str(LAYOUT_PNG), "--regions", "{not json"], "not valid JSON"),
+    (["--layout", str(LAYOUT_PNG), "--regions", '{"#ff0000": "dog", "#0000ff": "blue square"}'],
+     "'dog' is not in the prompt"),
+    (["--layout", str(LAYOUT_PNG), "--word-ids", "__import__('os').system('echo hacked')"], "word"),
+    (["--method", "none", "--height", "60"], "multiples of 8"),
+])
+def test_bad_input_is_one_line_and_non_zero(sd15_folder, tmp_path, capfd, args, message):
+    # in-process (the same main() as `python -m mag_explore`), to keep the suite fast
+    code = main(["generate", "--model", str(sd15_folder), "--prompt", PROMPT, "--steps", "2",
+                 "--out", str(tmp_path / "x.png"), "--device", "cpu", *args])
+    out, err = capfd.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()  # loading progress bars may come first
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err
+    assert "hacked" not in out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unknown_model_folder_is_a_clear_error(tmp_path):
+    done = cli("generate", "--model", tmp_path / "nope", "--prompt", PROMPT, "--method", "none", "--out",
+               tmp_path / "x.png")
+    assert done.returncode == 2 and "nope" in done.stderr.splitlines()[-1]
+
+
+def test_help_names_every_option_with_its_default():
+    done = cli("generate", "--help")
+    assert done.returncode == 0
+    for option in ["--alpha", "--lmbda", "--guide-until", "--swap-until", "--word-ids", "--save-attention", "--cfg"]:
+        assert option in done.stdout
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "(default 0.5)" in text and "t > T (default 700)" in text and "default 42" in text

@@ -1,0 +1,56 @@
+"""Plots name what they show, and show what they name."""
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mag_explore import AttentionStore, Layout, MaskedAttentionGuidance, generate, rect  # noqa: E402
+from mag_explore import plots  # noqa: E402
+
+PROMPT = "a red circle and a purple square"  # "purple" is several tokens in the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def result(sd15_pipe):
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("purple square", 0.5, 0, 1, 1)])
+    return generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, store=AttentionStore(),
+                    controls=[MaskedAttentionGuidance(layout, alpha=1.0, steps=(0, 2))], progress=False)
+
+
+def titles(fig):
+    return [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
+
+
+def test_token_maps_name_words_and_steps(result):
+    fig = plots.plot_token_maps(result, tokens=["red", "purple"], steps=[1, 2], overlay=False)
+    text = titles(fig)
+    assert '"red"' in text and '"purple"' in text
+    assert "steps 1–2" in text[-1]
+    # the purple panel shows the sum over all of purple's sub-word tokens
+    expected = result.store.aggregate(tokens=result.token_indices("purple"), steps=[1, 2]).sum(0)
+    shown = fig.axes[2].images[0].get_array()
+    assert np.allclose(shown, plots.upsample_map(expected, (64, 64)), atol=1e-6)
+    assert len(result.token_indices("purple")) > 1
+
+
+def test_default_token_maps_cover_every_word(result):
+    fig = plots.plot_token_maps(result)
+    words = [t for t in titles(fig) if t.startswith('"')]
+    assert len(words) == len(result.tokens) - 2  # every token between BOS and EOS
+
+
+def test_over_steps_and_layers(result):
+    fig = plots.plot_attention_over_steps(result, "red")
+    assert [t.split("\n")[0] for t in titles(fig)[:4]] == ["step 0", "step 1", "step 2", "step 3"]
+    fig = plots.plot_attention_over_layers(result, "circle", step=1)
+    text = titles(fig)
+    assert any("8×8" in t for t in text) and any("mid" in t for t in text) and "step 1" in text[-1]
+
+
+def test_guidance_plot_and_missing_attention(result, sd15_pipe):
+    fig = plots.plot_guidance(result.diagnostics["MaskedAttentionGuidance"], labels=["red circle", "purple square"])
+    assert "MAG loss before each update" in titles(fig)
+    plain = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="store=AttentionStore"):
+        plots.plot_token_maps(plain)
