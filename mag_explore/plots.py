@@ -244,3 +244,25 @@ def plot_iou(rows: Sequence[dict], title: str = "mask IoU per method (mean over 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = "jet") -> plt.Figure:
+    """Rows: named stores (e.g. without / with guidance); columns: the layout's regions.
+
+    Each panel is a region's words' attention at ``step``, all layers (resampled, head
+    mean), with the region outlined; the title gives the share of the map inside the mask.
+    """
+    labels = [layout.label(i) for i in range(len(layout))]
+    fig, axes = plt.subplots(len(stores), len(labels), figsize=(2.4 * len(labels), 2.4 * len(stores)), squeeze=False)
+    for row, (name, store) in zip(axes, stores.items()):
+        for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):
+            heat = store.aggregate(tokens=list(region.token_indices), steps=[step]).sum(0)
+            mask = layout.masks_at(*heat.shape)[i].numpy()
+            share = float((heat.numpy() * mask).sum() / max(float(heat.sum()), 1e-12))
+            ax.imshow(heat.numpy(), cmap=cmap)
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+            ax.set_title(f'{name}: "{label}"\n{share:.0%} inside', fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=9)
+    fig.tight_layout()
+    return fig
