@@ -116,6 +116,11 @@ def region_iou(image, layout: Layout) -> dict[str, float]:
     return scores
 
 
+def iou_text(image, layout: Layout) -> str:
+    """``"IoU red circle 0.62 · blue square 0.48"``: :func:`region_iou` for a title or a print."""
+    return "IoU " + " · ".join(f"{label} {iou:.2f}" for label, iou in region_iou(image, layout).items())
+
+
 def compare_methods(pipe, layouts: Iterable[str | Layout], methods: Sequence[str] = ("none", "swap", "mag"),
                     seeds: Sequence[int] = (0, 1), steps: int | None = None):
     """Every method on every layout and seed. Returns ``(rows, images)``.
