@@ -241,8 +241,11 @@ class MagPlayground(W.VBox):
         sliders = W.VBox([self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed])
         super().__init__([sliders, W.HBox([self.run_button, self.progress]), self.status, self.image])
         self.add_class("mag-playground")
-        self.image.value = figure_png(self.layout.preview())  # the layout, until the first run
         self._on_setting()
+        try:
+            self.image.value = figure_png(self.layout.preview())  # the layout, until the first run
+        except ValueError as error:  # e.g. a LayoutBuilder with no region yet: say so, run later
+            self.status.value += f"<br>layout not ready: {html.escape(str(error))}"
 
     @property
     def layout(self) -> Layout:

@@ -254,3 +254,15 @@ def test_playground_reads_the_builder_at_each_run(sd15_pipe):
     assert mag.layout.regions[0].mask[:, 60].all() and not mag.layout.regions[0].mask[:, 4].any()
     playground.run_button.click()
     assert playground.error is None and not np.array_equal(first, playground.result.pixels)
+
+
+def test_playground_accepts_an_empty_builder_and_says_why_it_cannot_run(sd15_pipe):
+    builder = LayoutBuilder(PROMPT)
+    playground = MagPlayground(sd15_pipe, builder, steps=3)
+    assert "layout not ready" in playground.status.value
+    with unet_calls(sd15_pipe) as calls:
+        playground.run_button.click()
+    assert calls == [] and isinstance(playground.error, ValueError) and "no region" in playground.status.value
+    builder.add_region("blue square")
+    playground.run_button.click()
+    assert playground.error is None and playground.runs == 1
