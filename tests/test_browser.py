@@ -98,8 +98,9 @@ def lab(tmp_path_factory, playwright_module):
         log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser_context(playwright_module, tmp_path_factory):
+    """A fresh browser (and user-data dir) per test: one notebook open at a time."""
     with playwright_module.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh user-data dir
@@ -113,10 +114,11 @@ def _open_and_run_all(context, lab, name):
     url, token, _ = lab
     page = context.new_page()
     page.set_default_timeout(60_000)
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}")  # reset: no notebook left open by an earlier test
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     _wait_for_idle(page, 120_000)  # the kernel has started
     page.wait_for_selector(".jp-StatusBar-TextItem:has-text('Idle')")
+    page.wait_for_timeout(2_000)  # let the session settle: a Run All sent too early can be dropped
     for attempt in range(3):  # a Run All sent while the kernel connection settles can be dropped: retry
         page.locator(".lm-MenuBar-item", has_text="Run").first.click()
         page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
@@ -149,7 +151,7 @@ def _dump(page, lab, name):
     """Leave a screenshot and the cell prompts next to the lab log, to see why a wait failed."""
     folder = lab[2].parent
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
-    prompts = page.evaluate("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent)")
+    prompts = page.evaluate("() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')].map(p => p.textContent)")
     print(f"{name}: prompts {prompts}; screenshot and lab.log in {folder}")
 
 
