@@ -204,6 +204,7 @@ def test_explorer_in_jupyterlab(browser_context, lab):
     assert _image_fingerprint(page, image) != before
     assert "step" in caption.inner_text() and caption.inner_text() != before_caption
     assert _errors(page) == []
+    page.locator(".mag-explorer").screenshot(path=str(lab[2].parent / "explorer.png"))  # for a human look
     page.close()
 
 
@@ -227,4 +228,5 @@ def test_playground_in_jupyterlab(browser_context, lab):
     status = page.locator(".mag-playground").inner_text()
     assert f"seed {readout.inner_text()}" in status and "error" not in status.lower()
     assert _errors(page) == []
+    page.locator(".mag-playground").screenshot(path=str(lab[2].parent / "playground.png"))  # for a human look
     page.close()
