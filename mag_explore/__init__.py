@@ -37,3 +37,9 @@ __all__ = [
     "load_pipeline", "mag_loss_terms", "make_controls", "model_defaults", "polygon", "rect",
     "remove_cross_attention_hooks", "show_tokens", "token_indices", "token_table",
 ]
+
+# Real-image editing (DDIM inversion + MAG), kept in its own block.
+from .editing import EditResult, edit_image, layout_from_attention  # noqa: E402
+from .inversion import InversionResult, invert, psnr, reconstruct  # noqa: E402
+
+__all__ += ["EditResult", "InversionResult", "edit_image", "invert", "layout_from_attention", "psnr", "reconstruct"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mag_explore generate|demo ...``.
+"""Command line: ``python -m mag_explore generate|demo|evaluate|edit ...``.
 
 Every error on bad input is one line on stderr and a non-zero exit status.
 """
@@ -60,7 +60,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to write the figure")
     demo.add_argument("--device", default=None)
+    add_evaluate_parser(commands)
+    add_edit_parser(commands)
     return parser
+
+
+def add_evaluate_parser(commands) -> None:
+    ev = commands.add_parser("evaluate", help="mask-IoU benchmark: every layout x method x seed of a suite")
+    ev.add_argument("--model", default=None, help="default: the embedded 'shapes' model without a GPU")
+    ev.add_argument("--suite", default=str(DATA / "suites" / "shapes.json"), help="suite JSON of layouts")
+    ev.add_argument("--methods", default="none,swap,mag,pww,lg", help="comma-separated methods")
+    ev.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per layout and method")
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ev.add_argument("--segmenter", default=None,
+                    help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
+    ev.add_argument("--out", default="outputs/eval", help="folder for results.csv, summary.md, grid.png")
+    ev.add_argument("--device", default=None)
+
+
+def add_edit_parser(commands) -> None:
+    ed = commands.add_parser("edit", help="move the objects of an image into a new layout (DDIM inversion + MAG)")
+    ed.add_argument("--model", default=None, help="as for generate (default: 'shapes' without a GPU)")
+    ed.add_argument("--image", required=True, help="the input image (its size must be a multiple of the VAE factor)")
+    ed.add_argument("--prompt", required=True, help="a description of the input image that names the layout's words")
+    ed.add_argument("--layout", required=True, help="target layout: a layout JSON, or a color PNG with --regions/--word-ids")
+    ed.add_argument("--regions", help='JSON {"#ff0000": "red circle", ...} (inline or a .json file) with --layout PNG')
+    ed.add_argument("--word-ids", help='official MAG format with --layout PNG, e.g. "[[2,3]]" (index 0 = BOS)')
+    ed.add_argument("--keep", action="append", default=[], metavar="WORDS",
+                    help="words that stay where they are (repeat for several); their regions are read from "
+                         "the source run's attention")
+    ed.add_argument("--threshold", type=float, default=0.5, help="attention threshold for the kept regions")
+    ed.add_argument("--inject-steps", type=int, default=0,
+                    help="inject the kept words' source attention during the first N steps (0: no injection)")
+    ed.add_argument("--method", default="mag", help="mag, swap or none")
+    ed.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's)")
+    ed.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks")
+    ed.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default: the model's)")
+    ed.add_argument("--steps", type=int, default=None, help="inversion and sampling steps (default: the model's)")
+    ed.add_argument("--cfg", type=float, default=1.0, help="guidance scale of inversion and sampling (1: faithful)")
+    ed.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
+    ed.add_argument("--out", required=True, help="where to write the edited PNG")
+    ed.add_argument("--save-reconstruction", help="also write the source run (the input redrawn from its inversion)")
 
 
 def load_layout(args, prompt: str | None = None):
@@ -120,12 +160,43 @@ def run_demo(args) -> str:
     return f"wrote {out}"
 
 
+def run_evaluate(args) -> str:
+    from .evaluate import run_evaluation
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.steps,
+                          device=args.device, segmenter=args.segmenter)
+
+
+def run_edit(args) -> str:
+    from .editing import edit_image
+    from .models import load_pipeline
+
+    layout = load_layout(args, args.prompt)
+    if args.inject_steps < 0:
+        raise ValueError(f"--inject-steps {args.inject_steps}: give 0 (no injection) or a number of steps")
+    pipe = load_pipeline(args.model, device=args.device)
+    result = edit_image(pipe, args.image, args.prompt, layout, method=args.method, keep=args.keep,
+                        inject_steps=(0, args.inject_steps) if args.inject_steps else None,
+                        threshold=args.threshold, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                        alpha=args.alpha, lmbda=args.lmbda, guide_steps=args.guide_until)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    lines = [f"wrote {out} (reconstruction PSNR {result.reconstruction_psnr:.1f} dB)"]
+    if args.save_reconstruction:
+        result.source.image.save(args.save_reconstruction)
+        lines.append(f"wrote {args.save_reconstruction}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .methods import NonFiniteGuidanceError
 
     try:
-        message = {"generate": run_generate, "demo": run_demo}[args.command](args)
+        commands = {"generate": run_generate, "demo": run_demo, "evaluate": run_evaluate, "edit": run_edit}
+        message = commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, NonFiniteGuidanceError, OSError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {text}", file=sys.stderr)

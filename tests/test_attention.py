@@ -202,3 +202,17 @@ def test_edit_hooks_change_what_the_layer_uses(sd15_pipe):
     assert abs(result.pixels - plain.pixels).max() > 1e-4
     stored = store.get(0, store.layers[0]).float()
     assert torch.allclose(stored, torch.full_like(stored, 1 / 77), atol=1e-4)  # the store saw the edited maps
+
+
+def test_fp16_model_gives_fp32_probabilities(sd15_folder):
+    from mag_explore.models import load_pipeline
+
+    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16, progress=False)
+    latents, text = unet_inputs(pipe)
+    recorder = Recorder()
+    with torch.no_grad(), cross_attention_hooks(pipe.unet, [recorder]):
+        out = pipe.unet(latents.half(), 500, encoder_hidden_states=text.half()).sample
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    for probs, _ in recorder.seen:
+        assert probs.dtype == torch.float32
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)

@@ -1,0 +1,209 @@
+"""Layout editing of a real image: invert it, then redraw it with its objects in new regions.
+
+    image, prompt ──DDIM inversion──▶ x_T ──source run (no control)──▶ the image again
+                                        │        └─ stores its cross-attention maps
+                                        └──edited run──▶ the edited image
+                                             MAG (or swap) pulls the moved words into the
+                                             target layout and holds the kept words where
+                                             the source run had them; optionally the kept
+                                             words' source maps are injected in early steps
+
+The user only draws where things should *go*: where the kept words *are* is read from the
+source run's own cross-attention (``layout_from_attention``), unless a source layout is given.
+Both runs start from the same x_T with the inversion's guidance scale (1 by default, see
+``mag_explore.inversion``), so without controls the edited run is the source run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .attention import AttentionStore
+from .inversion import InversionResult, as_pil_image, invert, psnr, reconstruct
+from .layouts import Layout
+from .methods import METHOD_NAMES, make_controls
+from .methods.inject import AttentionInjection, injection_store
+from .models import model_defaults
+from .sampling import Control, GenerationResult, generate
+from .schedule import StepsLike, as_step_range
+from .tokens import token_indices
+
+
+class RecordAttention(Control):
+    """A control that only records: lets a run fill a second store besides ``store=``."""
+
+    def __init__(self, store: AttentionStore):
+        self.store = store
+
+    def attention_hooks(self) -> list:
+        return [self.store]
+
+
+def layout_from_attention(store: AttentionStore, tokenizer, prompt: str, words: Sequence[str], *,
+                          threshold: float = 0.5, size: tuple[int, int] | None = None,
+                          steps=None, resolutions=None) -> Layout:
+    """Where the run that filled ``store`` put each word: a layout read from its attention.
+
+    Each word's map is averaged over the stored steps, layers, heads and its tokens,
+    resampled to ``size`` (height, width; default: the finest stored resolution), scaled
+    to a peak of 1, and thresholded: the region is where the map is at least
+    ``threshold`` (0 < threshold <= 1). ``tokenizer`` may also be a ``GenerationResult``,
+    whose tokenizer and image size are then used.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}; it must lie in (0, 1] (maps are scaled to a peak of 1)")
+    if isinstance(tokenizer, GenerationResult):
+        size = size or (tokenizer.settings["height"], tokenizer.settings["width"])
+        tokenizer = tokenizer.tokenizer
+    if isinstance(words, str):
+        words = [words]
+    masks = []
+    for word in words:
+        tokens = token_indices(tokenizer, prompt, word)
+        attention = store.aggregate(tokens=tokens, steps=steps, resolutions=resolutions, size=size).sum(0)
+        masks.append((attention / attention.max().clamp_min(1e-12) >= threshold).numpy())
+    return Layout.from_arrays(np.stack(masks), list(words), prompt=prompt)
+
+
+@dataclass
+class EditResult:
+    """The edited image and every run that led to it."""
+
+    edited: GenerationResult  # the edited run (its store holds the edited attention)
+    source: GenerationResult  # the source run from x_T: the reconstruction of the input
+    inversion: InversionResult
+    layout: Layout  # what the control steered to: target regions plus kept regions
+    source_layout: Layout | None  # where the kept words are (given, or read from attention)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.edited.image
+
+    @property
+    def reconstruction_psnr(self) -> float:
+        """PSNR (dB) of the source run against the input: how faithful the inversion is."""
+        return psnr(self.inversion.image, self.source.image)
+
+
+def _phrases(layout: Layout) -> list[str]:
+    return [layout.label(i) for i in range(len(layout))]
+
+
+def _kept_regions(keep: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
+    """The regions of ``source_layout`` whose words are the ``keep`` phrases (matched by tokens)."""
+    resolved = source_layout.resolve(tokenizer, prompt)
+    by_tokens = {tuple(r.token_indices): r for r in resolved.regions}
+    regions = []
+    for word in keep:
+        found = by_tokens.get(tuple(token_indices(tokenizer, prompt, word)))
+        if found is None:
+            raise ValueError(f"kept word {word!r} has no region in the source layout; its regions are "
+                             f"{_phrases(source_layout)}")
+        regions.append(found)
+    return regions
+
+
+def edit_image(
+    pipe,
+    image: Any,
+    prompt: str,
+    target_layout: Layout,
+    *,
+    source_layout: Layout | None = None,
+    method: str = "mag",
+    keep: Sequence[str] = (),
+    inject_steps: StepsLike | None = None,
+    threshold: float = 0.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float = 1.0,
+    alpha: float | None = None,
+    lmbda: float | None = None,
+    guide_steps: StepsLike | None = None,
+    inversion: InversionResult | None = None,
+    progress: bool = True,
+) -> EditResult:
+    """Move or reshape the objects of ``image`` into ``target_layout``.
+
+    Args:
+        image: path, PIL image or (H, W, 3) array; ``prompt`` describes it and names
+            the words of both layouts.
+        target_layout: where the moved words should go (image size, phrases of ``prompt``).
+        keep: words that should stay where they are. MAG/swap hold them in their source
+            regions, which come from ``source_layout`` or, when it is None, from the
+            source run's attention (``layout_from_attention`` with ``threshold``).
+        method: "mag" (default), "swap", or "none" (injection only).
+        inject_steps: also inject the kept words' source-run attention maps during
+            these steps, e.g. ``(0, 10)`` or ``700`` (while t > 700); None: no injection.
+        num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
+            see ``mag_explore.inversion`` for why); taken from ``inversion`` when it is given.
+        alpha, lmbda, guide_steps: MAG's step size, outside weight and steps (default:
+            the model's); ``guide_steps`` is also swap's range.
+        inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
+    """
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
+    if isinstance(keep, str):
+        keep = [keep]
+    d = model_defaults(pipe)
+    tokenizer = pipe.tokenizer
+    if inversion is None:
+        inversion = invert(pipe, image, prompt, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, progress=progress)
+    elif inversion.prompt != prompt:
+        raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
+    size = (inversion.height, inversion.width)
+    target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
+    kept_tokens = [i for word in keep for i in token_indices(tokenizer, prompt, word)]
+    moved = {i for r in target.regions for i in r.token_indices}
+    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
+    if both:
+        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
+                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
+    if inject_steps is not None and not keep:
+        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+
+    # 1. the source run: redraws the input, and records where each word is
+    store = AttentionStore()
+    recorders = []
+    if inject_steps is not None and kept_tokens:
+        steps = as_step_range(inject_steps).selected(inversion.timesteps)
+        recorders.append(RecordAttention(injection_store(kept_tokens, steps=steps)))
+    source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
+    if keep and source_layout is None:
+        source_layout = layout_from_attention(store, tokenizer, prompt, keep, threshold=threshold, size=size)
+    elif source_layout is not None:
+        source_layout = source_layout.for_generation(*size)
+
+    # 2. the edited run: the target regions, plus the kept words where they are
+    kept = _kept_regions(keep, source_layout, tokenizer, prompt) if keep else []
+    layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
+    steps = d["guide_until"] if guide_steps is None else guide_steps
+    controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
+                             lmbda=d["mag_lambda"] if lmbda is None else lmbda,
+                             guide_steps=steps, swap_steps=steps)
+    if recorders:
+        controls.append(AttentionInjection(recorders[0].store, kept_tokens, steps=inject_steps))
+    s = inversion.settings
+    edited = generate(pipe, prompt, latents=inversion.latents, controls=controls, store=AttentionStore(),
+                      num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+                      negative_prompt=s["negative_prompt"], height=inversion.height, width=inversion.width,
+                      progress=progress)
+    return EditResult(edited=edited, source=source, inversion=inversion, layout=layout,
+                      source_layout=source_layout)
+
+
+def color_ious(image: Any, expected: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Shapes world: IoU of each color's pixels in ``image`` with the mask where it should be.
+
+    ``expected`` maps a color name ("red") to a bool (H, W) mask, e.g. a target region or
+    the object's mask in the input. Pixels are read with ``segment_by_color``; a color
+    absent from the image scores 0.
+    """
+    from .shapes.world import mask_iou, segment_by_color
+
+    found = segment_by_color(np.asarray(as_pil_image(image)))
+    return {color: mask_iou(found.get(color, np.zeros_like(mask, dtype=bool)), np.asarray(mask, bool))
+            for color, mask in expected.items()}

@@ -1,0 +1,208 @@
+"""Layout guidance, backward variant (Chen, Laina & Vedaldi 2023, "Training-free layout
+control with cross-attention guidance"): gradient steps on x_t that pull each region's
+words into the region.
+
+For a layer ℓ and a region r with tokens T_r and mask M_r, per token k and head h:
+
+    ratio = Σ_{p in M_r} A[h, p, k] / Σ_p A[h, p, k]     (the share of k's attention inside)
+    L_ℓ,r = mean over tokens k of  mean over heads h of (1 − ratio)²
+
+and L = Σ_ℓ Σ_r L_ℓ,r / (regions × layers). Before each early denoising step, up to
+``max_iter`` times while L > ``loss_threshold``: x_t ← x_t − η_t ∇ₓ (loss_scale · L).
+
+Defaults are those of the published code (silent-chen/layout-guidance,
+conf/base_config.yaml and utils.compute_ca_loss):
+
+* loss_scale 30, loss_threshold 0.2 (on the unscaled loss), max_iter 5;
+* guidance during the first 10 of its 51 LMS steps (max_index_step 10). Those are the
+  steps with t > 800 (999 … 819), and "while t > 800" picks the first 10 of a 50-step
+  DDIM schedule too (981 … 801), so that is our default;
+* layers: the mid block and the first up block that has cross-attention (its
+  ``attn_maps_up[0]``: 16×16 on SD at 512²), not the finer up blocks; heads kept apart;
+* its step x ← x − σ² ∇ (σ of its LMS scheduler, whose latents are x_t / sqrt(ᾱ_t)).
+  Written for our DDIM latents x_t = sqrt(ᾱ_t)·x_LMS the same move is
+  x_t ← x_t − (1 − ᾱ_t) ∇_{x_t}: so η_t = 1 − ᾱ_t here.
+
+One difference: the published loop checks the loss of the *previous* iteration (even of
+the previous step) against the threshold; here each step starts with a fresh loss and
+stops as soon as it is below the threshold, without a further update.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
+from ..sampling import Control, StepState
+from ..schedule import StepsLike, as_step_range
+from .common import frozen_weights, gradient_checkpointing, layout_for_run
+from .mag import NonFiniteGuidanceError
+
+LAYER_CHOICES = ("official", "mid+up", "all")
+
+
+def layout_loss_terms(probs: torch.Tensor, masks: torch.Tensor,
+                      token_groups: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-region loss of one layer, and each region's share of attention inside its mask.
+
+    probs: (batch, heads, pixels, tokens); masks: (regions, pixels) in [0, 1].
+    Returns (loss, inside_share), both shaped (regions,): loss is the mean over the region's
+    tokens of the mean over batch and heads of (1 − ratio)²; inside_share is the mean ratio.
+    """
+    losses, shares = [], []
+    for mask, tokens in zip(masks, token_groups):
+        attention = probs[..., list(tokens)]  # (batch, heads, pixels, tokens of r)
+        inside = (attention * mask[:, None]).sum(-2)
+        ratio = inside / attention.sum(-2).clamp_min(1e-12)  # (batch, heads, tokens of r)
+        losses.append(((1 - ratio) ** 2).mean(dim=(0, 1)).mean())
+        shares.append(ratio.mean().detach())
+    return torch.stack(losses), torch.stack(shares)
+
+
+def official_layers(unet) -> list[str]:
+    """The mid-block layers and those of the first up block with cross-attention."""
+    names = cross_attention_layer_names(unet)
+    up_blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith("up_blocks.")})
+    first_up = f"up_blocks.{up_blocks[0]}." if up_blocks else None
+    return [n for n in names if n.startswith("mid_block.") or (first_up and n.startswith(first_up))]
+
+
+class LayoutLossHook(AttentionHook):
+    """Sums the layout loss over the chosen layers of one guidance forward pass."""
+
+    def __init__(self, guidance: "LayoutGuidance"):
+        self.guidance = guidance
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.shares, self.layers = None, [], []
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "guidance" and ctx.layer in self.guidance.layer_names
+
+    def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
+        g = self.guidance
+        masks = g.run_layout.masks_at(ctx.height, ctx.width, mode=g.mask_mode, device=probs.device)
+        groups = [r.token_indices for r in g.run_layout.regions]
+        losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), groups)
+        self.total = losses.sum() if self.total is None else self.total + losses.sum()
+        self.shares.append(shares)
+        self.layers.append(ctx.layer)
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """Σ over layers and regions / (regions × layers), as the published code averages."""
+        if self.total is None:
+            return None
+        return self.total / (len(self.guidance.run_layout.regions) * len(self.layers))
+
+
+class LayoutGuidance(Control):
+    """Backward layout guidance as a sampler control.
+
+    Args:
+        layout: regions tied to words of the prompt.
+        loss_scale: the loss is multiplied by this before the gradient (published 30).
+        loss_threshold: stop the inner iterations once the unscaled loss is at most this (0.2).
+        max_iter: gradient steps per guided step at most (5).
+        steps: 800 (while t > 800: the published first 10 of ~50 steps), step indices
+            (start, stop), or a StepRange.
+        layers: "official" (mid block + first up block with cross-attention, as published),
+            "mid+up" (mid and every up layer), "all", or a list of layer names.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        mask_mode: "nearest" (boxes cut on the layer's grid, as published) or "area".
+    """
+
+    def __init__(self, layout, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
+                 steps: StepsLike = 800, layers: str | Iterable[str] = "official",
+                 gradient_checkpointing: bool = False, mask_mode: str = "nearest"):
+        if max_iter < 1:
+            raise ValueError(f"max_iter={max_iter}; need at least 1 gradient step per guided step")
+        if isinstance(layers, str) and layers not in LAYER_CHOICES:
+            raise ValueError(f"layers={layers!r}; use one of {LAYER_CHOICES} or a list of layer names")
+        self.layout, self.loss_scale, self.loss_threshold = layout, float(loss_scale), float(loss_threshold)
+        self.max_iter, self.steps, self.layers = int(max_iter), as_step_range(steps), layers
+        self.checkpointing, self.mask_mode = gradient_checkpointing, mask_mode
+        self.hook = LayoutLossHook(self)
+        self.run_layout, self.layer_names = None, set()
+        self._alphas_cumprod = None
+        self.history: list[dict] = []
+
+    def attention_hooks(self) -> list:
+        return [self.hook]
+
+    def start(self, sampler) -> None:
+        self.run_layout = layout_for_run(self.layout, sampler)
+        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
+        self.layer_names = set(self._choose_layers(sampler.pipe.unet))
+        self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
+        self.history = []
+
+    def _choose_layers(self, unet) -> list[str]:
+        names = cross_attention_layer_names(unet)
+        if self.layers == "official":
+            return official_layers(unet)
+        if self.layers == "mid+up":
+            return [n for n in names if n.startswith(("mid_block.", "up_blocks."))]
+        if self.layers == "all":
+            return names
+        chosen = list(self.layers)
+        unknown = [n for n in chosen if n not in names]
+        if unknown or not chosen:
+            raise ValueError(f"unknown cross-attention layers {unknown or chosen}; this UNet has {names}")
+        return chosen
+
+    def step_size(self, timestep: int) -> float:
+        """η_t = 1 − ᾱ_t: the published σ² step of its LMS scheduler, for DDIM latents."""
+        return 1.0 - float(self._alphas_cumprod[int(timestep)])
+
+    def before_step(self, state: StepState) -> torch.Tensor:
+        if not self.steps.contains(state.step_index, int(state.timestep)):
+            return state.latents
+        latents = state.latents.detach()
+        eta = self.step_size(int(state.timestep))
+        for iteration in range(self.max_iter):
+            loss, grad = self.loss_and_grad(state, latents)
+            self._check_finite(state, loss, grad)
+            self._record(state, iteration, loss, grad)
+            if float(loss) <= self.loss_threshold:
+                break  # close enough: leave x_t as it is
+            latents = (latents - eta * self.loss_scale * grad).detach()
+        return latents
+
+    def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unscaled layout loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
+        unet = state.pipe.unet
+        latents = latents.detach().requires_grad_(True)
+        self.hook.reset()
+        with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, self.checkpointing), \
+                state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
+            model_input = state.scheduler.scale_model_input(latents, state.timestep)
+            unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
+            loss = self.hook.loss
+            if loss is None:
+                raise ValueError(f"no cross-attention layer ran among {sorted(self.layer_names)}")
+            (grad,) = torch.autograd.grad(loss, latents)
+        return loss.detach(), grad
+
+    def _check_finite(self, state: StepState, loss: torch.Tensor, grad: torch.Tensor) -> None:
+        if not torch.isfinite(loss) or not torch.isfinite(grad).all():
+            raise NonFiniteGuidanceError(
+                f"layout guidance at step {state.step_index} (t={int(state.timestep)}): the "
+                f"{'loss' if not torch.isfinite(loss) else 'gradient'} is not finite "
+                f"(loss={float(loss):.4g}, loss_scale={self.loss_scale}). Try a smaller loss_scale, or fp32."
+            )
+
+    def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
+        self.history.append({
+            "step": state.step_index, "timestep": int(state.timestep), "iteration": iteration,
+            "loss": float(loss), "grad_norm": float(grad.float().norm()),
+            "inside_share": torch.stack(self.hook.shares).mean(0).tolist(),  # per region, over layers
+        })
+
+    @property
+    def diagnostics(self) -> dict:
+        """Per gradient evaluation: loss (unscaled), gradient norm, share of attention inside each mask."""
+        keys = ("step", "timestep", "iteration", "loss", "grad_norm", "inside_share")
+        return {k: [h[k] for h in self.history] for k in keys} if self.history else {}

@@ -1,0 +1,111 @@
+"""Paint-with-words (eDiff-I, Balaji et al. 2022): a bonus on the logits of a region's words.
+
+Before the softmax of every cross-attention layer, in the conditional half of
+classifier-free guidance, for every region r with tokens T_r and mask M_r:
+
+    scores[p, T_r] += w · log(1 + σ_t) · max(QKᵀ/√d)      for the pixels p inside M_r
+
+σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) is the noise level of the step (large early, so the layout
+is imposed while the composition forms, and near 0 at the end). max(QKᵀ/√d) puts the
+bonus on the scale of the layer's own logits.
+
+Defaults follow the paint-with-words-sd project (cloneofsimo/paint-with-words-sd, the
+reference implementation for Stable Diffusion; eDiff-I's own code is not public):
+
+* w = 0.1: the default ``weight_function`` of its ``paint_with_words()`` is
+  ``0.1 · w_region · log(1 + σ) · qk.max()`` with region strengths of 1.0 for objects
+  (its README and ``runner.py`` examples pass 0.4 instead; ``weight=0.4`` gives that).
+* every step, every cross-attention layer, all heads; the unconditional pass gets no bonus.
+* one max per image over the whole layer (heads, pixels and tokens): ``qk.max()`` of its
+  batch-1 conditional pass. It adds the bonus to raw QKᵀ before the 1/√d scale; adding
+  the scaled bonus to the scaled scores, as here, is the same number.
+* masks shrunk softly to each layer (it uses bilinear; "area" here, the covered fraction);
+  overlapping regions add up.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..attention import AttentionContext, AttentionHook
+from ..sampling import Control
+from ..schedule import StepsLike, as_step_range
+from .common import layout_for_run
+
+
+def noise_level(alphas_cumprod: torch.Tensor, timestep: int) -> float:
+    """σ_t = sqrt((1 − ᾱ_t) / ᾱ_t): the noise-to-signal ratio of step t (k-diffusion's sigma)."""
+    alpha_bar = float(alphas_cumprod[int(timestep)])
+    return math.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def pww_bonus(scores: torch.Tensor, masks: torch.Tensor, token_groups: Sequence[Sequence[int]],
+              weight: float | Sequence[float], sigma: float) -> torch.Tensor:
+    """The term paint-with-words adds to the logits, shaped like ``scores``.
+
+    scores: (batch, heads, pixels, tokens) logits of one layer (conditional rows only).
+    masks: (regions, pixels) in [0, 1]; token_groups: the token indices of each region.
+    weight: w, one for all regions or one per region.
+    """
+    weights = [float(weight)] * len(token_groups) if isinstance(weight, (int, float)) else list(weight)
+    if len(weights) != len(token_groups):
+        raise ValueError(f"got {len(weights)} weights for {len(token_groups)} regions; give one, or one per region")
+    spatial = torch.zeros(scores.shape[-2:], dtype=scores.dtype, device=scores.device)  # (pixels, tokens)
+    for mask, tokens, w in zip(masks, token_groups, weights):
+        spatial[:, list(tokens)] += w * mask.to(scores.dtype)[:, None]
+    peak = scores.amax(dim=(1, 2, 3), keepdim=True)  # one max per image, as qk.max() of a batch-1 pass
+    return math.log1p(sigma) * peak * spatial
+
+
+class PaintWithWords(Control, AttentionHook):
+    """Paint-with-words as a sampler control (an attention hook that edits the logits).
+
+    Args:
+        layout: the regions and the words they control.
+        weight: w, the strength (default 0.1, paint-with-words-sd's default); a float or
+            one per region.
+        steps: None (every step, as paint-with-words-sd), a timestep threshold (while t > T),
+            step indices (start, stop), or a StepRange.
+        mask_mode: "area" (soft edges, the default) or "nearest".
+    """
+
+    def __init__(self, layout, weight: float | Sequence[float] = 0.1, steps: StepsLike = None,
+                 mask_mode: str = "area"):
+        values = [weight] if isinstance(weight, (int, float)) else list(weight)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"weight={weight!r}: give a finite number, or one per region")
+        self.layout, self.weight, self.steps, self.mask_mode = layout, weight, as_step_range(steps), mask_mode
+        self._run_layout = None
+        self._alphas_cumprod = None
+        self.sigmas: dict[int, float] = {}  # step index -> σ used, for plots and tests
+
+    def attention_hooks(self) -> list:
+        return [self]
+
+    def start(self, sampler) -> None:
+        self._run_layout = layout_for_run(self.layout, sampler)
+        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "paint-with-words steps")
+        self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
+        self.sigmas = {}
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)
+
+    def edit_scores(self, scores: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if ctx.timestep is None:
+            raise ValueError("paint-with-words needs the step's timestep; run it through generate() or Sampler")
+        rows = ctx.rows("cond")  # the unconditional half keeps its logits
+        sigma = noise_level(self._alphas_cumprod, ctx.timestep)
+        masks = self._run_layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=scores.device)
+        groups = [r.token_indices for r in self._run_layout.regions]
+        edited = scores.clone()
+        edited[rows] = scores[rows] + pww_bonus(scores[rows], masks.flatten(1), groups, self.weight, sigma)
+        self.sigmas[ctx.step_index] = sigma
+        return edited
+
+    @property
+    def diagnostics(self) -> dict:
+        """The noise level σ of each step that got the bonus."""
+        return {"step": list(self.sigmas), "sigma": list(self.sigmas.values())} if self.sigmas else {}

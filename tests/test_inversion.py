@@ -1,0 +1,247 @@
+"""DDIM inversion, real-image editing and the ``edit`` command.
+
+The first part runs on the tiny random-weight pipelines (fast, every code path); the last
+part measures reconstruction and editing on the embedded "shapes" model, and is skipped
+while that model is not built.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from PIL import Image
+
+from mag_explore.attention import AttentionStore
+from mag_explore.cli import main
+from mag_explore.editing import edit_image, layout_from_attention
+from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
+from mag_explore.layouts import Layout, rect
+from mag_explore.methods import NonFiniteGuidanceError
+from mag_explore.methods.inject import AttentionInjection, injection_store
+from mag_explore.sampling import generate
+from mag_explore.shapes.world import render
+
+PROMPT = "a red circle and a blue square"
+BACKGROUND = np.array([240.0, 240.0, 240.0])
+
+
+def scene(size=64):
+    """Red circle top-left, blue square bottom-right: (image, [red mask, blue mask])."""
+    s = size / 64
+    return render([("red", "circle", 16 * s, 18 * s, 20 * s), ("blue", "square", 44 * s, 44 * s, 20 * s)],
+                  BACKGROUND, size=size)
+
+
+def pipeline_state(pipe):
+    return (pipe.scheduler, dict(pipe.scheduler.config), dict(pipe.unet.attn_processors),
+            [p.requires_grad for p in pipe.unet.parameters()], [float(p.detach().sum()) for p in list(pipe.unet.parameters())[:5]])
+
+
+# ---------------------------------------------------------------- the inverse step
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_inversion_step_undoes_the_sampler_step(sd15_pipe, spacing):
+    # For the same predicted noise the two steps are exact inverses, whatever the spacing.
+    # (v and x0 predictions are turned into noise at the latent at hand, which differs
+    # between the two directions; they are checked against diffusers below.)
+    scheduler = DDIMScheduler.from_config(sd15_pipe.scheduler.config, timestep_spacing=spacing)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:
+        x_t, output = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        x_prev = scheduler.step(output, t, x_t).prev_sample
+        back, _ = inversion_step(scheduler, output, int(t), x_prev)
+        assert torch.allclose(back, x_t, atol=1e-4), f"t={int(t)}"
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_inversion_step_agrees_with_diffusers_inverse_scheduler(sd15_pipe, prediction):
+    config = dict(sd15_pipe.scheduler.config, prediction_type=prediction)
+    ours, theirs = DDIMScheduler.from_config(config), DDIMInverseScheduler.from_config(config)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    assert [int(t) for t in theirs.timesteps] == [int(t) for t in reversed(ours.timesteps)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    for t in theirs.timesteps:
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        expected = theirs.step(output, t, x).prev_sample
+        x, _ = inversion_step(ours, output, int(t), x)
+        assert torch.allclose(x, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- inversion on the tiny pipelines
+def test_inversion_result_and_round_trip_leave_the_pipeline_unchanged(tiny_pipe):
+    size = tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor
+    image, _ = scene(size)
+    before = pipeline_state(tiny_pipe)
+    inversion = invert(tiny_pipe, image, PROMPT, num_inference_steps=4, progress=False)
+    result = reconstruct(tiny_pipe, inversion, progress=False)
+    assert pipeline_state(tiny_pipe) == before
+    assert len(inversion.step_latents) == 5
+    assert torch.equal(inversion.step_latents[0], encode_image(tiny_pipe, image).cpu())
+    assert torch.equal(inversion.step_latents[-1], inversion.latents.cpu())
+    assert inversion.timesteps == result.timesteps  # the sampler visits the inverted levels
+    assert result.settings["guidance_scale"] == 1.0 and result.image.size == (size, size)
+    assert torch.isfinite(inversion.latents).all()
+
+
+def test_more_steps_reconstruct_better(sd21_pipe):
+    # The first-order error of the inversion (UNet(x_prev, t) used for UNet(x_t, t)) shrinks with the
+    # step size. Measured on the tiny SD2.1-like pipeline (relative latent error): 3 steps 3.05,
+    # 6: 2.18, 12: 1.47, 24: 0.96. (The random epsilon-UNet of the SD1.5-like one is too far from
+    # a denoiser for a clean trend at few steps: 3: 9.8, 6: 12.9, 24: 8.0, so it is not used here.)
+    image, _ = scene(96)
+    errors = {}
+    for steps in (3, 24):
+        inversion = invert(sd21_pipe, image, PROMPT, num_inference_steps=steps, progress=False)
+        latents = reconstruct(sd21_pipe, inversion, progress=False).latents
+        errors[steps] = float((latents - inversion.image_latents).norm() / inversion.image_latents.norm())
+    assert errors[24] < 0.6 * errors[3], errors
+
+
+def test_inversion_with_guidance_runs_both_halves(sd15_pipe):
+    image, _ = scene()
+    plain = invert(sd15_pipe, image, PROMPT, num_inference_steps=3, progress=False)
+    guided = invert(sd15_pipe, image, PROMPT, num_inference_steps=3, guidance_scale=3.0, progress=False)
+    assert guided.settings["guidance_scale"] == 3.0
+    assert (plain.latents - guided.latents).abs().max() > 1e-4
+
+
+def test_bad_images_are_refused_with_their_size_or_values(sd15_pipe):
+    with pytest.raises(ValueError, match=r"60x64 .*multiple of 8"):
+        encode_image(sd15_pipe, np.zeros((64, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        invert(sd15_pipe, np.full((64, 64, 3), 2.0), PROMPT, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"\(height, width, 3\)"):
+        encode_image(sd15_pipe, np.zeros((64, 64), np.uint8))
+
+
+def test_psnr():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    assert psnr(a, b) == float("inf")
+    b[0, 0, 0] = 255  # one value off by the full range: MSE = 1/48
+    assert psnr(a, b) == pytest.approx(10 * np.log10(48))
+    assert psnr(Image.fromarray(a), b.astype(np.float32) / 255) == pytest.approx(10 * np.log10(48))
+    with pytest.raises(ValueError, match="differ in size"):
+        psnr(a, np.zeros((4, 5, 3), np.uint8))
+
+
+# ---------------------------------------------------------------- attention from the source run
+def test_layout_from_attention_thresholds_the_max_normalised_map(sd15_pipe):
+    result = generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, store=AttentionStore(), progress=False)
+    tokens = result.token_indices("red circle")
+    expected = result.store.aggregate(tokens=tokens, size=(64, 64)).sum(0)
+    expected = (expected / expected.max()).numpy()
+    layout = layout_from_attention(result.store, result, PROMPT, ["red circle", "blue square"], threshold=0.6)
+    assert (layout.height, layout.width) == (64, 64) and layout.label(1) == "blue square"
+    assert np.array_equal(layout[0].mask, expected >= 0.6)
+    peak_only = layout_from_attention(result.store, result, PROMPT, ["red circle"], threshold=1.0)
+    assert 0 < peak_only[0].mask.sum() < layout[0].mask.sum()
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=rf"threshold={bad}.*\(0, 1\]"):
+            layout_from_attention(result.store, result, PROMPT, ["red circle"], threshold=bad)
+    with pytest.raises(ValueError, match="'green' is not in the prompt"):
+        layout_from_attention(result.store, result, PROMPT, ["green"])
+
+
+def test_injection_replaces_the_kept_maps_by_the_source_maps(sd15_pipe):
+    tokens = [6, 7]  # "blue square"
+    source = injection_store(tokens, steps=[0, 1])
+    common = dict(num_inference_steps=4, seed=0, progress=False)
+    generate(sd15_pipe, PROMPT, store=source, **common)
+    other = "a red circle and a blue square on the grass"  # without injection, other maps
+    plain, seen = injection_store(tokens), injection_store(tokens)
+    generate(sd15_pipe, other, store=plain, **common)
+    injection = AttentionInjection(source, tokens, steps=(0, 2))
+    generate(sd15_pipe, other, controls=[injection], store=seen, **common)
+    for step in (0, 1):
+        for layer in source.layers:
+            assert torch.equal(seen.get(step, layer), source.get(step, layer))
+            assert not torch.allclose(plain.get(step, layer), source.get(step, layer), atol=1e-3)
+    assert injection.diagnostics == {"injected_steps": [0, 1]}
+    with pytest.raises(ValueError, match=r"no maps for injection steps \[2\]"):
+        generate(sd15_pipe, PROMPT, controls=[AttentionInjection(source, tokens, steps=(0, 3))], **common)
+    with pytest.raises(ValueError, match=r"token indices \[2\] were not stored"):
+        AttentionInjection(source, [2, 6])
+    with pytest.raises(ValueError, match="heads='mean'"):
+        AttentionInjection(AttentionStore(), tokens)
+
+
+# ---------------------------------------------------------------- edit_image on the tiny pipeline
+@pytest.fixture(scope="module")
+def target():
+    return Layout.from_shapes(64, 64, [rect("red circle", 38, 8, 58, 28, units="pixels")], prompt=PROMPT)
+
+
+def test_edit_without_control_is_the_source_run(sd15_pipe, target):
+    image, _ = scene()
+    result = edit_image(sd15_pipe, image, PROMPT, target, method="none", num_inference_steps=3, progress=False)
+    assert np.array_equal(result.edited.pixels, result.source.pixels)
+    assert result.source_layout is None and result.layout.label(0) == "red circle"
+    assert result.reconstruction_psnr == psnr(image, result.source.image)
+
+
+def test_edit_with_mag_keep_and_injection(sd15_pipe, target):
+    image, _ = scene()
+    before = pipeline_state(sd15_pipe)
+    inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=4, progress=False)
+    result = edit_image(sd15_pipe, image, PROMPT, target, keep=["blue square"], inject_steps=(0, 2),
+                        inversion=inversion, guide_steps=(0, 2), progress=False)
+    assert pipeline_state(sd15_pipe) == before
+    assert [result.layout.label(i) for i in range(2)] == ["red circle", "blue square"]
+    assert np.array_equal(result.layout[1].mask, result.source_layout[0].mask)  # kept where the source had it
+    assert result.edited.diagnostics["AttentionInjection"] == {"injected_steps": [0, 1]}
+    assert result.edited.diagnostics["MaskedAttentionGuidance"]["step"] == [0, 1]
+    assert np.abs(result.edited.pixels - result.source.pixels).max() > 1e-3
+    # a given source layout is used instead of the attention
+    given = Layout.from_shapes(64, 64, [rect("blue square", 0.5, 0.5, 1, 1)])
+    swapped = edit_image(sd15_pipe, image, PROMPT, target, source_layout=given, keep=["blue square"],
+                         method="swap", inversion=inversion, guide_steps=(0, 2), progress=False)
+    assert np.array_equal(swapped.layout[1].mask, given[0].mask)
+
+
+def test_edit_errors_name_the_bad_value(sd15_pipe, target):
+    image, _ = scene()
+    inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"method='magic'; use one of \("):
+        edit_image(sd15_pipe, image, PROMPT, target, method="magic", inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match="made for prompt 'a red circle and a blue square', not 'a red circle'"):
+        edit_image(sd15_pipe, image, "a red circle", target, inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"kept words \['red circle'\] also have a region in the target layout"):
+        edit_image(sd15_pipe, image, PROMPT, target, keep=["red circle"], inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"inject_steps=\(0, 1\) injects the maps of the kept words, but keep is empty"):
+        edit_image(sd15_pipe, image, PROMPT, target, inject_steps=(0, 1), inversion=inversion, progress=False)
+    given = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 0.5)])
+    with pytest.raises(ValueError, match=r"'blue square' has no region in the source layout; .*\['red circle'\]"):
+        edit_image(sd15_pipe, image, PROMPT, target, source_layout=given, keep=["blue square"],
+                   inversion=inversion, progress=False)
+
+
+def test_hooks_are_restored_when_the_edit_fails(sd15_pipe, target):
+    image, _ = scene()
+    before = pipeline_state(sd15_pipe)
+    with pytest.raises(NonFiniteGuidanceError):
+        edit_image(sd15_pipe, image, PROMPT, target, alpha=float("inf"), keep=["blue square"],
+                   inject_steps=(0, 1), num_inference_steps=2, guide_steps=(0, 2), progress=False)
+    assert pipeline_state(sd15_pipe) == before
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_edit(sd15_folder, tmp_path, capsys):
+    image, _ = scene()
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(np.where(np.arange(64)[None, :, None] >= 32, [255, 0, 0], [255, 255, 255])
+                    .astype(np.uint8).repeat(64, 0)).save(tmp_path / "target.png")
+    (tmp_path / "target.json").write_text(json.dumps({"prompt": PROMPT, "regions": {"#ff0000": "red circle"}}))
+    out = tmp_path / "out" / "edited.png"
+    args = ["edit", "--model", str(sd15_folder), "--image", str(tmp_path / "in.png"), "--prompt", PROMPT,
+            "--layout", str(tmp_path / "target.json"), "--keep", "blue square", "--inject-steps", "1",
+            "--steps", "2", "--guide-until", "0", "--device", "cpu", "--out", str(out),
+            "--save-reconstruction", str(tmp_path / "rec.png")]
+    assert main(args) == 0
+    assert "reconstruction PSNR" in capsys.readouterr().out
+    assert Image.open(out).size == (64, 64) and (tmp_path / "rec.png").exists()
+    assert main(args[:-4] + ["--method", "magic", "--out", str(out)]) == 2
+    assert "method='magic'" in capsys.readouterr().err
