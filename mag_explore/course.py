@@ -1,9 +1,10 @@
 """Small helpers the notebooks share, so that their cells stay short.
 
 * :func:`example_layout` - an example layout of ``data/layouts`` at the model's size;
-* :func:`run_methods_on` / :func:`compare_methods` - none / swap / MAG with the same seed;
+* :func:`run_methods_on` - none / swap / MAG (or any method) with the same seed;
 * :func:`region_iou` - how well each region's object landed where it was asked, in the
   shapes world (segmentation by color, so no segmentation model is needed);
+  ``mag_explore.evaluate`` does the same over a whole suite;
 * :func:`first_step_attention` - MAG's first guided step, before and after.
 """
 from __future__ import annotations
@@ -121,40 +122,10 @@ def iou_text(image, layout: Layout) -> str:
     return "IoU " + " · ".join(f"{label} {iou:.2f}" for label, iou in region_iou(image, layout).items())
 
 
-def compare_methods(pipe, layouts: Iterable[str | Layout], methods: Sequence[str] = ("none", "swap", "mag"),
-                    seeds: Sequence[int] = (0, 1), steps: int | None = None):
-    """Every method on every layout and seed. Returns ``(rows, images)``.
-
-    ``rows``: one dict per (layout, seed, method, region) with its ``iou``;
-    ``images``: ``{(layout name, seed): {method: PIL image}}`` for side-by-side plots.
-    """
-    rows, images = [], {}
-    for item in layouts:
-        name = item if isinstance(item, str) else (item.prompt or "layout")
-        layout = example_layout(item, pipe) if isinstance(item, str) else item
-        for seed in seeds:
-            results = run_methods_on(pipe, layout, methods, seed=seed, steps=steps, store=False)
-            images[(name, seed)] = {method: r.images[0] for method, r in results.items()}
-            for method, result in results.items():
-                for region, iou in region_iou(result.images[0], layout).items():
-                    rows.append({"layout": name, "seed": seed, "method": method, "region": region, "iou": iou})
-    return rows, images
-
-
-def iou_table(rows: Sequence[dict]) -> str:
-    """Mean IoU per layout and method as a plain-text table (printed and returned)."""
-    layouts = list(dict.fromkeys(r["layout"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"{'layout':<16}" + "".join(f"{m:>8}" for m in methods)]
-    for name in layouts + ["mean"]:
-        cells = []
-        for method in methods:
-            values = [r["iou"] for r in rows if r["method"] == method and name in ("mean", r["layout"])]
-            cells.append(f"{np.nanmean(values):8.2f}")
-        lines.append(f"{name:<16}" + "".join(cells))
-    text = "\n".join(lines)
-    print(text)
-    return text
+def method_images(item, methods: Sequence[str], images: dict, rows: Sequence[dict], seed: int) -> dict:
+    """``{"mag · IoU 0.42": image, ...}`` for one layout of an ``evaluate`` run (its first seed)."""
+    iou = {r["method"]: r["iou"] for r in rows if r["layout"] == item.name and r["seed"] == seed}
+    return {f"{method} · IoU {iou[method]:.2f}": images[(item.name, method)] for method in methods}
 
 
 def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed: int = 0,

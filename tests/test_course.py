@@ -37,13 +37,6 @@ def test_region_iou_reads_colors():
     assert course.iou_text(picture, layout).startswith("IoU red circle 1.00 · blue square 0.50")
 
 
-def test_iou_table_means(capsys):
-    rows = [{"layout": "a", "method": "none", "iou": 0.2}, {"layout": "a", "method": "mag", "iou": 0.6},
-            {"layout": "b", "method": "none", "iou": 0.4}, {"layout": "b", "method": "mag", "iou": 0.8}]
-    text = course.iou_table(rows)
-    assert text.splitlines()[-1].split() == ["mean", "0.30", "0.70"]
-
-
 def test_hooks_control_and_runs(sd15_pipe):
     class Count(AttentionHook):
         calls = 0
@@ -55,9 +48,17 @@ def test_hooks_control_and_runs(sd15_pipe):
     layout = course.example_layout("left_right", sd15_pipe)
     runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], steps=4)  # 4 steps: t=751 > 700
     assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["MaskedAttentionSwap"]["swapped_steps"]
-    rows, images = course.compare_methods(sd15_pipe, ["left_right"], methods=["none"], seeds=[0], steps=2)
-    assert [(r["method"], r["region"]) for r in rows] == [("none", "red circle"), ("none", "blue square")]
-    assert set(images) == {("left_right", 0)}
+
+
+def test_method_images_titles_name_method_and_iou():
+    class Item:
+        name = "left-right"
+    rows = [{"layout": "left-right", "seed": 0, "method": "none", "iou": 0.125},
+            {"layout": "left-right", "seed": 1, "method": "none", "iou": 0.9},
+            {"layout": "left-right", "seed": 0, "method": "mag", "iou": 0.5}]
+    images = {("left-right", "none"): "A", ("left-right", "mag"): "B"}
+    assert course.method_images(Item, ["none", "mag"], images, rows, seed=0) == {"none · IoU 0.12": "A",
+                                                                                "mag · IoU 0.50": "B"}
 
 
 def test_first_step_and_x0(sd15_pipe):
