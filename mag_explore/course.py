@@ -39,7 +39,7 @@ def x0_images(pipe, result: GenerationResult, count: int = 6) -> dict:
     if not result.step_x0:
         raise ValueError("no predictions kept: run the Sampler (or generate) with keep_x0=True")
     picks = np.linspace(0, len(result.step_x0) - 1, min(count, len(result.step_x0))).round().astype(int)
-    return {f"step {i} (t={result.timesteps[i]})": decode_latents(pipe, result.step_x0[i])[1][0]
+    return {f"step {i} (t={result.timesteps[i]})": decode_latents(pipe, result.step_x0[i].to(pipe.vae.device))[1][0]
             for i in dict.fromkeys(picks.tolist())}
 
 
