@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .attention import AttentionStore
@@ -30,6 +31,9 @@ from .models import model_defaults
 from .sampling import Control, GenerationResult, generate
 from .schedule import StepsLike, as_step_range
 from .tokens import token_indices
+
+
+STARTS = ("inverted", "renoise", "move")
 
 
 class RecordAttention(Control):
@@ -92,18 +96,80 @@ def _phrases(layout: Layout) -> list[str]:
     return [layout.label(i) for i in range(len(layout))]
 
 
-def _kept_regions(keep: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
-    """The regions of ``source_layout`` whose words are the ``keep`` phrases (matched by tokens)."""
+def _regions_of(words: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
+    """The regions of ``source_layout`` whose words are ``words`` (matched by token indices)."""
     resolved = source_layout.resolve(tokenizer, prompt)
     by_tokens = {tuple(r.token_indices): r for r in resolved.regions}
     regions = []
-    for word in keep:
+    for word in words:
         found = by_tokens.get(tuple(token_indices(tokenizer, prompt, word)))
         if found is None:
-            raise ValueError(f"kept word {word!r} has no region in the source layout; its regions are "
+            raise ValueError(f"{word!r} has no region in the source layout; its regions are "
                              f"{_phrases(source_layout)}")
         regions.append(found)
     return regions
+
+
+def _kept_tokens(target: Layout, keep: Sequence[str], inject_steps, tokenizer, prompt: str) -> list[int]:
+    """Token indices of the kept words, after checking that no word both moves and stays."""
+    moved = {i for r in target.regions for i in r.token_indices}
+    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
+    if both:
+        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
+                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
+    if inject_steps is not None and not keep:
+        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+    return [i for word in keep for i in token_indices(tokenizer, prompt, word)]
+
+
+def move_latents(latents: torch.Tensor, source: Layout, target: Layout, seed: int = 0) -> torch.Tensor:
+    """Carry each word's latent cells from its ``source`` region to its ``target`` region.
+
+    An inverted x_T still draws every object where it was; shifting the cells under a
+    word's source region so that its centre lands on the centre of the word's target
+    region makes the sampler draw it there instead. Where the object was, fresh noise
+    (``seed``) lets the model fill in background. Regions are matched by token indices
+    (both layouts resolved); cells shifted past the border are dropped.
+    """
+    h, w = latents.shape[-2:]
+    by_tokens = {tuple(r.token_indices): i for i, r in enumerate(source.regions)}
+    src_cells = source.masks_at(h, w, mode="area") > 0
+    moves = []
+    for region, box in zip(target.regions, target.masks_at(h, w, mode="area") > 0):
+        index = by_tokens.get(tuple(region.token_indices))
+        if index is None:
+            raise ValueError(f"{target.label(target.regions.index(region))!r} has no region in the source "
+                             f"layout; its regions are {_phrases(source)}")
+        dy, dx = (_centre(box) - _centre(src_cells[index])).round().long().tolist()
+        moves.append((src_cells[index], dy, dx))
+    moved = _fresh_noise(latents, torch.stack([cells for cells, _, _ in moves]).any(0), seed)
+    for cells, dy, dx in moves:
+        ys, xs = torch.nonzero(cells, as_tuple=True)
+        inside = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        moved[..., ys[inside] + dy, xs[inside] + dx] = latents[..., ys[inside], xs[inside]]
+    return moved
+
+
+def _centre(cells: torch.Tensor) -> torch.Tensor:
+    """Centre (row, column) of the bounding box of a bool mask."""
+    ys, xs = torch.nonzero(cells, as_tuple=True)
+    return torch.stack([ys.min() + ys.max(), xs.min() + xs.max()]).float() / 2
+
+
+def renoise(latents: torch.Tensor, layout: Layout, seed: int = 0) -> torch.Tensor:
+    """``latents`` with fresh Gaussian noise in every latent cell that a region of ``layout`` touches.
+
+    An inverted x_T still holds each object where it was (that is how it redraws the
+    image), and MAG has to fight that to move it. Fresh noise where the moved object is
+    and where it should go leaves the model free to draw it anew there.
+    """
+    h, w = latents.shape[-2:]
+    return _fresh_noise(latents, layout.masks_at(h, w, mode="area").amax(0) > 0, seed)
+
+
+def _fresh_noise(latents: torch.Tensor, cells: torch.Tensor, seed: int) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    return torch.where(cells.to(latents.device), noise.to(latents.device, latents.dtype), latents)
 
 
 def edit_image(
@@ -123,6 +189,8 @@ def edit_image(
     lmbda: float | None = None,
     guide_steps: StepsLike | None = None,
     inversion: InversionResult | None = None,
+    start: str = "inverted",
+    seed: int = 0,
     progress: bool = True,
 ) -> EditResult:
     """Move or reshape the objects of ``image`` into ``target_layout``.
@@ -142,9 +210,15 @@ def edit_image(
         alpha, lmbda, guide_steps: MAG's step size, outside weight and steps (default:
             the model's); ``guide_steps`` is also swap's range.
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
+        start: the edited run's x_T: "inverted" (as inverted), "renoise" (fresh noise,
+            ``seed``, where the moved words are and where they go: ``renoise``) or "move"
+            (their inverted cells carried into the target regions: ``move_latents``). Where
+            the moved words are comes from ``source_layout`` or the attention.
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
+    if start not in STARTS:
+        raise ValueError(f"start={start!r}; use one of {STARTS}")
     if isinstance(keep, str):
         keep = [keep]
     d = model_defaults(pipe)
@@ -156,38 +230,40 @@ def edit_image(
         raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
     size = (inversion.height, inversion.width)
     target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
-    kept_tokens = [i for word in keep for i in token_indices(tokenizer, prompt, word)]
-    moved = {i for r in target.regions for i in r.token_indices}
-    both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
-    if both:
-        raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
-                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
-    if inject_steps is not None and not keep:
-        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+    kept_tokens = _kept_tokens(target, keep, inject_steps, tokenizer, prompt)
 
     # 1. the source run: redraws the input, and records where each word is
     store = AttentionStore()
     recorders = []
-    if inject_steps is not None and kept_tokens:
-        steps = as_step_range(inject_steps).selected(inversion.timesteps)
-        recorders.append(RecordAttention(injection_store(kept_tokens, steps=steps)))
+    if inject_steps is not None:
+        injected = as_step_range(inject_steps).selected(inversion.timesteps)
+        recorders.append(RecordAttention(injection_store(kept_tokens, steps=injected)))
     source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
-    if keep and source_layout is None:
-        source_layout = layout_from_attention(store, tokenizer, prompt, keep, threshold=threshold, size=size)
+    moved_words = _phrases(target)
+    located = list(keep) + (moved_words if start != "inverted" else [])
+    if located and source_layout is None:
+        source_layout = layout_from_attention(store, tokenizer, prompt, located, threshold=threshold, size=size)
     elif source_layout is not None:
         source_layout = source_layout.for_generation(*size)
 
     # 2. the edited run: the target regions, plus the kept words where they are
-    kept = _kept_regions(keep, source_layout, tokenizer, prompt) if keep else []
+    kept = _regions_of(keep, source_layout, tokenizer, prompt) if keep else []
     layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
-    steps = d["guide_until"] if guide_steps is None else guide_steps
+    latents = inversion.latents
+    if start != "inverted":
+        was = Layout(_regions_of(moved_words, source_layout, tokenizer, prompt), prompt=prompt)
+        if start == "renoise":
+            latents = renoise(latents, Layout(list(target.regions) + list(was.regions)), seed)
+        else:
+            latents = move_latents(latents, was, target, seed)
+    guide_steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,
-                             guide_steps=steps, swap_steps=steps)
+                             guide_steps=guide_steps, swap_steps=guide_steps)
     if recorders:
         controls.append(AttentionInjection(recorders[0].store, kept_tokens, steps=inject_steps))
     s = inversion.settings
-    edited = generate(pipe, prompt, latents=inversion.latents, controls=controls, store=AttentionStore(),
+    edited = generate(pipe, prompt, latents=latents, controls=controls, store=AttentionStore(),
                       num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                       negative_prompt=s["negative_prompt"], height=inversion.height, width=inversion.width,
                       progress=progress)

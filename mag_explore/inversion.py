@@ -19,8 +19,9 @@ why more steps reconstruct better (tested).
 
 Classifier-free guidance is 1 by default (the conditional prediction alone), as in the
 null-text-inversion practice (Mokady et al. 2023): guidance multiplies every small error
-of the approximation by the scale, and a latent inverted with a scale of 7.5 no longer
-redraws its image. Sample back with the same scale (``reconstruct`` does).
+of the approximation by the scale (on the embedded model, inverting and sampling with CFG 5
+instead of 1 cost 0.6 to 11 dB of reconstruction PSNR, depending on the image; on Stable
+Diffusion with 7.5 the image is lost). Sample back with the same scale (``reconstruct`` does).
 
 Why not diffusers' ``DDIMInverseScheduler``? It does the same arithmetic, but builds its
 own timesteps and refuses the "linspace" spacing that some configs use. Here the inverse
@@ -102,8 +103,9 @@ def psnr(reference: Any, test: Any) -> float:
     """Peak signal-to-noise ratio in dB between two RGB images (peak 1 on the [0, 1] scale).
 
     Each image may be a path, a PIL image or an (H, W, 3) array (uint8 or float in [0, 1]).
-    ``inf`` for identical images; 8-bit rounding alone gives about 59 dB, a faithful
-    reconstruction 25-35 dB, an unrelated image of the same scene type below 15 dB.
+    ``inf`` for identical images; 8-bit rounding alone gives about 59 dB. On the embedded
+    model a 25-step reconstruction measures 24.7-27.4 dB, 0.1-1.3 dB under what the VAE
+    alone gives (encode, decode), the ceiling for any latent.
     """
     a, b = _as_float_pixels(reference), _as_float_pixels(test)
     if a.shape != b.shape:

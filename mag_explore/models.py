@@ -56,6 +56,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "mag_lambda": 0.5,
     "guide_until": 700,
 }
+_INFO_KEYS = frozenset({"description", "training", "measured"})
 # The type each key of mag_explore.json must have (bool is excluded below: it is an int).
 _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "height": (int,),
@@ -427,9 +428,12 @@ def model_defaults(pipe) -> dict[str, Any]:
         overrides = json.loads(file.read_text())
         if not isinstance(overrides, dict):
             raise ValueError(f"{file} must hold a JSON object with keys from {sorted(_DEFAULT_TYPES)}")
+        # "description", "training" and "measured" document the model for people; they set no default.
+        overrides = {k: v for k, v in overrides.items() if k not in _INFO_KEYS}
         for key, value in overrides.items():
             if key not in _DEFAULT_TYPES:
-                raise ValueError(f"{file}: unknown key {key!r}; accepted keys are {sorted(_DEFAULT_TYPES)}")
+                raise ValueError(f"{file}: unknown key {key!r}; accepted keys are {sorted(_DEFAULT_TYPES)} "
+                                 f"(and {sorted(_INFO_KEYS)} for documentation)")
             types = _DEFAULT_TYPES[key]
             if isinstance(value, bool) or not isinstance(value, types):
                 names = " or ".join("null" if t is type(None) else t.__name__ for t in types)

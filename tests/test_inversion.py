@@ -14,13 +14,14 @@ from PIL import Image
 
 from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
-from mag_explore.editing import edit_image, layout_from_attention
+from mag_explore.editing import color_ious, edit_image, layout_from_attention, move_latents, renoise
 from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods import NonFiniteGuidanceError
 from mag_explore.methods.inject import AttentionInjection, injection_store
-from mag_explore.sampling import generate
-from mag_explore.shapes.world import render
+from mag_explore.models import load_pipeline, shapes_model_dir
+from mag_explore.sampling import decode_latents, generate
+from mag_explore.shapes.world import caption_for, render
 
 PROMPT = "a red circle and a blue square"
 BACKGROUND = np.array([240.0, 240.0, 240.0])
@@ -202,11 +203,49 @@ def test_edit_with_mag_keep_and_injection(sd15_pipe, target):
     assert np.array_equal(swapped.layout[1].mask, given[0].mask)
 
 
+def test_renoise_replaces_only_the_cells_the_regions_touch():
+    latents = torch.zeros(1, 4, 8, 8)
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 20, 64, units="pixels")])  # 2.5 latent columns
+    noised = renoise(latents, layout, seed=3)
+    assert (noised[..., :3] != 0).all() and (noised[..., 3:] == 0).all()
+    assert torch.equal(noised, renoise(latents, layout, seed=3))
+
+
+def test_move_latents_carries_the_cells_to_the_target_and_renoises_the_source(tiny_tokenizer):
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[..., 1:3, 1:3] = torch.arange(1.0, 5.0).view(1, 4, 1, 1)  # the object: 2x2 cells at the top left
+    source = Layout.from_shapes(64, 64, [rect("red circle", 8, 8, 24, 24, units="pixels")]).resolve(
+        tiny_tokenizer, PROMPT)
+    target = Layout.from_shapes(64, 64, [rect("red circle", 40, 32, 56, 48, units="pixels")]).resolve(
+        tiny_tokenizer, PROMPT)
+    moved = move_latents(latents, source, target, seed=0)
+    assert torch.equal(moved[..., 4:6, 5:7], latents[..., 1:3, 1:3])  # 3 cells down, 4 right
+    assert (moved[..., 1:3, 1:3] != latents[..., 1:3, 1:3]).all()  # fresh noise where it was
+    untouched = torch.ones(8, 8, dtype=torch.bool)
+    untouched[1:3, 1:3] = untouched[4:6, 5:7] = False
+    assert torch.equal(moved[..., untouched], latents[..., untouched])
+    other = Layout.from_shapes(64, 64, [rect("blue square", 0, 0, 0.5, 0.5)]).resolve(tiny_tokenizer, PROMPT)
+    with pytest.raises(ValueError, match=r"'red circle' has no region in the source layout; .*\['blue square'\]"):
+        move_latents(latents, other, target)
+
+
+@pytest.mark.parametrize("start", ["renoise", "move"])
+def test_edit_can_start_from_other_noise_where_the_moved_word_is(sd15_pipe, target, start):
+    image, _ = scene()
+    inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=2, progress=False)
+    result = edit_image(sd15_pipe, image, PROMPT, target, method="none", start=start,
+                        inversion=inversion, progress=False)
+    assert result.source_layout.label(0) == "red circle"  # where it was, read from the attention
+    assert np.abs(result.edited.pixels - result.source.pixels).max() > 1e-3
+
+
 def test_edit_errors_name_the_bad_value(sd15_pipe, target):
     image, _ = scene()
     inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"method='magic'; use one of \("):
         edit_image(sd15_pipe, image, PROMPT, target, method="magic", inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"start='paste'; use one of \('inverted', 'renoise', 'move'\)"):
+        edit_image(sd15_pipe, image, PROMPT, target, start="paste", inversion=inversion, progress=False)
     with pytest.raises(ValueError, match="made for prompt 'a red circle and a blue square', not 'a red circle'"):
         edit_image(sd15_pipe, image, "a red circle", target, inversion=inversion, progress=False)
     with pytest.raises(ValueError, match=r"kept words \['red circle'\] also have a region in the target layout"):
@@ -245,3 +284,81 @@ def test_cli_edit(sd15_folder, tmp_path, capsys):
     assert Image.open(out).size == (64, 64) and (tmp_path / "rec.png").exists()
     assert main(args[:-4] + ["--method", "magic", "--out", str(out)]) == 2
     assert "method='magic'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the embedded "shapes" model
+SHAPES_READY = (shapes_model_dir() / "model_index.json").is_file()
+needs_shapes = pytest.mark.skipif(not SHAPES_READY, reason="the embedded 'shapes' model is not built yet "
+                                  "(python -m mag_explore.shapes.train)")
+SHAPES_STEPS = 25
+# (the object that moves, the object that stays, the moved one's target box x0, y0, x1, y1 in
+# pixels): each moves from the left half to a box of its own size in the right half.
+EDITS = [
+    (("red", "circle", 16, 18, 20), ("blue", "square", 44, 44, 20), (38, 8, 58, 28)),
+    (("yellow", "square", 16, 46, 20), ("purple", "circle", 44, 18, 20), (38, 36, 58, 56)),
+    (("purple", "triangle", 18, 20, 22), ("green", "circle", 20, 46, 20), (38, 9, 60, 31)),
+    (("green", "circle", 14, 32, 18), ("red", "square", 46, 14, 18), (37, 38, 55, 56)),
+]
+
+
+@pytest.fixture(scope="module")
+def shapes_cases():
+    """Per edit: the input image, the objects' true masks, the prompt and the 25-step inversion."""
+    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
+    cases = []
+    for moved, kept, box in EDITS:
+        image, masks = render([moved, kept], BACKGROUND)
+        prompt = caption_for([moved[:2], kept[:2]])
+        cases.append((image, masks, prompt, invert(pipe, image, prompt, num_inference_steps=SHAPES_STEPS,
+                                                   progress=False)))
+    return pipe, cases
+
+
+@needs_shapes
+@pytest.mark.slow
+def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
+    # No latent decodes better than the VAE's own encoding, so its PSNR is the ceiling
+    # (measured 26.1 / 27.2 / 28.2 / 26.4 dB on these scenes). The inverted x_T redraws the
+    # input within 0.1-1.3 dB of it (24.7 / 26.6 / 27.4 / 26.3 dB), so 2.5 dB below the
+    # ceiling, and never below 22 dB, leaves a margin without letting a broken inversion
+    # pass: inverting with CFG 5 instead of 1 measured up to 11 dB lower (16.5 dB).
+    # The objects must also be found again where they were (color IoU >= 0.8).
+    pipe, cases = shapes_cases
+    for (moved, kept, _), (image, masks, _, inversion) in zip(EDITS, cases):
+        vae_only = decode_latents(pipe, encode_image(pipe, image))[1][0]
+        reconstructed = reconstruct(pipe, inversion, progress=False).image
+        limit, measured = psnr(image, vae_only), psnr(image, reconstructed)
+        assert measured >= max(22.0, limit - 2.5), (limit, measured)
+        found = color_ious(reconstructed, {moved[0]: masks[0], kept[0]: masks[1]})
+        assert min(found.values()) >= 0.8, found
+
+
+@needs_shapes
+@pytest.mark.slow
+def test_shapes_edit_moves_one_object_and_keeps_the_other(shapes_cases):
+    # The edit that works on this model: x_T's cells carried to the target (start="move").
+    # MAG from the inverted x_T does not move objects here (IoU with the target 0.00 in all
+    # four scenes): the model's word attention is not localized (closing note of issue 7).
+    # Measured, moved object vs its target box: 0.79 / 0.64 / 0.40 / 0.80 (a circle fills
+    # pi/4 of its box, a triangle half of it); kept object vs where it was: 0.97 / 0.52 /
+    # 0.97 / 0.94 (the kept purple circle comes back as a square). So: every moved object
+    # lands in its box (>= 0.3) and leaves its old place, and on average the moved objects
+    # reach 0.55 and the kept ones 0.7, about 0.1 under the measured means 0.66 and 0.85.
+    # Shapes are not checked: the red circle of the first scene arrives as a square.
+    pipe, cases = shapes_cases
+    moved_ious, kept_ious = [], []
+    for (moved, kept, box), (image, masks, prompt, inversion) in zip(EDITS, cases):
+        moved_phrase, kept_phrase = " ".join(moved[:2]), " ".join(kept[:2])
+        target = Layout.from_shapes(64, 64, [rect(moved_phrase, *box, units="pixels")], prompt=prompt)
+        where = Layout.from_arrays(np.stack(masks), [moved_phrase, kept_phrase], prompt=prompt)
+        result = edit_image(pipe, image, prompt, target, source_layout=where, keep=[kept_phrase],
+                            start="move", method="none", inversion=inversion, progress=False)
+        before = color_ious(result.source.image, {moved[0]: target[0].mask})[moved[0]]
+        after = color_ious(result.image, {moved[0]: target[0].mask, kept[0]: masks[1]})
+        left_behind = color_ious(result.image, {moved[0]: masks[0]})[moved[0]]
+        assert before < 0.05, prompt  # the reconstruction has nothing there: the edit did the moving
+        assert after[moved[0]] >= 0.3 and left_behind < 0.1, (prompt, after, left_behind)
+        moved_ious.append(after[moved[0]])
+        kept_ious.append(after[kept[0]])
+    assert np.mean(moved_ious) >= 0.55, moved_ious
+    assert np.mean(kept_ious) >= 0.7, kept_ious

@@ -323,3 +323,16 @@ def test_cross_attention_maps_are_not_flat(tiny_pipe):
         # and a per-pixel std of ~0.004, the scaled one ~0.3 and ~0.07.
         assert probs.max(-1).values.mean() > 0.1, f"{name}: maps are nearly uniform"
         assert probs[..., 1:8].std(dim=1).mean() > 0.02, f"{name}: maps do not vary over the image"
+
+
+def test_documentation_keys_in_defaults_file_are_allowed(sd15_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(sd15_folder, folder)
+    (folder / "mag_explore.json").write_text('{"guidance_scale": 4.0, "description": "x", "training": {"steps": 1}}')
+    pipe = load_pipeline(folder, device="cpu", progress=False)
+    assert model_defaults(pipe)["guidance_scale"] == 4.0
+    (folder / "mag_explore.json").write_text('{"guidance_scal": 4.0}')
+    with pytest.raises(ValueError, match="unknown key 'guidance_scal'"):
+        model_defaults(pipe)
