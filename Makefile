@@ -23,4 +23,11 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_engine.py
 
-.PHONY: install demo test bench
+# The course: time every notebook with its defaults; strip outputs before committing.
+notebooks-time: $(VENV)/.installed
+	$(PY) -m mag_explore.nbtools time notebooks/*.ipynb
+
+notebooks-strip: $(VENV)/.installed
+	$(PY) -m mag_explore.nbtools strip notebooks/*.ipynb
+
+.PHONY: install demo test bench notebooks-time notebooks-strip

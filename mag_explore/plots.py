@@ -156,3 +156,113 @@ def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt
         ax.tick_params(axis="x", labelsize=7, rotation=90)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- course additions
+# (widgets and notebooks; the figures above are unchanged)
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes; the figure is closed, so a notebook does not show it twice."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def attention_overlay(image, heat, alpha: float = 0.6, cmap: str = "jet", size: int | None = None):
+    """A PIL image: ``heat`` (h×w, any scale) as a color map over ``image``.
+
+    The map is scaled to its own maximum (read the value from the caption, not the
+    color), upsampled bilinearly to the image; ``size`` enlarges the result (nearest)
+    so that a 64×64 image is big enough to see.
+    """
+    from PIL import Image
+
+    picture = _as_array(image).astype(np.float32) / 255
+    heat = torch.as_tensor(heat).float()
+    scaled = upsample_map(heat / heat.max().clamp_min(1e-12), picture.shape[:2]).clip(0, 1)
+    colored = plt.get_cmap(cmap)(scaled)[..., :3]
+    blended = (1 - alpha) * picture + alpha * colored
+    out = Image.fromarray((blended * 255).round().astype("uint8"))
+    if size is not None:
+        out = out.resize((size, round(size * out.height / out.width)), Image.NEAREST)
+    return out
+
+
+def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = "jet") -> plt.Figure:
+    """Layout, image, and each region's words' attention (all steps and layers) with the mask outlined.
+
+    Without a layout: the image and every word's map (as ``plot_token_maps``).
+    """
+    if layout is None:
+        return plot_token_maps(result)
+    store = result.store
+    image = _as_array(result.images[0])
+    size = image.shape[:2]
+    labels = [layout.label(i) for i in range(len(layout))]
+    fig, axes = plt.subplots(1, 2 + len(labels), figsize=(2.3 * (2 + len(labels)), 2.7), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(layout.color_image())
+    axes[0].set_title("layout", fontsize=9)
+    axes[1].imshow(image)
+    axes[1].set_title("image", fontsize=9)
+    masks = layout.masks_at(*size).numpy()
+    for ax, label, region, mask in zip(axes[2:], labels, layout.regions, masks):
+        indices = list(region.token_indices) if region.token_indices else result.token_indices(label)
+        heat = upsample_map(store.aggregate(tokens=indices).sum(0), size) if store is not None else None
+        ax.imshow(image)
+        if heat is not None:
+            ax.imshow(heat, cmap=cmap, alpha=0.6)
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+        ax.set_title(f'"{label}" attention', fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    steps = len(result.timesteps)
+    fig.suptitle(title or f'"{result.prompt}", {steps} steps, seed {result.settings.get("seed")}; '
+                 "maps: all steps and layers, head mean; white: the region", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_iou(rows: Sequence[dict], title: str = "mask IoU per method (mean over regions and seeds)") -> plt.Figure:
+    """Bars of mean IoU per method, one group per layout. ``rows``: dicts with layout, method, iou."""
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(layouts), 3))
+    for k, method in enumerate(methods):
+        means = [np.mean([r["iou"] for r in rows if r["layout"] == name and r["method"] == method] or [np.nan])
+                 for name in layouts]
+        bars = ax.bar(np.arange(len(layouts)) + (k - (len(methods) - 1) / 2) * width, means, width, label=method)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(np.arange(len(layouts)), layouts, fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="IoU (region vs. its color)", title=title)
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = "jet") -> plt.Figure:
+    """Rows: named stores (e.g. without / with guidance); columns: the layout's regions.
+
+    Each panel is a region's words' attention at ``step``, all layers (resampled, head
+    mean), with the region outlined; the title gives the share of the map inside the mask.
+    """
+    labels = [layout.label(i) for i in range(len(layout))]
+    fig, axes = plt.subplots(len(stores), len(labels), figsize=(2.4 * len(labels), 2.4 * len(stores)), squeeze=False)
+    for row, (name, store) in zip(axes, stores.items()):
+        for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):
+            heat = store.aggregate(tokens=list(region.token_indices), steps=[step]).sum(0)
+            mask = layout.masks_at(*heat.shape)[i].numpy()
+            share = float((heat.numpy() * mask).sum() / max(float(heat.sum()), 1e-12))
+            ax.imshow(heat.numpy(), cmap=cmap)
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+            ax.set_title(f'{name}: "{label}"\n{share:.0%} inside', fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=9)
+    fig.tight_layout()
+    return fig
