@@ -31,7 +31,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", help="color-label PNG of the regions")
     p.add_argument("--regions", help='JSON {"#ff0000": "red circle", ...} (inline or a .json file) with --layout')
     p.add_argument("--word-ids", help='official MAG format with --layout, e.g. "[[1,2,3,4],[6,7]]" (index 0 = BOS)')
-    p.add_argument("--method", choices=["none", "swap", "mag"], default="mag", help="default: mag")
+    p.add_argument("--method", choices=["none", "swap", "mag", "pww", "lg"], default="mag",
+                   help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
     p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD)")
     p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
     p.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default 700)")
