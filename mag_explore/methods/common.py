@@ -41,3 +41,24 @@ def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
     finally:
         if enabled and not before:
             unet.disable_gradient_checkpointing()
+
+
+def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bool,
+                           no_layer_message: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss read from the cross-attention of x_t, and its gradient with respect to x_t.
+
+    One UNet pass with the *conditional* prompt only, marked as phase "guidance" so that
+    stores and edit hooks stay out of it; ``hook`` (with ``reset()`` and ``.loss``) adds up
+    its loss over the layers it watches. Only the latent requires grad.
+    """
+    unet = state.pipe.unet
+    latents = latents.detach().requires_grad_(True)
+    hook.reset()
+    with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
+            state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
+        model_input = state.scheduler.scale_model_input(latents, state.timestep)
+        unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
+        if hook.loss is None:
+            raise ValueError(no_layer_message)
+        (grad,) = torch.autograd.grad(hook.loss, latents)
+    return hook.loss.detach(), grad

@@ -22,7 +22,7 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control, StepState
 from ..schedule import StepsLike, as_step_range
-from .common import frozen_weights, gradient_checkpointing, layout_for_run
+from .common import guidance_loss_and_grad, layout_for_run
 
 
 class NonFiniteGuidanceError(FloatingPointError):
@@ -139,20 +139,10 @@ class MaskedAttentionGuidance(Control):
 
     def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAG loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
-        unet = state.pipe.unet
-        latents = latents.detach().requires_grad_(True)
-        self.hook.reset()
-        with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, self.checkpointing), \
-                state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
-            model_input = state.scheduler.scale_model_input(latents, state.timestep)
-            unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
-            loss = self.hook.loss
-            if loss is None:
-                raise ValueError(
-                    f"no cross-attention layer matched resolutions={self.resolutions}, places={self.places}"
-                )
-            (grad,) = torch.autograd.grad(loss, latents)
-        return loss.detach(), grad
+        return guidance_loss_and_grad(
+            state, latents, self.hook, self.checkpointing,
+            f"no cross-attention layer matched resolutions={self.resolutions}, places={self.places}",
+        )
 
     def _check_finite(self, state: StepState, loss: torch.Tensor, grad: torch.Tensor) -> None:
         if not torch.isfinite(loss) or not torch.isfinite(grad).all():
