@@ -149,9 +149,11 @@ def check_methods(methods: Sequence[str]) -> None:
 def _controls(method: str, layout: Layout, defaults: dict, options: dict) -> list:
     from .methods import make_controls
 
-    return make_controls(method, layout, alpha=defaults["mag_alpha"], lmbda=defaults["mag_lambda"],
-                         guide_steps=defaults["guide_until"], swap_steps=defaults["guide_until"],
-                         **options.get(method, {}))
+    # the model's defaults first; method_options (e.g. {"mag": {"alpha": 0.1}}) override them
+    settings = dict(alpha=defaults["mag_alpha"], lmbda=defaults["mag_lambda"],
+                    guide_steps=defaults["guide_until"], swap_steps=defaults["guide_until"])
+    settings.update(options.get(method, {}))
+    return make_controls(method, layout, **settings)
 
 
 def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: Sequence[int], *,

@@ -120,3 +120,13 @@ def test_evaluate_command_refuses_an_unknown_method(sd15_folder, tmp_path, capsy
                      "--seeds", "1", "--out", str(tmp_path)])
     assert code == 2
     assert "unknown methods ['boxdiff']" in capsys.readouterr().err
+
+
+def test_method_options_override_the_model_defaults():
+    from mag_explore import Layout, rect
+    from mag_explore.evaluate import _controls
+
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1)])
+    defaults = {"mag_alpha": 0.3, "mag_lambda": 0.5, "guide_until": 700}
+    assert _controls("mag", layout, defaults, {"mag": {"alpha": 0.1}})[0].alpha == 0.1
+    assert _controls("mag", layout, defaults, {})[0].alpha == 0.3
