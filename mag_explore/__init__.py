@@ -24,14 +24,14 @@ from .methods import (
     mag_loss_terms,
 )
 from .models import load_pipeline, model_defaults
-from .sampling import Control, GenerationResult, Sampler, StepState, generate
+from .sampling import Control, GenerationResult, Hooks, Sampler, StepState, generate
 from .schedule import StepRange
 from .tokens import show_tokens, token_indices, token_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionContext", "AttentionHook", "AttentionStore", "Control", "GenerationResult", "Layout",
+    "AttentionContext", "AttentionHook", "AttentionStore", "Control", "GenerationResult", "Hooks", "Layout",
     "MaskedAttentionGuidance", "MaskedAttentionSwap", "NonFiniteGuidanceError", "Region", "Sampler",
     "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names", "ellipse", "generate",
     "load_pipeline", "mag_loss_terms", "make_controls", "model_defaults", "polygon", "rect",

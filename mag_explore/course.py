@@ -18,20 +18,10 @@ from .attention import AttentionStore
 from .layouts import Layout
 from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, make_controls
 from .models import data_dir, model_defaults
-from .sampling import Control, GenerationResult, Sampler, decode_latents, generate
+from .sampling import Control, GenerationResult, Hooks, Sampler, decode_latents, generate  # noqa: F401 (Hooks: course.Hooks)
 from .shapes.world import COLORS, mask_iou, segment_by_color
 
 EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
-
-
-class Hooks(Control):
-    """Plug your own attention hooks into the sampler: ``generate(..., controls=[Hooks(my_hook)])``."""
-
-    def __init__(self, *hooks):
-        self.hooks = list(hooks)
-
-    def attention_hooks(self) -> list:
-        return self.hooks
 
 
 def x0_images(pipe, result: GenerationResult, count: int = 6) -> dict:

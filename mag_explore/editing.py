@@ -32,22 +32,12 @@ from .layouts import Layout
 from .methods import METHOD_NAMES, make_controls
 from .methods.inject import AttentionInjection, injection_store
 from .models import model_defaults
-from .sampling import Control, GenerationResult, generate
+from .sampling import Control, GenerationResult, Hooks, generate
 from .schedule import StepsLike, as_step_range
 from .tokens import token_indices
 
 
 STARTS = ("inverted", "renoise", "move")
-
-
-class RecordAttention(Control):
-    """A control that only records: lets a run fill a second store besides ``store=``."""
-
-    def __init__(self, store: AttentionStore):
-        self.store = store
-
-    def attention_hooks(self) -> list:
-        return [self.store]
 
 
 def layout_from_attention(store: AttentionStore, tokenizer, prompt: str, words: Sequence[str], *,
@@ -238,11 +228,12 @@ def edit_image(
 
     # 1. the source run: redraws the input, and records where each word is
     store = AttentionStore()
-    recorders = []
+    source_maps = None  # the kept words' maps, to inject into the edit
     if inject_steps is not None:
         injected = as_step_range(inject_steps).selected(inversion.timesteps)
-        recorders.append(RecordAttention(injection_store(kept_tokens, steps=injected)))
-    source = reconstruct(pipe, inversion, store=store, controls=recorders, progress=progress)
+        source_maps = injection_store(kept_tokens, steps=injected)
+    source = reconstruct(pipe, inversion, store=store, controls=[] if source_maps is None else [Hooks(source_maps)],
+                         progress=progress)
     moved_words = _phrases(target)
     located = list(keep) + (moved_words if start != "inverted" else [])
     if located and source_layout is None:
@@ -264,8 +255,8 @@ def edit_image(
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,
                              guide_steps=guide_steps, swap_steps=guide_steps)
-    if recorders:
-        controls.append(AttentionInjection(recorders[0].store, kept_tokens, steps=inject_steps))
+    if source_maps is not None:
+        controls.append(AttentionInjection(source_maps, kept_tokens, steps=inject_steps))
     s = inversion.settings
     edited = generate(pipe, prompt, latents=latents, controls=controls, store=AttentionStore(),
                       num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],

@@ -70,6 +70,20 @@ class Control:
         return {}
 
 
+class Hooks(Control):
+    """Plug plain attention hooks into the sampler: ``generate(..., controls=[Hooks(my_hook)])``.
+
+    For hooks that only observe or edit attention (an extra store, your own edit) and
+    need no step of their own.
+    """
+
+    def __init__(self, *hooks):
+        self.hooks = list(hooks)
+
+    def attention_hooks(self) -> list:
+        return self.hooks
+
+
 @dataclass
 class GenerationResult:
     """Images and everything needed to look inside the run that made them."""

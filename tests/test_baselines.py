@@ -235,3 +235,20 @@ def test_make_controls_knows_every_method(layout):
         "PaintWithWords", "LayoutGuidance"]
     with pytest.raises(ValueError, match=r"unknown method 'boxdiff'; use one of \('none', 'swap', 'mag', 'pww', 'lg'\)"):
         make_controls("boxdiff", layout)
+
+
+def test_layout_guidance_stops_on_a_non_finite_loss_and_restores(sd15_pipe, layout, monkeypatch):
+    import mag_explore.methods.layout_guidance as lg_module
+    from mag_explore.methods import NonFiniteGuidanceError
+
+    real = lg_module.layout_loss_terms
+    monkeypatch.setattr(lg_module, "layout_loss_terms",
+                        lambda probs, masks, groups: (real(probs, masks, groups)[0] * float("nan"),
+                                                      real(probs, masks, groups)[1]))
+    before = sd15_pipe.unet.attn_processors
+    with pytest.raises(NonFiniteGuidanceError, match=r"layout guidance at step 0 .*loss_scale=30.*smaller loss_scale"):
+        generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, controls=[LayoutGuidance(layout, steps=(0, 1))],
+                 progress=False)
+    after = sd15_pipe.unet.attn_processors
+    assert all(after[n] is before[n] for n in before)
+    assert all(p.requires_grad for p in sd15_pipe.unet.parameters())

@@ -1,6 +1,7 @@
 """Methods that steer cross-attention, each a control of the same sampler."""
 from .layout_guidance import LayoutGuidance, layout_loss_terms
-from .mag import MaskedAttentionGuidance, MagLossHook, NonFiniteGuidanceError, mag_loss_terms
+from .common import NonFiniteGuidanceError
+from .mag import MaskedAttentionGuidance, MagLossHook, mag_loss_terms
 from .paint_with_words import PaintWithWords, noise_level, pww_bonus
 from .swap import MaskedAttentionSwap
 

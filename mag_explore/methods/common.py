@@ -1,4 +1,4 @@
-"""Small pieces shared by the methods: layouts tied to the prompt, frozen weights."""
+"""Small pieces shared by the methods: layouts tied to the prompt, frozen weights, the guidance pass."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -62,3 +62,20 @@ def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bo
             raise ValueError(no_layer_message)
         (grad,) = torch.autograd.grad(hook.loss, latents)
     return hook.loss.detach(), grad
+
+
+class NonFiniteGuidanceError(FloatingPointError):
+    """The guidance loss or its gradient became inf/NaN."""
+
+
+def check_finite(method: str, state, loss: torch.Tensor, grad: torch.Tensor, setting: str) -> None:
+    """Stop with a clear message instead of letting NaN spread into the image.
+
+    ``setting`` names the knob to turn down, e.g. ``"alpha=0.08"``.
+    """
+    if not torch.isfinite(loss) or not torch.isfinite(grad).all():
+        what = "loss" if not torch.isfinite(loss) else "gradient"
+        raise NonFiniteGuidanceError(
+            f"{method} at step {state.step_index} (t={int(state.timestep)}): the guidance {what} is not "
+            f"finite (loss={float(loss):.4g}, {setting}). Try a smaller {setting.split('=')[0]}, or fp32."
+        )

@@ -36,8 +36,7 @@ import torch
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
 from ..sampling import Control, StepState
 from ..schedule import StepsLike, as_step_range
-from .common import guidance_loss_and_grad, layout_for_run
-from .mag import NonFiniteGuidanceError
+from .common import check_finite, guidance_loss_and_grad, layout_for_run
 
 LAYER_CHOICES = ("official", "mid+up", "all")
 
@@ -164,7 +163,7 @@ class LayoutGuidance(Control):
         eta = self.step_size(int(state.timestep))
         for iteration in range(self.max_iter):
             loss, grad = self.loss_and_grad(state, latents)
-            self._check_finite(state, loss, grad)
+            check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
             if float(loss) <= self.loss_threshold:
                 break  # close enough: leave x_t as it is
@@ -175,14 +174,6 @@ class LayoutGuidance(Control):
         """The unscaled layout loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
         return guidance_loss_and_grad(state, latents, self.hook, self.checkpointing,
                                       f"no cross-attention layer ran among {sorted(self.layer_names)}")
-
-    def _check_finite(self, state: StepState, loss: torch.Tensor, grad: torch.Tensor) -> None:
-        if not torch.isfinite(loss) or not torch.isfinite(grad).all():
-            raise NonFiniteGuidanceError(
-                f"layout guidance at step {state.step_index} (t={int(state.timestep)}): the "
-                f"{'loss' if not torch.isfinite(loss) else 'gradient'} is not finite "
-                f"(loss={float(loss):.4g}, loss_scale={self.loss_scale}). Try a smaller loss_scale, or fp32."
-            )
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         self.history.append({

@@ -22,11 +22,7 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control, StepState
 from ..schedule import StepsLike, as_step_range
-from .common import guidance_loss_and_grad, layout_for_run
-
-
-class NonFiniteGuidanceError(FloatingPointError):
-    """The guidance loss or its gradient became inf/NaN."""
+from .common import check_finite, guidance_loss_and_grad, layout_for_run
 
 
 def mag_loss_terms(
@@ -132,7 +128,7 @@ class MaskedAttentionGuidance(Control):
         latents = state.latents.detach()
         for iteration in range(self.iterations):
             loss, grad = self.loss_and_grad(state, latents)
-            self._check_finite(state, loss, grad)
+            check_finite("MAG", state, loss, grad, f"alpha={self.alpha}")
             self._record(state, iteration, loss, grad)
             latents = (latents - self.alpha * grad).detach()  # one SGD step on x_t
         return latents
@@ -143,14 +139,6 @@ class MaskedAttentionGuidance(Control):
             state, latents, self.hook, self.checkpointing,
             f"no cross-attention layer matched resolutions={self.resolutions}, places={self.places}",
         )
-
-    def _check_finite(self, state: StepState, loss: torch.Tensor, grad: torch.Tensor) -> None:
-        if not torch.isfinite(loss) or not torch.isfinite(grad).all():
-            raise NonFiniteGuidanceError(
-                f"MAG at step {state.step_index} (t={int(state.timestep)}): the guidance "
-                f"{'loss' if not torch.isfinite(loss) else 'gradient'} is not finite "
-                f"(loss={float(loss):.4g}, alpha={self.alpha}). Try a smaller alpha, or fp32."
-            )
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         inside = torch.stack(self.hook.inside).sum(0)
