@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..bpe import build_clip_tokenizer
-from .world import SIZE, WORDS, make_scene
+from ..attention import AttentionHook, cross_attention_hooks
+from .world import COLORS, SIZE, WORDS, make_scene
 
 SEED = 1234
 MAX_LENGTH = 77  # like CLIP: every prompt padded to 77 tokens
@@ -108,6 +109,31 @@ def scene_batch(seed: int, n: int, empty_caption_prob: float = 0.0):
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
+def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int):
+    """Like ``scene_batch``, plus what the grounding loss needs.
+
+    Returns images, token ids, object masks (n, 3, grid, grid) as the share of each latent
+    cell the object covers, and for every token the index of the object it names
+    (its color word and its shape word), or -1 (BOS, "a", "and", EOS, padding).
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(rng, empty_caption_prob=0.0) for _ in range(n)]
+    images = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1
+    ids = tokenize(tokenizer, [s.caption for s in scenes])
+    color_ids = {tokenizer(c, add_special_tokens=False).input_ids[0]: c for c in COLORS}
+    masks = torch.zeros(n, 3, grid, grid)
+    token_object = torch.full(ids.shape, -1, dtype=torch.int8)
+    for i, scene in enumerate(scenes):
+        for k, obj in enumerate(scene.objects):
+            cover = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
+            masks[i, k] = F.adaptive_avg_pool2d(cover, grid)[0, 0]
+        index = {obj.color: k for k, obj in enumerate(scene.objects)}
+        for pos, token in enumerate(ids[i].tolist()):
+            if token in color_ids:  # "<color> <shape>": both words name the same object
+                token_object[i, pos] = token_object[i, pos + 1] = index[color_ids[token]]
+    return torch.from_numpy(images).permute(0, 3, 1, 2), ids, masks, token_object
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH,
                      truncation=True, return_tensors="pt").input_ids
@@ -175,31 +201,78 @@ def vae_psnr(vae, n: int = 64, device: str = "cpu") -> float:
 
 @torch.no_grad()
 def encode_pool(vae, tokenizer, workdir: Path, size: int, device: str):
-    """Latents (unscaled posterior means) and token ids of ``size`` captioned scenes."""
+    """Latents (unscaled posterior means), token ids, object masks and token→object maps."""
     path = workdir / f"pool_{size}.pt"
     if (cached := load_checkpoint(path)) is not None:
-        return cached["latents"], cached["ids"]
-    latents, ids = [], []
+        return cached
+    grid = SIZE // 4  # the latent's side
+    parts = []
     for start in tqdm(range(0, size, 256), desc="encode pool"):
-        images, captions = scene_batch(SEED * 104729 + start, min(256, size - start))
-        latents.append(vae.encode(images.to(device)).latent_dist.mean.cpu())
-        ids.append(tokenize(tokenizer, captions))
-    latents, ids = torch.cat(latents), torch.cat(ids)
-    save_checkpoint(path, latents=latents, ids=ids)
-    return latents, ids
+        images, ids, masks, token_object = scene_batch_grounded(
+            SEED * 104729 + start, min(256, size - start), tokenizer, grid)
+        latents = vae.encode(images.to(device)).latent_dist.mean.cpu()
+        parts.append((latents, ids, masks, token_object))
+    pool = {key: torch.cat([p[i] for p in parts])
+            for i, key in enumerate(("latents", "ids", "masks", "token_object"))}
+    save_checkpoint(path, **pool)
+    return pool
 
 
 # ---------------------------------------------------------------------------- stage 2
-def train_unet(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
+class KeepProbs(AttentionHook):
+    """Keeps every cross-attention map of a training forward pass, with its gradient."""
+
+    def __init__(self):
+        self.maps = []
+
+    def active(self, ctx) -> bool:
+        return True
+
+    def observe(self, probs, ctx) -> None:
+        self.maps.append((probs.mean(dim=1), ctx.height, ctx.width))  # head mean: (B, pixels, tokens)
+
+
+def grounding_loss(maps, masks: torch.Tensor, token_object: torch.Tensor) -> torch.Tensor:
+    """Token-level grounding (as in TokenCompose, Wang et al. 2024), averaged over layers.
+
+    For each word that names an object, (1 − share of its attention inside the object)²
+    plus the total-variation distance between its attention, normalized over pixels, and
+    the object's mask, normalized the same way: the first puts the word's attention on
+    its object, the second spreads it over the whole object rather than one spot.
+    Without it a model this small routes the prompt through EOS and padding tokens
+    (which see every word through the causal text encoder) and its color words'
+    maps tie to nothing, so there is nothing for MAG to steer.
+    """
+    named = token_object >= 0  # (B, tokens)
+    if not named.any():
+        return masks.new_zeros(())
+    rows, cols = named.nonzero(as_tuple=True)
+    losses = []
+    for probs, h, w in maps:
+        cell = F.adaptive_avg_pool2d(masks, (h, w)).flatten(2)  # (B, objects, pixels)
+        target = cell[rows, token_object[rows, cols].long()]  # (words, pixels)
+        attention = probs[rows, :, cols]  # (words, pixels)
+        total = attention.sum(-1).clamp_min(1e-8)
+        share = (attention * target).sum(-1) / total
+        tv = 0.5 * (attention / total[:, None] - target / target.sum(-1, keepdim=True).clamp_min(1e-8)).abs().sum(-1)
+        losses.append(((1 - share) ** 2 + tv).mean())
+    return torch.stack(losses).mean()
+
+
+def train_unet(pool: dict, scale: float, empty_ids: torch.Tensor,
                tokenizer, workdir: Path, steps: int, batch: int, lr: float,
-               stop_at: float | None, resume: bool, device: str):
+               stop_at: float | None, resume: bool, device: str,
+               grounding: float = 0.0, init: tuple | None = None):
     """Epsilon prediction with min-SNR-5 weighting; UNet and text encoder trained jointly.
 
     Min-SNR weighting (Hang et al. 2023) stops the many nearly-clean timesteps from
     dominating the loss, which makes a small budget go noticeably further.
     """
     torch.manual_seed(SEED + 1)
-    unet, text = make_unet().to(device), make_text_encoder(tokenizer).to(device)
+    if init is not None:  # continue from an exported model (its weights, fresh optimizer)
+        unet, text = (m.to(device).train() for m in init)
+    else:
+        unet, text = make_unet().to(device), make_text_encoder(tokenizer).to(device)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -214,7 +287,10 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor
     alphas = make_scheduler().alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     weight = snr.clamp(max=5.0) / snr
-    latents, ids, empty_ids = latents.to(device), ids.to(device), empty_ids.to(device)
+    latents, ids = (pool["latents"] * scale).to(device), pool["ids"].to(device)
+    masks, token_object = pool["masks"].to(device), pool["token_object"].to(device)
+    empty_ids = empty_ids.to(device)
+    keep = KeepProbs()
     last_save = time.time()
     bar = tqdm(total=steps, initial=step, desc="UNet+text")
 
@@ -227,7 +303,9 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor
         g = torch.Generator().manual_seed(SEED * 31 + step)  # seed by step: exact resume
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         x0 = latents[idx]
-        tok = torch.where(torch.rand(batch, 1, generator=g).to(device) < 0.1, empty_ids, ids[idx])
+        empty = torch.rand(batch, 1, generator=g).to(device) < 0.1
+        tok = torch.where(empty, empty_ids, ids[idx])
+        tok_object = torch.where(empty, -1, token_object[idx])
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -235,8 +313,12 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor
         for group in opt.param_groups:  # short linear warm-up, then constant
             group["lr"] = lr * min(1.0, (step + 1) / 300)
         noisy = noisy.contiguous(memory_format=torch.channels_last)
-        pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
-        loss = (weight[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        keep.maps.clear()
+        with cross_attention_hooks(unet, [keep] if grounding else []):
+            pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
+        diffusion = (weight[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        ground = grounding_loss(keep.maps, masks[idx], tok_object) if grounding else torch.zeros(())
+        loss = diffusion + grounding * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -246,7 +328,7 @@ def train_unet(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor
         ema_update(ema_text, text, decay)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{diffusion.item():.4f}", ground=f"{ground.item():.3f}")
         out_of_time = stop_at is not None and time.time() > stop_at
         if time.time() - last_save > CHECKPOINT_SECONDS or step == steps or out_of_time:
             save()
@@ -281,6 +363,17 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
     defaults_path.write_text(json.dumps(defaults, indent=2) + "\n")
 
 
+def load_exported(folder: Path):
+    """VAE, UNet, text encoder and tokenizer of a model this module exported (safetensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return (AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True),
+            UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
+            CLIPTokenizer.from_pretrained(folder / "tokenizer"))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("data/models/shapes"))
@@ -290,6 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=2346)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--pool", type=int, default=6400, help="scenes in the pre-encoded pool")
+    p.add_argument("--grounding", type=float, default=0.1,
+                   help="weight of the token grounding loss on the cross-attention maps (0: off)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an exported model folder: keep its VAE, start the UNet and "
+                        "text encoder from its weights (stage 1 is skipped)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop stage 2 (and export) once this run has taken this long")
     p.add_argument("--resume", action="store_true")
@@ -298,27 +396,36 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(args.workdir / "tokenizer")
 
     t0 = time.time()
     stop_at = t0 + 60 * args.max_minutes if args.max_minutes else None
-    vae = train_vae(args.workdir, args.vae_steps, args.vae_batch, 1e-3, args.resume, args.device)
+    init, previous = None, None
+    if args.init_from is not None:
+        vae, unet0, text0, tokenizer = load_exported(args.init_from)
+        vae, init = vae.to(args.device).eval(), (unet0, text0)
+        previous = json.loads((args.init_from / "mag_explore.json").read_text()).get("training")
+    else:
+        tokenizer = make_tokenizer(args.workdir / "tokenizer")
+        vae = train_vae(args.workdir, args.vae_steps, args.vae_batch, 1e-3, args.resume, args.device)
     psnr = vae_psnr(vae, device=args.device)
     t1 = time.time()
-    latents, ids = encode_pool(vae, tokenizer, args.workdir, args.pool, args.device)
-    scale = 1.0 / latents.std().item()  # unit-variance latents, as SD's 0.18215 does
+    pool = encode_pool(vae, tokenizer, args.workdir, args.pool, args.device)
+    scale = 1.0 / pool["latents"].std().item()  # unit-variance latents, as SD's 0.18215 does
     vae.register_to_config(scaling_factor=scale)
     print(f"VAE: PSNR {psnr:.1f} dB on fresh scenes, latent std {1 / scale:.3f}")
     empty_ids = tokenize(tokenizer, [""])
-    unet, text, steps = train_unet(latents * scale, ids, empty_ids, tokenizer, args.workdir,
+    unet, text, steps = train_unet(pool, scale, empty_ids, tokenizer, args.workdir,
                                    args.unet_steps, args.unet_batch, 5e-4, stop_at,
-                                   args.resume, args.device)
+                                   args.resume, args.device, grounding=args.grounding, init=init)
     t2 = time.time()
-    meta = {"vae_steps": args.vae_steps, "vae_psnr_db": round(psnr, 2), "unet_steps": steps,
+    meta = {"vae_steps": args.vae_steps if init is None else previous.get("vae_steps"),
+            "vae_psnr_db": round(psnr, 2), "unet_steps": steps, "grounding": args.grounding,
             "pool": args.pool, "seed": SEED, "vae_params": n_params(vae),
             "unet_params": n_params(unet), "text_encoder_params": n_params(text),
             "this_run_minutes": {"vae": round((t1 - t0) / 60, 1),
                                  "unet": round((t2 - t1) / 60, 1)}}
+    if previous is not None:
+        meta["continued_from"] = previous
     export(args.out, vae, unet, text, tokenizer, meta)
     print(json.dumps(meta, indent=2))
 

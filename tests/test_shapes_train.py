@@ -1,0 +1,100 @@
+"""The embedded model's training module: the grounding loss, its data, and a tiny end-to-end run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mag_explore.shapes import train
+from mag_explore.shapes.world import COLORS, SHAPES
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_grounded_batches_tie_each_color_and_shape_word_to_its_own_object(tokenizer):
+    images, ids, masks, token_object = train.scene_batch_grounded(5, 24, tokenizer, grid=16)
+    assert images.shape == (24, 3, 64, 64) and masks.shape == (24, 3, 16, 16)
+    vocab = {v: k.removesuffix("</w>") for k, v in tokenizer.get_vocab().items()}
+    rng = np.random.default_rng(5)  # the same scenes, drawn again to know the truth
+    from mag_explore.shapes.world import make_scene
+    scenes = [make_scene(rng, empty_caption_prob=0.0) for _ in range(24)]
+    for i, scene in enumerate(scenes):
+        words = [vocab[t] for t in ids[i].tolist()]
+        named = [(words[p], int(k)) for p, k in enumerate(token_object[i].tolist()) if k >= 0]
+        assert len(named) == 2 * len(scene.objects)  # one color and one shape word per object
+        for word, k in named:
+            assert word in (scene.objects[k].color, scene.objects[k].shape)
+            assert word in COLORS or word in SHAPES
+        for k, obj in enumerate(scene.objects):
+            # A mask cell holds the share of its 4×4 pixels the object covers.
+            assert masks[i, k].sum().item() == pytest.approx(obj.mask.sum() / 16, abs=1e-4)
+        assert masks[i, len(scene.objects):].abs().sum() == 0
+
+
+def _maps_for(attention_per_pixel: torch.Tensor, h: int, w: int):
+    return [(attention_per_pixel, h, w)]
+
+
+def test_grounding_loss_is_zero_when_a_word_attends_exactly_its_object():
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: top-left quarter
+    token_object = torch.full((1, 6), -1, dtype=torch.int8)
+    token_object[0, 2] = 0
+    probs = torch.full((1, 16, 6), 1 / 6)
+    probs[0, :, 2] = masks[0, 0].flatten() / 4  # spread evenly over the object, nothing outside
+    loss = train.grounding_loss(_maps_for(probs, 4, 4), masks, token_object)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grounding_loss_of_uniform_attention_matches_the_formula_by_hand():
+    # A word attending every one of the 16 cells alike, its object 4 cells: the share inside is
+    # 4/16 and the total-variation distance to the object's normalized mask is 1 − 4/16.
+    masks = torch.zeros(2, 3, 4, 4)
+    masks[:, 1, 1:3, 1:3] = 1
+    token_object = torch.full((2, 5), -1, dtype=torch.int8)
+    token_object[:, 3] = 1
+    probs = torch.rand(2, 16, 5)
+    probs[:, :, 3] = 0.05  # any constant: only the normalized map matters
+    loss = train.grounding_loss(_maps_for(probs, 4, 4), masks, token_object)
+    share = 4 / 16
+    assert loss.item() == pytest.approx((1 - share) ** 2 + (1 - share), rel=1e-5)
+
+
+def test_grounding_loss_ignores_unnamed_tokens_and_averages_layers_at_their_resolution():
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :, :2] = 1  # left half
+    token_object = torch.tensor([[-1, 0, -1]], dtype=torch.int8)
+    fine = torch.rand(1, 16, 3)
+    coarse = torch.rand(1, 4, 3)
+    coarse[0, :, 1] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # 2×2 map on the left column only
+    loss = train.grounding_loss([(fine, 4, 4), (coarse, 2, 2)], masks, token_object)
+    changed = fine.clone()
+    changed[0, :, [0, 2]] = torch.rand(16, 2)  # BOS-like and padding-like tokens: no effect
+    assert train.grounding_loss([(changed, 4, 4), (coarse, 2, 2)], masks, token_object).item() == pytest.approx(loss.item())
+    fine_only = train.grounding_loss([(fine, 4, 4)], masks, token_object)
+    assert loss.item() == pytest.approx(fine_only.item() / 2)  # the 2×2 layer is perfect: loss 0
+    assert train.grounding_loss(_maps_for(fine, 4, 4), masks, torch.full((1, 3), -1, dtype=torch.int8)).item() == 0
+
+
+def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_path):
+    from mag_explore.models import load_pipeline
+
+    out = tmp_path / "model"
+    train.main(["--out", str(out), "--workdir", str(tmp_path / "work"), "--vae-steps", "2", "--vae-batch", "2",
+                "--unet-steps", "3", "--unet-batch", "4", "--pool", "8", "--threads", "1"])
+    record = json.loads((out / "mag_explore.json").read_text())["training"]
+    assert (record["unet_steps"], record["pool"], record["grounding"]) == (3, 8, 0.1)
+    pipe = load_pipeline(str(out), device="cpu", progress=False)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # Continuing from the export keeps its VAE bit for bit and records what it continued.
+    again = tmp_path / "again"
+    train.main(["--out", str(again), "--workdir", str(tmp_path / "work2"), "--init-from", str(out),
+                "--unet-steps", "2", "--unet-batch", "4", "--pool", "8", "--threads", "1"])
+    second = json.loads((again / "mag_explore.json").read_text())["training"]
+    assert second["continued_from"]["unet_steps"] == 3 and second["unet_steps"] == 2
+    vae_again = load_pipeline(str(again), device="cpu", progress=False).vae
+    for (name, a), b in zip(pipe.vae.state_dict().items(), vae_again.state_dict().values()):
+        assert torch.equal(a, b), name
