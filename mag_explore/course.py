@@ -69,12 +69,13 @@ def method_controls(pipe, method: str, layout: Layout, **options) -> list:
 
 
 def run_methods_on(pipe, layout: Layout, methods: Sequence[str] = ("none", "swap", "mag"), seed: int = 0,
-                   steps: int | None = None, store: bool = True, **options) -> dict[str, GenerationResult]:
+                   steps: int | None = None, store: bool = True, progress: bool = False,
+                   **options) -> dict[str, GenerationResult]:
     """The layout's prompt once per method, same seed; attention recorded (head mean) if ``store``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a layout resized to the image size: expected here
         return {
-            method: generate(pipe, layout.prompt, num_inference_steps=steps, seed=seed, progress=False,
+            method: generate(pipe, layout.prompt, num_inference_steps=steps, seed=seed, progress=progress,
                              controls=method_controls(pipe, method, layout, **options),
                              store=AttentionStore() if store else None)
             for method in methods

@@ -4,32 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
-from .attention import AttentionStore
+from .course import iou_text, region_iou, run_methods_on
 from .layouts import Layout
-from .methods import make_controls
 from .models import load_pipeline, model_defaults
 from .plots import upsample_map
-from .sampling import generate
-
-
-def run_methods(pipe, layout: Layout, methods=("none", "swap", "mag"), steps=None, seed=0, progress=True) -> dict:
-    """Generate the layout's prompt once per method, with the same seed, recording attention."""
-    d = model_defaults(pipe)
-    results = {}
-    for method in methods:
-        controls = make_controls(method, layout, alpha=d["mag_alpha"], lmbda=d["mag_lambda"],
-                                 guide_steps=d["guide_until"], swap_steps=d["guide_until"])
-        results[method] = generate(pipe, layout.prompt, num_inference_steps=steps, seed=seed, controls=controls,
-                                   store=AttentionStore(), progress=progress)
-    return results
 
 
 def demo_figure(model=None, layout_path=None, steps=None, seed=0, out="outputs/demo.png", device=None) -> Path:
     pipe = load_pipeline(model, device=device)
     d = model_defaults(pipe)
     layout = Layout.from_json(layout_path).for_generation(d["height"], d["width"])
-    results = run_methods(pipe, layout, steps=steps, seed=seed)
+    results = run_methods_on(pipe, layout, steps=steps, seed=seed, progress=True)
     phrases = [layout.label(i) for i in range(len(layout.regions))]
     names = {"none": "no control", "swap": "masked-attention swap", "mag": "MAG"}
     fig, axes = plt.subplots(len(results), 2 + len(phrases), figsize=(2.3 * (2 + len(phrases)), 2.4 * len(results)))
@@ -37,7 +24,9 @@ def demo_figure(model=None, layout_path=None, steps=None, seed=0, out="outputs/d
         row[0].imshow(layout.color_image())
         row[0].set_title("layout: " + ", ".join(phrases), fontsize=7)
         row[1].imshow(result.images[0])
-        row[1].set_title(names[method], fontsize=9)
+        # Where objects landed vs their regions, in the shapes world (its colors are known).
+        scored = not any(np.isnan(list(region_iou(result.images[0], layout).values())))
+        row[1].set_title(names[method] + (f"\n{iou_text(result.images[0], layout)}" if scored else ""), fontsize=7)
         image = result.images[0]
         for ax, phrase in zip(row[2:], phrases):
             maps = result.store.aggregate(tokens=result.token_indices(phrase)).sum(0)

@@ -88,3 +88,12 @@ def test_help_names_every_option_with_its_default():
         assert option in done.stdout
     text = " ".join(done.stdout.split())  # argparse wraps lines
     assert "(default 0.5)" in text and "t > T (default 700)" in text and "default 42" in text
+
+
+def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp_path, capsys):
+    # The README's main command on a tiny pipeline: layout, image and one attention map per
+    # region, for none / swap / MAG, so 3 rows × (2 + 2) panels of 2.3 × 2.4 inches at 110 dpi.
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--model", str(sd15_folder), "--steps", "4", "--out", str(out), "--device", "cpu"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert Image.open(out).size == (round(4 * 2.3 * 110), round(3 * 2.4 * 110))
