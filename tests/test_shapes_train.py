@@ -80,7 +80,7 @@ def test_grounding_loss_ignores_unnamed_tokens_and_averages_layers_at_their_reso
 
 
 def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_path):
-    from mag_explore.models import load_pipeline
+    from mag_explore.models import load_pipeline, model_defaults
 
     out = tmp_path / "model"
     train.main(["--out", str(out), "--workdir", str(tmp_path / "work"), "--vae-steps", "2", "--vae-batch", "2",
@@ -89,11 +89,14 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
     assert (record["unet_steps"], record["pool"], record["grounding"]) == (3, 8, 0.1)
     pipe = load_pipeline(str(out), device="cpu", progress=False)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # The defaults file it writes is one the package accepts (it once wrote an unknown key).
+    assert (model_defaults(pipe)["height"], model_defaults(pipe)["width"]) == (64, 64)
     # Continuing from the export keeps its VAE bit for bit and records what it continued.
     again = tmp_path / "again"
     train.main(["--out", str(again), "--workdir", str(tmp_path / "work2"), "--init-from", str(out),
                 "--unet-steps", "2", "--unet-batch", "4", "--pool", "8", "--threads", "1"])
     second = json.loads((again / "mag_explore.json").read_text())["training"]
+    assert "_name_or_path" not in (again / "unet" / "config.json").read_text()  # no local path shipped
     assert second["continued_from"]["unet_steps"] == 3 and second["unet_steps"] == 2
     vae_again = load_pipeline(str(again), device="cpu", progress=False).vae
     for (name, a), b in zip(pipe.vae.state_dict().items(), vae_again.state_dict().values()):

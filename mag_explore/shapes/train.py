@@ -358,12 +358,17 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    for config in out.glob("*/config.json"):  # --init-from leaves the source folder's path in them
+        fields = json.loads(config.read_text())
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     defaults_path = out / "mag_explore.json"
     defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {
         "height": SIZE, "width": SIZE, "guidance_scale": 5.0, "num_inference_steps": 50,
-        # A starting point only: the MAG engine calibrates α for this model's loss scale.
-        "mag_alpha": 0.3, "mag_alpha_calibrated": False,
+        # A starting point only: α depends on this model's loss scale. Measure it with
+        # `python -m mag_explore.shapes.check` (spatial control) and edit this file.
+        "mag_alpha": 0.3,
         "description": "Tiny Stable Diffusion trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles.",
         **defaults, "training": meta,
