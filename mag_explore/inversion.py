@@ -15,7 +15,8 @@ Inversion runs the same two lines the other way, from the image up to the noise:
 
 The only approximation is ``UNet(x_p, t) ≈ UNet(x_t, t)``: the noise is predicted at the
 latent one step *before* the one it is for. The error shrinks with the step size, which is
-why more steps reconstruct better (tested).
+why more steps reconstruct better (tested), and ``fixed_point_iterations`` removes it by
+predicting again at the x_t just found (as in AIDI, Pan et al. 2023, and ReNoise, 2024).
 
 Classifier-free guidance is 1 by default (the conditional prediction alone), as in the
 null-text-inversion practice (Mokady et al. 2023): guidance multiplies every small error
@@ -177,6 +178,7 @@ def invert(
     num_inference_steps: int | None = None,
     guidance_scale: float = 1.0,
     negative_prompt: str | None = None,
+    fixed_point_iterations: int = 0,
     progress: bool = True,
 ) -> InversionResult:
     """DDIM-invert ``image`` (path, PIL image or array) under ``prompt``.
@@ -185,7 +187,14 @@ def invert(
     timesteps that ``generate(..., num_inference_steps=...)`` will use; the pipeline
     itself is not changed. ``guidance_scale`` 1 (the default) runs the conditional
     prediction only; other scales also run the unconditional half, as sampling does.
+    ``fixed_point_iterations`` k > 0 removes the one approximation: each step's noise is
+    predicted again at the x_t it just gave, k times, converging to the x_t that the
+    sampler's step takes back to x_p exactly (for noise prediction), at k more UNet calls
+    per step. On the embedded model, 25 steps, k = 5 took four scenes from 18.6-26.9 dB
+    to 25.6-27.9 dB, within 0.5 dB of what the VAE alone allows (tests/test_inversion.py).
     """
+    if fixed_point_iterations < 0:
+        raise ValueError(f"fixed_point_iterations={fixed_point_iterations}; use 0 (plain DDIM inversion) or more")
     defaults = model_defaults(pipe)
     steps = num_inference_steps or defaults["num_inference_steps"]
     negative_prompt = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
@@ -199,10 +208,15 @@ def invert(
     latents = encode_image(pipe, image)
     step_latents = [latents.detach().cpu()]
     for t in tqdm(reversed(timesteps), total=steps, desc="inverting", disable=not progress):
-        noise = _predict(pipe, scheduler, latents, t, cond, uncond, guidance_scale)
-        latents, _ = inversion_step(scheduler, noise, t, latents)
+        below = latents  # x_p, the level the step starts from
+        noise = _predict(pipe, scheduler, below, t, cond, uncond, guidance_scale)  # guessed at x_p
+        latents, _ = inversion_step(scheduler, noise, t, below)
+        for _ in range(fixed_point_iterations):  # predict again where the guess landed
+            noise = _predict(pipe, scheduler, latents, t, cond, uncond, guidance_scale)
+            latents, _ = inversion_step(scheduler, noise, t, below)
         step_latents.append(latents.detach().cpu())
-    settings = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+    settings = dict(num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                    fixed_point_iterations=fixed_point_iterations)
     return InversionResult(latents=latents, step_latents=step_latents, image_latents=step_latents[0],
                            timesteps=timesteps, prompt=prompt, image=image, settings=settings)
 
