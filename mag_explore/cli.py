@@ -92,8 +92,8 @@ def add_edit_parser(commands) -> None:
                          "the source run's attention")
     ed.add_argument("--source-layout", help="where the objects are now: a layout JSON (default: read from attention)")
     ed.add_argument("--threshold", type=float, default=0.5, help="attention threshold for the kept regions")
-    ed.add_argument("--start", default="inverted",
-                    help="x_T of the edit: inverted, renoise or move (carry the moved words' cells to the target)")
+    ed.add_argument("--start", default="move",
+                    help="x_T of the edit: move (default: carry the moved words' cells to the target), inverted or renoise")
     ed.add_argument("--inject-steps", type=int, default=0,
                     help="inject the kept words' source attention during the first N steps (0: no injection)")
     ed.add_argument("--method", default="mag", help="mag, swap or none")
