@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-attention", help="also save the cross-attention maps (.safetensors)")
     demo = commands.add_parser("demo", help="none vs swap vs MAG on an example layout, as one figure")
     demo.add_argument("--model", default=None, help="default: the embedded 'shapes' model without a GPU")
-    demo.add_argument("--layout", default=str(DATA / "layouts" / "left_right.json"), help="layout JSON")
+    demo.add_argument("--layout", default=str(DATA / "layouts" / "bottom_half.json"),
+                      help="layout JSON (default: two objects low, where the shapes model would not put them)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to write the figure")
