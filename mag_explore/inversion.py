@@ -208,10 +208,10 @@ def invert(
     latents = encode_image(pipe, image)
     step_latents = [latents.detach().cpu()]
     for t in tqdm(reversed(timesteps), total=steps, desc="inverting", disable=not progress):
-        below = latents  # x_p, the level the step starts from
-        noise = _predict(pipe, scheduler, below, t, cond, uncond, guidance_scale)  # guessed at x_p
-        latents, _ = inversion_step(scheduler, noise, t, below)
-        for _ in range(fixed_point_iterations):  # predict again where the guess landed
+        below = latents  # x_p, the level this step starts from
+        # The first prediction is made at x_p (the approximation); each further one at the
+        # x_t the last one gave, always stepping up from the same x_p.
+        for _ in range(1 + fixed_point_iterations):
             noise = _predict(pipe, scheduler, latents, t, cond, uncond, guidance_scale)
             latents, _ = inversion_step(scheduler, noise, t, below)
         step_latents.append(latents.detach().cpu())
