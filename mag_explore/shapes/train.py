@@ -1,8 +1,8 @@
 """Train the embedded "shapes" model: a tiny Stable Diffusion for the shapes world.
 
-Command (2-core CPU, the default model shipped in data/models/shapes)::
+Command (2-core CPU, the default model shipped in mag_explore/data/models/shapes)::
 
-    python -m mag_explore.shapes.train --out data/models/shapes --workdir checkpoints/shapes
+    python -m mag_explore.shapes.train --out mag_explore/data/models/shapes --workdir checkpoints/shapes
 
 Stage 1 trains an ``AutoencoderKL`` (64×64 RGB → 4×16×16 latents) on fresh scenes.
 Stage 2 encodes a fixed pool of captioned scenes once, then trains the
@@ -22,7 +22,7 @@ the first export: attention IoU 0.07, MAG moved nothing).
 The shipped model is two runs (README, "The embedded model", has the wall times)::
 
     python -m mag_explore.shapes.train --out M1 --workdir checkpoints/shapes --grounding 0
-    python -m mag_explore.shapes.train --init-from M1 --out data/models/shapes \
+    python -m mag_explore.shapes.train --init-from M1 --out mag_explore/data/models/shapes \
         --workdir checkpoints/shapes2 --pool 12800 --unet-steps 6000 --max-minutes 80 --grounding 0.05
 """
 from __future__ import annotations
@@ -389,7 +389,7 @@ def load_exported(folder: Path):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("data/models/shapes"))
+    p.add_argument("--out", type=Path, default=Path("mag_explore/data/models/shapes"))
     p.add_argument("--workdir", type=Path, default=Path("checkpoints/shapes"))
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--vae-batch", type=int, default=16)

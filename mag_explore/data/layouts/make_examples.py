@@ -1,4 +1,4 @@
-"""Rebuild the example layouts in this folder: ``python data/layouts/make_examples.py``.
+"""Rebuild the example layouts in this folder: ``python mag_explore/data/layouts/make_examples.py``.
 
 Each example is drawn once in relative coordinates and saved as a color-label PNG at
 64x64 (the shapes-world model's size) and 512x512 (Stable Diffusion's), plus a JSON
