@@ -38,6 +38,7 @@ from .models import model_defaults
 from .sampling import Control, GenerationResult, Hooks, generate
 from .schedule import StepsLike, as_step_range
 from .tokens import token_indices
+from .validation import check_number, check_seed
 
 
 STARTS = ("inverted", "renoise", "move")
@@ -189,6 +190,7 @@ def edit_image(
     start: str = "move",
     seed: int = 0,
     progress: bool = True,
+    allow_negative_lambda: bool = False,
 ) -> EditResult:
     """Move or reshape the objects of ``image`` into ``target_layout``.
 
@@ -211,11 +213,15 @@ def edit_image(
             carried into the target regions, ``move_latents``), "inverted" (as inverted) or
             "renoise" (fresh noise, ``seed``, where the moved words are and where they go:
             ``renoise``). Where the moved words are comes from ``source_layout`` or the attention.
+        allow_negative_lambda: experimental, accept ``lmbda`` < 0 (MAG only).
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
     if start not in STARTS:
         raise ValueError(f"start={start!r}; use one of {STARTS}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    check_number("guidance_scale", guidance_scale, minimum=0)
+    check_seed(seed)
     if isinstance(keep, str):
         keep = [keep]
     d = model_defaults(pipe)
@@ -257,7 +263,8 @@ def edit_image(
     guide_steps = d["guide_until"] if guide_steps is None else guide_steps
     controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
                              lmbda=d["mag_lambda"] if lmbda is None else lmbda,
-                             guide_steps=guide_steps, swap_steps=guide_steps)
+                             guide_steps=guide_steps, swap_steps=guide_steps,
+                             **({"allow_negative_lambda": True} if allow_negative_lambda and method == "mag" else {}))
     if source_maps is not None:
         controls.append(AttentionInjection(source_maps, kept_tokens, steps=inject_steps))
     s = inversion.settings

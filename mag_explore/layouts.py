@@ -55,7 +55,9 @@ _PALETTE: tuple[RGB, ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 )
-_MASK_MODES = ("nearest", "area")
+#: How masks are resized to an attention layer: nearest (0/1, the official MAG), area (covered
+#: fraction), bilinear (align_corners=True, as paint-with-words-sd).
+MASK_MODES = ("nearest", "area", "bilinear")
 
 
 # ----------------------------------------------------------------------------- colors
@@ -491,10 +493,10 @@ class Layout:
 
         Every distinct color of the PNG is a region, the background included, in the
         official order (:func:`official_color_order`); the i-th list of word ids belongs
-        to the i-th color. As in the official code, colors after the last list get no
-        words and are not guided (a warning names them): black, which always sorts
-        last, can be left out this way; any other color without words needs an empty
-        list ``[]``. More lists than colors is an error listing the colors in order.
+        to the i-th color. Give one list per color (``[]`` for a color without words);
+        black, which always sorts last, may be left out. Any other count is an error
+        listing the colors in order (the official code silently leaves the colors after
+        the last list unguided, so a forgotten list shifts nothing but guides nothing).
         Token index 0 (BOS) is refused. Colors are found at the PNG's own resolution
         (the official script first shrinks the PNG to the latent size).
         """
@@ -507,17 +509,14 @@ class Layout:
                 "label image (anti-aliased edges or JPEG?). Save it without anti-aliasing"
             )
         listing = _describe_official(colors, rgb)
-        if len(groups) > len(colors):
+        # One list per color; black, which always sorts last, may be left out (the background).
+        expected = [len(colors), len(colors) - 1] if colors[-1] == (0, 0, 0) else [len(colors)]
+        if len(groups) not in expected:
+            example = json.dumps([[] for _ in colors[:-1]] + [[1]]).replace(" ", "")
             raise ValueError(
-                f"{len(groups)} lists of word ids but {path} has only {len(colors)} colors; "
-                f"the regions in official order are:\n{listing}"
-            )
-        if len(groups) < len(colors):
-            warnings.warn(
-                f"{path}: {len(colors)} colors but {len(groups)} lists of word ids, so colors "
-                f"{len(groups) + 1}..{len(colors)} are not guided (as in the official code). "
-                f"Regions in official order:\n{listing}",
-                stacklevel=2,
+                f"{len(groups)} list(s) of word ids but {path} has {len(colors)} colors: give one list per "
+                f"color in the official order (an empty list [] for a color without words, e.g. {example}); "
+                f"the colors in that order are:\n{listing}"
             )
         pairs = [(c, g) for c, g in zip(colors, groups) if g]
         if not pairs:
@@ -621,11 +620,12 @@ class Layout:
 
         ``"nearest"`` gives 0/1 exactly as the official code (``F.interpolate`` with its
         default nearest mode on the float mask); ``"area"`` gives each cell's covered
-        fraction in [0, 1] when shrinking. Results are cached on this layout: treat the
+        fraction in [0, 1] when shrinking; ``"bilinear"`` interpolates with
+        ``align_corners=True``, as paint-with-words-sd resizes its masks. Results are cached on this layout: treat the
         returned tensor as read-only.
         """
-        if mode not in _MASK_MODES:
-            raise ValueError(f"mode={mode!r}; use one of {_MASK_MODES}")
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode={mode!r}; use one of {MASK_MODES}")
         height, width = _as_size((height, width))
         device = torch.device(device if device is not None else "cpu")
         key = (height, width, mode, str(device), dtype)
@@ -633,6 +633,8 @@ class Layout:
             masks = torch.from_numpy(self.masks).float()
             if mode == "nearest":
                 out = _nearest(masks, height, width)
+            elif mode == "bilinear":
+                out = F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=True)[0]
             else:
                 out = F.interpolate(masks[None], size=(height, width), mode="area")[0]
             self._cache[key] = out.to(device=device, dtype=dtype)

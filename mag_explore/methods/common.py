@@ -2,15 +2,36 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from ..attention import cross_attention_grids
+from ..layouts import MASK_MODES
+from ..validation import InputError, NonFiniteError, check_choice, check_regions_at_layers
 
-def layout_for_run(layout, sampler):
-    """The layout resolved against the sampler's prompt and sized like its image."""
+
+def layout_for_run(layout, sampler, method: str, mask_mode: str,
+                   uses_layer: Callable[[str, tuple[int, int]], bool] = lambda name, hw: True,
+                   masks_at: Callable | None = None):
+    """The layout resolved against the sampler's prompt and sized like its image, checked.
+
+    Every region must keep at least one mask cell at every cross-attention layer the
+    method uses (``uses_layer(name, (h, w))``), with the method's masks
+    (``masks_at(layout, h, w)``, default ``layout.masks_at`` in ``mask_mode``): see
+    ``mag_explore.validation``.
+    """
+    if not hasattr(layout, "for_generation"):
+        raise InputError(f"{method}: layout={layout!r} is not a Layout; build one with Layout.from_json, "
+                         "from_color_png, from_official, from_shapes or from_arrays")
+    if masks_at is None:
+        check_choice(f"{method} mask_mode", mask_mode, MASK_MODES)
     layout = layout.for_generation(sampler.height, sampler.width)  # warns if it had to resize
-    return layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
+    layout = layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
+    latent_hw = (sampler.height // sampler.pipe.vae_scale_factor, sampler.width // sampler.pipe.vae_scale_factor)
+    grids = {n: hw for n, hw in cross_attention_grids(sampler.pipe.unet, latent_hw).items() if uses_layer(n, hw)}
+    check_regions_at_layers(layout, grids, mask_mode, method, masks_at)
+    return layout
 
 
 @contextmanager
@@ -49,14 +70,16 @@ def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bo
 
     One UNet pass with the *conditional* prompt only, marked as phase "guidance" so that
     stores and edit hooks stay out of it; ``hook`` (with ``reset()`` and ``.loss``) adds up
-    its loss over the layers it watches. Only the latent requires grad.
+    its loss over the layers it watches. Only the latent requires grad. The latent and
+    its gradient are float32 even on an fp16 UNet (the cast to the UNet's dtype is part
+    of the graph), so the update x_t - α∇ is made in float32 as in the official code.
     """
     unet = state.pipe.unet
-    latents = latents.detach().requires_grad_(True)
+    latents = latents.detach().float().requires_grad_(True)
     hook.reset()
     with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
             state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
-        model_input = state.scheduler.scale_model_input(latents, state.timestep)
+        model_input = state.scheduler.scale_model_input(latents, state.timestep).to(unet.dtype)
         unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
         if hook.loss is None:
             raise ValueError(no_layer_message)
@@ -64,7 +87,7 @@ def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bo
     return hook.loss.detach(), grad
 
 
-class NonFiniteGuidanceError(FloatingPointError):
+class NonFiniteGuidanceError(NonFiniteError):
     """The guidance loss or its gradient became inf/NaN."""
 
 

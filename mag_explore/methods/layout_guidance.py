@@ -23,22 +23,52 @@ conf/base_config.yaml and utils.compute_ca_loss):
   Written for our DDIM latents x_t = sqrt(ᾱ_t)·x_LMS the same move is
   x_t ← x_t − (1 − ᾱ_t) ∇_{x_t}: so η_t = 1 − ᾱ_t here.
 
-One difference: the published loop checks the loss of the *previous* iteration (even of
-the previous step) against the threshold; here each step starts with a fresh loss and
-stops as soon as it is below the threshold, without a further update.
+As published, too:
+
+* the threshold test looks at the loss of the *previous* gradient evaluation (it starts at
+  10000, and is carried over from step to step): so the update made from a loss at or
+  under 0.2 is still applied, and once a loss is under 0.2 no later step is guided.
+  ``threshold_test="fresh"`` is our variant: each guided step evaluates the loss at its
+  own x_t and stops before updating once it is at or under the threshold;
+* each region is a box, rasterised on each layer's own grid as
+  ``mask[int(y0·H):int(y1·H), int(x0·W):int(x1·W)] = 1`` (``mask_mode="box"``). The box is
+  the region's bounding box, read from its image-size mask (exact for boxes drawn on the
+  image's pixel grid; an ellipse becomes the box around it). ``mask_mode="nearest"``,
+  ``"area"`` or ``"bilinear"`` keep the region's shape and resize its mask instead.
 """
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
 from ..sampling import Control, StepState
 from ..schedule import StepsLike, as_step_range
+from ..layouts import MASK_MODES
+from ..validation import check_choice, check_count, check_number
 from .common import check_finite, guidance_loss_and_grad, layout_for_run
 
 LAYER_CHOICES = ("official", "mid+up", "all")
+THRESHOLD_TESTS = ("previous", "fresh")
+LG_MASK_MODES = ("box", *MASK_MODES)
+
+
+def box_masks(layout, height: int, width: int) -> torch.Tensor:
+    """(regions, height, width) 0/1: each region's bounding box rasterised as the published code.
+
+    The box (x0, y0, x1, y1) in fractions of the image is read from the region's mask
+    (pixel edges), then ``mask[int(y0*H):int(y1*H), int(x0*W):int(x1*W)] = 1`` on the layer's grid.
+    """
+    out = torch.zeros(len(layout), height, width)
+    for index, region in enumerate(layout.regions):
+        rows, cols = np.nonzero(region.mask)
+        img_h, img_w = region.mask.shape
+        x0, x1 = cols.min() / img_w, (cols.max() + 1) / img_w
+        y0, y1 = rows.min() / img_h, (rows.max() + 1) / img_h
+        out[index, int(y0 * height): int(y1 * height), int(x0 * width): int(x1 * width)] = 1
+    return out
 
 
 def layout_loss_terms(probs: torch.Tensor, masks: torch.Tensor,
@@ -82,7 +112,7 @@ class LayoutLossHook(AttentionHook):
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
         g = self.guidance
-        masks = g.run_layout.masks_at(ctx.height, ctx.width, mode=g.mask_mode, device=probs.device)
+        masks = g.masks_at(ctx.height, ctx.width, device=probs.device)
         groups = [r.token_indices for r in g.run_layout.regions]
         losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), groups)
         self.total = losses.sum() if self.total is None else self.total + losses.sum()
@@ -103,28 +133,34 @@ class LayoutGuidance(Control):
     Args:
         layout: regions tied to words of the prompt.
         loss_scale: the loss is multiplied by this before the gradient (published 30).
-        loss_threshold: stop the inner iterations once the unscaled loss is at most this (0.2).
+        loss_threshold: no further gradient step once the unscaled loss is at most this (0.2).
+        threshold_test: "previous" (published: test the last evaluated loss, carried over
+            steps) or "fresh" (test the loss at this step's x_t before updating).
         max_iter: gradient steps per guided step at most (5).
         steps: 800 (while t > 800: the published first 10 of ~50 steps), step indices
             (start, stop), or a StepRange.
         layers: "official" (mid block + first up block with cross-attention, as published),
             "mid+up" (mid and every up layer), "all", or a list of layer names.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
-        mask_mode: "nearest" (boxes cut on the layer's grid, as published) or "area".
+        mask_mode: "box" (bounding boxes cut with int(x·W) on each layer's grid, as published),
+            or "nearest", "area", "bilinear" (the region's own shape, resized).
     """
 
     def __init__(self, layout, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
                  steps: StepsLike = 800, layers: str | Iterable[str] = "official",
-                 gradient_checkpointing: bool = False, mask_mode: str = "nearest"):
-        if max_iter < 1:
-            raise ValueError(f"max_iter={max_iter}; need at least 1 gradient step per guided step")
-        if isinstance(layers, str) and layers not in LAYER_CHOICES:
-            raise ValueError(f"layers={layers!r}; use one of {LAYER_CHOICES} or a list of layer names")
-        self.layout, self.loss_scale, self.loss_threshold = layout, float(loss_scale), float(loss_threshold)
-        self.max_iter, self.steps, self.layers = int(max_iter), as_step_range(steps), layers
-        self.checkpointing, self.mask_mode = gradient_checkpointing, mask_mode
+                 gradient_checkpointing: bool = False, mask_mode: str = "box", threshold_test: str = "previous"):
+        if isinstance(layers, str):
+            check_choice("layers", layers, LAYER_CHOICES)
+        self.layout = layout
+        self.loss_scale = check_number("loss_scale", loss_scale, minimum=0)
+        self.loss_threshold = check_number("loss_threshold", loss_threshold, minimum=0)
+        self.max_iter, self.steps, self.layers = check_count("max_iter", max_iter), as_step_range(steps), layers
+        self.checkpointing, self.mask_mode = gradient_checkpointing, check_choice("mask_mode", mask_mode, LG_MASK_MODES)
+        self.threshold_test = check_choice("threshold_test", threshold_test, THRESHOLD_TESTS)
+        self._previous_loss = float("inf")
         self.hook = LayoutLossHook(self)
         self.run_layout, self.layer_names = None, set()
+        self._mask_cache: dict = {}
         self._alphas_cumprod = None
         self.history: list[dict] = []
 
@@ -132,11 +168,29 @@ class LayoutGuidance(Control):
         return [self.hook]
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler)
-        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
         self.layer_names = set(self._choose_layers(sampler.pipe.unet))
+        self.run_layout = layout_for_run(self.layout, sampler, "layout guidance", self.mask_mode,
+                                         lambda name, hw: name in self.layer_names, self._masks_fn())
+        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
         self.history = []
+        self._previous_loss = float("inf")  # the published loop starts from loss = 10000
+        self._mask_cache = {}
+
+    def _masks_fn(self):
+        if self.mask_mode == "box":
+            return box_masks
+        return lambda layout, h, w: layout.masks_at(h, w, mode=self.mask_mode)
+
+    def masks_at(self, height: int, width: int, device=None) -> torch.Tensor:
+        """The run layout's masks on a layer's grid, as this method sees them."""
+        key = (height, width, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self._masks_fn()(self.run_layout, height, width).to(device)
+        return self._mask_cache[key]
+
+    def knob(self) -> str:
+        return f"layout guidance loss_scale={self.loss_scale:g}"
 
     def _choose_layers(self, unet) -> list[str]:
         names = cross_attention_layer_names(unet)
@@ -162,12 +216,15 @@ class LayoutGuidance(Control):
         latents = state.latents.detach()
         eta = self.step_size(int(state.timestep))
         for iteration in range(self.max_iter):
+            if self.threshold_test == "previous" and self._previous_loss <= self.loss_threshold:
+                break  # published: the last loss evaluated (maybe at an earlier step) is low enough
             loss, grad = self.loss_and_grad(state, latents)
             check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
-            if float(loss) <= self.loss_threshold:
-                break  # close enough: leave x_t as it is
+            if self.threshold_test == "fresh" and float(loss) <= self.loss_threshold:
+                break  # our variant: close enough at this x_t, leave it as it is
             latents = (latents - eta * self.loss_scale * grad).detach()
+            self._previous_loss = float(loss)
         return latents
 
     def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,10 +19,14 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..attention import AttentionContext, AttentionHook
+from ..attention import AttentionContext, AttentionHook, layer_place
 from ..sampling import Control, StepState
 from ..schedule import StepsLike, as_step_range
+from ..layouts import MASK_MODES
+from ..validation import check_choice, check_count, check_lambda, check_number
 from .common import check_finite, guidance_loss_and_grad, layout_for_run
+
+PLACES = ("down", "mid", "up")
 
 
 def mag_loss_terms(
@@ -81,8 +85,13 @@ class MaskedAttentionGuidance(Control):
         places: use only these UNet halves, e.g. ("mid", "up") (None: all).
         gradient_checkpointing: recompute activations in the backward pass, so SD at 512²
             fits a 16 GB GPU in fp16.
-        mask_mode: "nearest" (official) or "area".
+        mask_mode: "nearest" (official), "area" or "bilinear".
         loss_fn: replace the loss (same signature as ``mag_loss_terms``) to try your own.
+        allow_negative_lambda: accept λ < 0 (it rewards attention *outside* the regions;
+            for experiments only).
+
+    Every setting is checked here and again in ``start`` against the run (schedule,
+    layers, regions at each layer); see ``mag_explore.validation``.
     """
 
     def __init__(
@@ -97,28 +106,36 @@ class MaskedAttentionGuidance(Control):
         gradient_checkpointing: bool = False,
         mask_mode: str = "nearest",
         loss_fn=mag_loss_terms,
+        allow_negative_lambda: bool = False,
     ):
-        if iterations < 1:
-            raise ValueError(f"iterations={iterations}; need at least 1 gradient step per guided step")
-        self.layout, self.alpha, self.lmbda = layout, float(alpha), float(lmbda)
-        self.steps, self.iterations = as_step_range(steps), int(iterations)
-        self.resolutions = None if resolutions is None else {int(r) for r in resolutions}
-        self.places = None if places is None else set(places)
+        self.layout = layout
+        self.alpha = check_number("alpha", alpha, minimum=0)
+        self.lmbda = check_lambda(lmbda, allow_negative_lambda)
+        self.steps, self.iterations = as_step_range(steps), check_count("iterations", iterations)
+        self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
+        self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
         self.hook = MagLossHook(self)
         self.run_layout = None
         self.history: list[dict] = []
 
     def uses_layer(self, ctx: AttentionContext) -> bool:
-        return (self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions) and (
-            self.places is None or ctx.place in self.places
+        return self._uses(ctx.layer, (ctx.height, ctx.width))
+
+    def _uses(self, layer: str, hw: tuple[int, int]) -> bool:
+        return (self.resolutions is None or max(hw) in self.resolutions) and (
+            self.places is None or layer_place(layer) in self.places
         )
+
+    def knob(self) -> str:
+        return f"MAG alpha={self.alpha:g}"
 
     def attention_hooks(self) -> list:
         return [self.hook]
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler)
+        self.run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self._uses)
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
         self.history = []
 

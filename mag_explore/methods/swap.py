@@ -12,6 +12,8 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control
 from ..schedule import StepsLike, as_step_range
+from ..layouts import MASK_MODES
+from ..validation import check_choice
 from .common import layout_for_run
 
 
@@ -23,10 +25,11 @@ class MaskedAttentionSwap(Control, AttentionHook):
         steps: official style ``700`` (while t > 700, the official default), or step
             indices ``(start, stop)``, or a ``StepRange``.
         renormalize: rescale the other tokens so that each row sums to one again.
-        mask_mode: "nearest" (official) or "area" to resize masks to each layer.
+        mask_mode: "nearest" (official), "area" or "bilinear" to resize masks to each layer.
     """
 
     def __init__(self, layout, steps: StepsLike = 700, renormalize: bool = False, mask_mode: str = "nearest"):
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         self.layout, self.steps = layout, as_step_range(steps)
         self.renormalize, self.mask_mode = renormalize, mask_mode
         self._run_layout = None
@@ -36,7 +39,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
-        self._run_layout = layout_for_run(self.layout, sampler)
+        self._run_layout = layout_for_run(self.layout, sampler, "swap", self.mask_mode)
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "swap steps")
         self.swapped_steps = []
 
