@@ -91,24 +91,29 @@ def test_official_empty_list_skips_a_color(four_squares):
     assert [r.color for r in layout] == [OLIVE, BLUE, DARK_GREEN, RED]
 
 
-def test_official_fewer_lists_warns_and_drops_trailing_colors(tmp_path):
+def test_official_black_may_be_left_out(tmp_path):
     # Black background: "[0, 0, 0]" sorts last, after BLUE "[255, 0, 0]" and RED "[0, 0, 255]".
     pixels = np.zeros((8, 8, 3))
     pixels[:4, :4] = RED
     pixels[4:, 4:] = BLUE
     png = save_png(tmp_path / "black.png", pixels)
-    with pytest.warns(UserWarning, match="not guided"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         layout = Layout.from_official(png, "[[1,2],[4]]")
     assert [(r.color, r.token_indices) for r in layout] == [(BLUE, (1, 2)), (RED, (4,))]
 
 
-def test_official_more_lists_than_colors_lists_colors_in_order(four_squares):
-    with pytest.raises(ValueError, match="6 lists of word ids but") as info:
-        Layout.from_official(four_squares, [[1], [2], [3], [4], [5], [6]])
+@pytest.mark.parametrize("word_ids", ["[[2]]", "[[2], [6, 7]]", "[[1], [2], [3], [4], [5], [6]]"])
+def test_official_needs_one_list_per_color_and_lists_them_in_order(four_squares, word_ids):
+    # Five colors (no black): fewer lists would leave colors silently unguided (the official
+    # script does that), more have no color to go to; both are refused with the order shown.
+    with pytest.raises(ValueError, match=r"list\(s\) of word ids but .* has 5 colors: give one list per color") as info:
+        Layout.from_official(four_squares, word_ids)
     message = str(info.value)
     positions = [message.index(s) for s in ("[30, 200, 90]", "[255, 255, 255]", "[255, 0, 0]",
                                             "[0, 128, 0]", "[0, 0, 255]")]
     assert positions == sorted(positions)
+    assert "[[],[],[],[],[1]]" in message  # the shape of an accepted answer
 
 
 def test_word_id_code_is_rejected_not_run():
@@ -231,7 +236,7 @@ def test_masks_at_area_gives_fractions():
     assert torch.allclose(area[0], torch.full((2, 2), 0.5))
     assert torch.allclose(area[1], torch.tensor([[1 / 16, 0.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="nearest"):
-        layout.masks_at(2, 2, mode="bilinear")
+        layout.masks_at(2, 2, mode="bicubic")
 
 
 def test_masks_at_cache_is_per_layout():

@@ -29,7 +29,12 @@ def layout_for_run(layout, sampler, method: str, mask_mode: str,
     layout = layout.for_generation(sampler.height, sampler.width)  # warns if it had to resize
     layout = layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
     latent_hw = (sampler.height // sampler.pipe.vae_scale_factor, sampler.width // sampler.pipe.vae_scale_factor)
-    grids = {n: hw for n, hw in cross_attention_grids(sampler.pipe.unet, latent_hw).items() if uses_layer(n, hw)}
+    every_layer = cross_attention_grids(sampler.pipe.unet, latent_hw)
+    grids = {n: hw for n, hw in every_layer.items() if uses_layer(n, hw)}
+    if not grids:
+        sizes = sorted({f"{h}x{w}" for h, w in every_layer.values()})
+        raise InputError(f"{method}: no cross-attention layer matched its layer options (resolutions, places or "
+                         f"layers); this UNet's layers are {sizes} at {sampler.height}x{sampler.width}")
     check_regions_at_layers(layout, grids, mask_mode, method, masks_at)
     return layout
 
