@@ -283,7 +283,7 @@ def run_edit(args) -> str:
 
 def is_user_error(error: BaseException) -> bool:
     """Our checks' errors, files the system refused, and NaN runs; a ValueError only if we raised it."""
-    if isinstance(error, (InputError, NonFiniteError, OSError)):
+    if isinstance(error, (InputError, NonFiniteError, OSError, json.JSONDecodeError)):
         return True
     if isinstance(error, ValueError):  # raised on purpose by our own code, not deep inside torch
         tb = error.__traceback__

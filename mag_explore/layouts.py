@@ -320,6 +320,19 @@ def parse_word_ids(word_ids: str | Sequence[Sequence[int]]) -> list[list[int]]:
     return [[int(i) for i in group] for group in parsed]
 
 
+#: The official script finds the regions' colors after shrinking the PNG to 64x64 (the latent
+#: size of SD at 512²) with OpenCV's INTER_NEAREST.
+OFFICIAL_COLOR_GRID = 64
+
+
+def official_color_grid(rgb: np.ndarray, side: int = OFFICIAL_COLOR_GRID) -> np.ndarray:
+    """The PNG shrunk to side x side as ``cv2.resize(..., interpolation=INTER_NEAREST)`` does:
+    output cell i takes source pixel floor(i * H / side)."""
+    rows = (np.arange(side) * rgb.shape[0] / side).astype(int)
+    cols = (np.arange(side) * rgb.shape[1] / side).astype(int)
+    return rgb[rows][:, cols]
+
+
 def official_color_order(rgb: np.ndarray) -> list[RGB]:
     """The distinct colors of an (H, W, 3) RGB image in the official MAG region order.
 
@@ -488,7 +501,8 @@ class Layout:
 
     @classmethod
     def from_official(cls, path: str | Path, word_ids: str | Sequence[Sequence[int]],
-                      size=None, prompt: str | None = None) -> "Layout":
+                      size=None, prompt: str | None = None,
+                      color_grid: int | None = OFFICIAL_COLOR_GRID) -> "Layout":
         """The official MAG input: a color PNG and ``word_ids_for_mask`` like "[[1,2,3,4],[6,7]]".
 
         Every distinct color of the PNG is a region, the background included, in the
@@ -497,12 +511,29 @@ class Layout:
         black, which always sorts last, may be left out. Any other count is an error
         listing the colors in order (the official code silently leaves the colors after
         the last list unguided, so a forgotten list shifts nothing but guides nothing).
-        Token index 0 (BOS) is refused. Colors are found at the PNG's own resolution
-        (the official script first shrinks the PNG to the latent size).
+        Token index 0 (BOS) is refused.
+
+        As in the official script, the colors are those of the PNG shrunk to
+        ``color_grid`` x ``color_grid`` (64, nearest), so a line thinner than the grid's
+        cells or an anti-aliasing color is not a region and shifts no list; a warning
+        names such colors (their pixels are not guided). ``color_grid=None`` finds the
+        colors at the PNG's own size instead. Each region's mask is its color's pixels at
+        full size (nearest resizes of it equal the official 64x64 masks' wherever the
+        sizes divide evenly).
         """
         groups = parse_word_ids(word_ids)
         rgb = _read_rgb(path)
-        colors = official_color_order(rgb)
+        found = official_color_grid(rgb, color_grid) if color_grid is not None else rgb
+        colors = official_color_order(found)
+        lost = [c for c in official_color_order(rgb) if c not in colors]
+        if lost:
+            shown = ", ".join(f"{to_hex(c)} ({int((rgb == c).all(-1).sum())} px)" for c in lost[:6])
+            warnings.warn(
+                f"{path}: colors {shown}{' and more' if len(lost) > 6 else ''} vanish when the PNG is shrunk "
+                f"to {color_grid}x{color_grid} as the official script does, so they are not regions "
+                "(their pixels are not guided); draw them larger to make them regions",
+                stacklevel=2,
+            )
         if len(colors) > MAX_OFFICIAL_COLORS:
             raise ValueError(
                 f"{path} has {len(colors)} colors, more than {MAX_OFFICIAL_COLORS}: it is not a "

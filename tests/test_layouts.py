@@ -116,6 +116,45 @@ def test_official_needs_one_list_per_color_and_lists_them_in_order(four_squares,
     assert "[[],[],[],[],[1]]" in message  # the shape of an accepted answer
 
 
+def official_regions(png: Path, word_ids: list[list[int]]) -> list[tuple[tuple, list[int], np.ndarray]]:
+    """The official script's chain, written out: read BGR (OpenCV), shrink to 64x64 with
+    INTER_NEAREST (cell i takes pixel floor(i * H / 64)), each distinct pixel as str(list),
+    reverse string sort, the i-th word-id list to the i-th color. Returns (RGB, ids, 64x64 mask)."""
+    bgr = np.asarray(Image.open(png).convert("RGB"))[:, :, ::-1]
+    h, w = bgr.shape[:2]
+    small = bgr[[i * h // 64 for i in range(64)]][:, [j * w // 64 for j in range(64)]]
+    keys = sorted({str(list(map(int, px))) for px in small.reshape(-1, 3)}, reverse=True)
+    regions = []
+    for key, ids in zip(keys, word_ids):
+        b, g, r = json.loads(key)
+        if ids:
+            regions.append(((r, g, b), ids, (small == (b, g, r)).all(-1)))
+    return regions
+
+
+def test_official_colors_are_found_after_the_64_nearest_shrink(tmp_path):
+    # 512x512: white, a red block, a blue block, a 3-px green line at columns 9-11 and an
+    # anti-aliasing pink at odd pixels. The shrink to 64x64 samples columns 0, 8, 16, ...,
+    # so the line and the pink vanish there: the official regions are white, blue, red.
+    pixels = np.full((512, 512, 3), 255)
+    pixels[100:400, 40:200] = RED
+    pixels[100:400, 300:480] = BLUE
+    pixels[:, 9:12] = (0, 255, 0)
+    pixels[99, 41:199:2] = (255, 200, 200)
+    png = save_png(tmp_path / "thin.png", pixels)
+    word_ids = [[], [6, 7], [2, 3]]
+    official = official_regions(png, word_ids)
+    assert [c for c, _, _ in official] == [BLUE, RED]
+    with pytest.warns(UserWarning, match=r"#00ff00 \(1536 px\).*vanish when the PNG is shrunk to 64x64"):
+        layout = Layout.from_official(png, word_ids)
+    assert [(r.color, list(r.token_indices)) for r in layout] == [(c, ids) for c, ids, _ in official]
+    for region, (_, _, mask) in zip(layout, official):
+        assert np.array_equal(layout.masks_at(64, 64)[list(layout).index(region)].numpy() > 0.5, mask)
+    # found at full size instead, the line and the pink are regions too and the lists no longer fit
+    with pytest.raises(ValueError, match="3 list\\(s\\) of word ids but .* has 5 colors"):
+        Layout.from_official(png, word_ids, color_grid=None)
+
+
 def test_word_id_code_is_rejected_not_run():
     os.environ.pop("MAG_LAYOUT_PWNED", None)
     attack = "__import__('os').environ.__setitem__('MAG_LAYOUT_PWNED', '1')"
