@@ -262,8 +262,6 @@ def test_masks_at_nearest_matches_official_resize():
     got = layout.masks_at(4, 4)
     assert got.shape == (1, 4, 4) and got.dtype == torch.float32
     assert np.array_equal(got[0].numpy(), expected.astype(np.float32))
-    official = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(4, 4))
-    assert torch.equal(got, official[0])
 
 
 def test_masks_at_area_gives_fractions():
@@ -351,10 +349,11 @@ def test_preview_and_repr(tokenizer):
 
 def test_example_layouts_load(tokenizer):
     jsons = sorted(EXAMPLES.glob("*.json"))
-    assert len(jsons) >= 4
+    regions = {"bottom_half": 2, "left_right": 2, "official_three_objects": 3, "three_objects": 3, "top_bottom": 2}
+    assert [p.stem for p in jsons] == sorted(regions)
     for path in jsons:
         layout = Layout.from_json(path)
-        assert (layout.height, layout.width) == (64, 64) and len(layout) >= 2, path
+        assert (layout.height, layout.width) == (64, 64) and len(layout) == regions[path.stem], path
         assert layout.prompt == json.loads(path.read_text())["prompt"]
     with pytest.warns(UserWarning, match="512x512"):
         big = Layout.from_json(EXAMPLES / "left_right.json", image=EXAMPLES / "left_right_512.png", size=64)
