@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import mag_explore as mx
