@@ -132,7 +132,17 @@ def test_inversion_with_guidance_runs_both_halves(sd15_pipe):
     plain = invert(sd15_pipe, image, PROMPT, num_inference_steps=3, progress=False)
     guided = invert(sd15_pipe, image, PROMPT, num_inference_steps=3, guidance_scale=3.0, progress=False)
     assert guided.settings["guidance_scale"] == 3.0
-    assert (plain.latents - guided.latents).abs().max() > 1e-4
+    # the first step up, computed here: both halves through the UNet, eps_u + 3 (eps_c − eps_u)
+    x = guided.step_latents[0]
+    t = torch.tensor(guided.timesteps[-1])
+    with torch.no_grad():
+        eps_u, eps_c = (sd15_pipe.unet(x, t, encoder_hidden_states=encode_text(sd15_pipe, [text])).sample
+                        for text in (guided.settings["negative_prompt"], PROMPT))
+    scheduler = DDIMScheduler.from_config(sd15_pipe.scheduler.config)
+    scheduler.set_timesteps(3)
+    expected, _ = inversion_step(scheduler, eps_u + 3.0 * (eps_c - eps_u), int(t), x)
+    assert torch.allclose(guided.step_latents[1], expected, atol=1e-5)
+    assert (plain.step_latents[1] - expected).abs().max() > 1e-4  # CFG 1 is another step
 
 
 def test_bad_images_are_refused_with_their_size_or_values(sd15_pipe):
@@ -263,7 +273,17 @@ def test_edit_can_start_from_other_noise_where_the_moved_word_is(sd15_pipe, targ
     result = edit_image(sd15_pipe, image, PROMPT, target, method="none", start=start,
                         inversion=inversion, progress=False)
     assert result.source_layout.label(0) == "red circle"  # where it was, read from the attention
-    assert np.abs(result.edited.pixels - result.source.pixels).max() > 1e-3
+    # without control the edit is plain sampling from the start latents the docs describe
+    was = result.source_layout.resolve(sd15_pipe.tokenizer, PROMPT)
+    now = target.resolve(sd15_pipe.tokenizer, PROMPT)
+    if start == "renoise":
+        latents = renoise(inversion.latents, Layout(list(now.regions) + list(was.regions)), 0)
+    else:
+        latents = move_latents(inversion.latents, was, now, 0)
+    assert not torch.equal(latents, inversion.latents)
+    expected = generate(sd15_pipe, PROMPT, latents=latents, num_inference_steps=2, guidance_scale=1.0,
+                        negative_prompt=inversion.settings["negative_prompt"], progress=False)
+    assert np.abs(result.edited.pixels - expected.pixels).max() <= 1e-5
 
 
 def test_edit_errors_name_the_bad_value(sd15_pipe, target):
