@@ -74,9 +74,9 @@ def mag(env, **kw):
 
 CASES = [
     # ---- generate: counts and sizes
-    Case("steps negative", gen("--steps", "-3"), ["--steps=-3", ">= 1"],
+    Case("steps negative", gen("--steps", "-3"), ["--num-inference-steps=-3", ">= 1"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=-3), ["num_inference_steps=-3", "1..1000"]),
-    Case("steps zero", gen("--steps", "0"), ["--steps=0", ">= 1"],
+    Case("steps zero", gen("--steps", "0"), ["--num-inference-steps=0", ">= 1"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=0), ["num_inference_steps=0", "1..1000"]),
     Case("steps more than the schedule", gen("--steps", "5000", "--method", "none", layout=False), ["=5000", "1..1000"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=5000)),
@@ -104,15 +104,15 @@ CASES = [
          ["not finite after step", "guidance_scale=1e+38"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=6, guidance_scale=1e38, progress=False)),
     Case("alpha overflowing", gen("--alpha", "1e30", "--guide-until", "100"), ["not finite", "alpha=1e+30"],
-         lambda e: mag(e, alpha=1e30, steps=100)),
+         lambda e: mag(e, alpha=1e30, while_t_above=100)),
     # ---- generate: step ranges
     Case("guide range selects no step", gen("--guide-until", "990"), ["t > 990", "selects no step", "831"],
-         lambda e: mag(e, steps=990)),
+         lambda e: mag(e, while_t_above=990)),
     Case("guide threshold negative", gen("--guide-until", "-5"), ["--guide-until=-5", "0..999"],
-         lambda e: mag(e, steps=-5), ["threshold -5", "0..999"]),
+         lambda e: mag(e, while_t_above=-5), ["threshold -5", "0..999"]),
     Case("swap threshold beyond the schedule", gen("--swap-until", "2000", "--method", "swap"),
          ["--swap-until=2000", "0..999"],
-         lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=6, controls=[mx.MaskedAttentionSwap(e.layout(), steps=2000)]),
+         lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=6, controls=[mx.MaskedAttentionSwap(e.layout(), while_t_above=2000)]),
          ["threshold 2000", "0..999"]),
     # ---- generate: layouts and words
     Case("one word-id list for three colors", gen(layout=False) + ["--layout", str(LAYOUT_PNG), "--word-ids", "[[2]]"],
@@ -140,7 +140,7 @@ CASES = [
          lambda e: run_evaluation(str(e.folder), SUITE, ["none"], 0, e.out / "eval", progress=False), ["--seeds 0"]),
     Case("evaluate unknown method", evaluate("--methods", "none,boxdiff"), ["boxdiff", "'mag'"],
          lambda e: run_evaluation(str(e.folder), SUITE, ["none", "boxdiff"], 1, e.out / "eval", progress=False)),
-    Case("evaluate steps negative", evaluate("--steps", "-1"), ["--steps=-1", ">= 1"],
+    Case("evaluate steps negative", evaluate("--steps", "-1"), ["--num-inference-steps=-1", ">= 1"],
          lambda e: run_evaluation(str(e.folder), SUITE, ["none"], 1, e.out / "eval", steps=-1, progress=False),
          ["num_inference_steps=-1", "1..1000"]),
     Case("evaluate suite missing", evaluate("--suite", "{in}/nope.json"), ["nope.json", "no such file"]),
@@ -160,7 +160,7 @@ CASES = [
     Case("edit cfg negative", edit("--cfg", "-1"), ["--cfg=-1.0", ">= 0"],
          lambda e: edit_image(e.pipe, e.inputs / "scene.png", PROMPT, e.layout(), guidance_scale=-1, progress=False),
          ["guidance_scale=-1.0", ">= 0"]),
-    Case("edit steps zero", edit("--steps", "0"), ["--steps=0", ">= 1"],
+    Case("edit steps zero", edit("--steps", "0"), ["--num-inference-steps=0", ">= 1"],
          lambda e: edit_image(e.pipe, e.inputs / "scene.png", PROMPT, e.layout(), num_inference_steps=0, progress=False),
          ["num_inference_steps=0", "1..1000"]),
 ]

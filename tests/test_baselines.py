@@ -8,8 +8,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import (LayoutGuidance, PaintWithWords, layout_loss_terms, make_controls, noise_level,
-                                 pww_bonus)
+from mag_explore.methods import (LayoutGuidance, PaintWithWords, guidance_step, layout_loss_terms, make_controls,
+                                 noise_level, pww_bonus)
 from mag_explore.methods.layout_guidance import official_layers
 from mag_explore.sampling import Control, Sampler, StepState, generate
 
@@ -85,7 +85,7 @@ def test_pww_probabilities_are_the_softmax_of_the_edited_logits(sd15_pipe, layou
         probs = store.get(step, layer).flatten(2, 3)  # (batch, heads, pixels, tokens)
         assert torch.allclose(probs[1:], (cond + bonus).softmax(-1), atol=1e-5)
         assert torch.allclose(probs[:1], scores[:1].softmax(-1), atol=1e-6)  # unconditional half untouched
-    assert result.diagnostics["PaintWithWords"]["step"] == [0, 1, 2]
+    assert result.diagnostics["pww"]["step"] == [0, 1, 2]
 
 
 def bilinear_align_corners(mask: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -200,7 +200,7 @@ def test_official_layers_are_mid_and_the_first_up_block(sd15_pipe):
 def test_layout_guidance_gradient_matches_a_finite_difference(sd15_pipe, layout):
     # The gradient guidance steps along is the loss's: a central difference along a random
     # direction d, (L(x + h·d) − L(x − h·d)) / 2h, equals <∇L, d> to O(h²).
-    lg = LayoutGuidance(layout, steps=(0, 1))
+    lg = LayoutGuidance(layout, step_range=(0, 1))
     sampler = Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[lg])
     from mag_explore.attention import cross_attention_hooks
 
@@ -211,9 +211,9 @@ def test_layout_guidance_gradient_matches_a_finite_difference(sd15_pipe, layout)
         controller.set_step(0, t)
         state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
                           sampler.uncond_embeddings, controller, sampler.timesteps)
-        _, grad = lg.loss_and_grad(state, sampler.latents)
-        plus, _ = lg.loss_and_grad(state, sampler.latents + h * direction)
-        minus, _ = lg.loss_and_grad(state, sampler.latents - h * direction)
+        _, _, grad = guidance_step(state, sampler.latents, lg.hook, 0.0)
+        _, plus, _ = guidance_step(state, sampler.latents + h * direction, lg.hook, 0.0)
+        _, minus, _ = guidance_step(state, sampler.latents - h * direction, lg.hook, 0.0)
     assert len(lg.hook.layers) == 3
     directional = float((grad * direction).sum())
     assert abs(directional) > 1e-4  # the check means something
@@ -269,7 +269,7 @@ def test_layout_guidance_iterates_until_the_threshold(sd15_pipe, layout):
     calls, guided = count_unet_calls(sd15_pipe, [lg])
     assert calls == [1, 1, 1, 2, 2, 2, 2, 2]
     assert np.abs(plain.pixels - guided.pixels).max() > 1e-3
-    d = guided.diagnostics["LayoutGuidance"]
+    d = guided.diagnostics["lg"]
     assert d["iteration"] == [0, 1, 2] and d["loss"][2] < d["loss"][0]
     # A threshold the loss is always under ((1 - ratio)² <= 1). Published rule: the first
     # loss is compared with the previous one (10000), so it is evaluated *and applied*.
@@ -305,8 +305,8 @@ def published_lg_loop(x, target, timesteps, eta, loss_scale, threshold, max_iter
 
 
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.9])
-def test_layout_guidance_loop_is_the_published_one_on_a_toy_loss(layout, threshold):
-    # Same toy loss through our control (its loss_and_grad replaced): same latents, same
+def test_layout_guidance_loop_is_the_published_one_on_a_toy_loss(layout, threshold, monkeypatch):
+    # Same toy loss through our control (its guidance step replaced): same latents, same
     # number of evaluations per step, including the update made from a loss already under
     # the threshold and the steps skipped after it.
     from types import SimpleNamespace
@@ -315,17 +315,21 @@ def test_layout_guidance_loop_is_the_published_one_on_a_toy_loss(layout, thresho
     x0, target = torch.randn(1, 4, 4, 4, generator=g) * 1.5, torch.zeros(1, 4, 4, 4)
     timesteps, eta, scale = [981, 961, 941, 921, 901], 0.02, 30.0
     expected, evaluations = published_lg_loop(x0, target, timesteps, eta, scale, threshold, 5, 3)
-    lg = LayoutGuidance(layout, loss_scale=scale, loss_threshold=threshold, max_iter=5, steps=(0, 3))
+    lg = LayoutGuidance(layout, loss_scale=scale, loss_threshold=threshold, max_iter=5, step_range=(0, 3))
     lg._alphas_cumprod = torch.full((1000,), 1 - eta, dtype=torch.float64)  # so η_t = 1 − ᾱ_t = eta
     counted = []
 
-    def toy_loss_and_grad(state, latents):
+    def toy_guidance_step(state, latents, hook, step_size, checkpointing=False):
         latents = latents.detach().requires_grad_(True)
         loss = ((latents - target) ** 2).mean()
         counted[-1] += 1
-        return loss.detach(), torch.autograd.grad(loss, latents)[0]
+        grad = torch.autograd.grad(loss, latents)[0]
+        return (latents - step_size * grad).detach(), loss.detach(), grad
 
-    lg.loss_and_grad, lg._record = toy_loss_and_grad, lambda *args: None
+    import mag_explore.methods.layout_guidance as lg_module
+
+    monkeypatch.setattr(lg_module, "guidance_step", toy_guidance_step)
+    lg._record = lambda *args: None
     x = x0
     for index, t in enumerate(timesteps):
         counted.append(0)
@@ -340,20 +344,20 @@ def test_layout_guidance_boxes_are_rasterised_on_each_layer_grid_as_published(sd
     box = (0.3, 0.1, 0.7, 0.8)
     shapes = Layout.from_shapes(64, 64, [rect("red circle", *box), rect("blue square", 0.0, 0.0, 0.3, 0.3)],
                                 prompt=PROMPT)
-    lg = LayoutGuidance(shapes, steps=(0, 1))
+    lg = LayoutGuidance(shapes, step_range=(0, 1))
     Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[lg])  # start() resolves the layout
     for size in (4, 2):  # the tiny UNet's grids (SD at 512²: 16 and 8)
         expected = torch.zeros(size, size)
         x0, y0, x1, y1 = box
         expected[int(y0 * size):int(y1 * size), int(x0 * size):int(x1 * size)] = 1
-        assert torch.equal(lg.masks_at(size, size)[0], expected), size
+        assert torch.equal(lg.hook.masks_at(size, size)[0], expected), size
     # At 16x16 the nearest resize of the 64x64 mask is one cell off the published box on the left:
     # column i samples pixel 4i, inside from pixel 19 (centre 19.5 >= 0.3·64), so from i = 5, not int(4.8) = 4.
     published = torch.zeros(16, 16)
     published[int(0.1 * 16):int(0.8 * 16), int(0.3 * 16):int(0.7 * 16)] = 1
     from mag_explore.methods.layout_guidance import box_masks
-    assert torch.equal(box_masks(lg.run_layout, 16, 16)[0], published)
-    nearest = lg.run_layout.masks_at(16, 16, mode="nearest")[0]
+    assert torch.equal(box_masks(lg.hook.layout, 16, 16)[0], published)
+    nearest = lg.hook.layout.masks_at(16, 16, mode="nearest")[0]
     assert not torch.equal(nearest, published) and nearest[:, 4].sum() == 0 and published[:, 4].sum() > 0
 
 
@@ -385,7 +389,7 @@ def test_layout_guidance_stops_on_a_non_finite_loss_and_restores(sd15_pipe, layo
     from mag_explore.methods import NonFiniteGuidanceError
 
     before = sd15_pipe.unet.attn_processors
-    lg = LayoutGuidance(layout, steps=(0, 1), loss_scale=1e38, loss_threshold=0.0)
+    lg = LayoutGuidance(layout, step_range=(0, 1), loss_scale=1e38, loss_threshold=0.0)
     with pytest.raises(NonFiniteGuidanceError, match=r"layout guidance at step 0 .*loss_scale=1e\+38.*smaller loss_scale"):
         generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, controls=[lg], progress=False)
     after = sd15_pipe.unet.attn_processors

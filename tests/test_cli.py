@@ -51,9 +51,13 @@ def test_generate_writes_what_the_python_api_makes(mag_run, sd15_pipe):
     from mag_explore.sampling import generate
 
     done, out = mag_run
+    # quiet by default: no third-party warnings or loading bars, only our denoising bar
+    assert "torchvision" not in done.stderr and "Loading" not in done.stderr, done.stderr
+    assert "denoising" in done.stderr
     layout = Layout.from_color_png(LAYOUT_PNG, json.loads(REGIONS), prompt=PROMPT)
     kwargs = dict(num_inference_steps=4, seed=42, progress=False)
-    api = generate(sd15_pipe, PROMPT, controls=make_controls("mag", layout, alpha=5, guide_steps=500), **kwargs)
+    api = generate(sd15_pipe, PROMPT, controls=make_controls("mag", layout, alpha=5, while_t_above=500),
+                   store=AttentionStore(), **kwargs)  # --save-attention: the store is on in the CLI run too
     plain = generate(sd15_pipe, PROMPT, **kwargs)
     written = np.asarray(Image.open(out / "mag.png"), dtype=int)
     assert np.array_equal(written, np.asarray(api.images[0], dtype=int))
@@ -82,6 +86,13 @@ def test_bad_input_is_one_line_and_non_zero(sd15_folder, tmp_path, capfd, args, 
     assert not (tmp_path / "x.png").exists()
 
 
+def test_verbose_shows_the_libraries_loading_output(sd15_folder, tmp_path):
+    done = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none", "--steps", "1",
+               "--out", tmp_path / "x.png", "--device", "cpu", "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "Loading pipeline components" in done.stderr
+
+
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
     done = cli("generate", "--model", tmp_path / "nope", "--prompt", PROMPT, "--method", "none", "--out",
                tmp_path / "x.png")
@@ -94,7 +105,8 @@ def test_help_names_every_option_with_its_default():
     for option in ["--alpha", "--lmbda", "--guide-until", "--swap-until", "--word-ids", "--save-attention", "--cfg"]:
         assert option in done.stdout
     text = " ".join(done.stdout.split())  # argparse wraps lines
-    assert "(default 0.5)" in text and "t > T (default 700)" in text and "default 42" in text
+    assert "(default 0.5)" in text and "700 as the official code" in text and "default 42" in text
+    assert "--num-inference-steps" in text and "--verbose" in text
 
 
 def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp_path, capsys):

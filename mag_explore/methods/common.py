@@ -1,8 +1,7 @@
-"""Small pieces shared by the methods: layouts tied to the prompt, frozen weights, the guidance pass."""
+"""Small pieces shared by the methods: layouts tied to the prompt, the non-finite check."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -37,59 +36,6 @@ def layout_for_run(layout, sampler, method: str, mask_mode: str,
                          f"layers); this UNet's layers are {sizes} at {sampler.height}x{sampler.width}")
     check_regions_at_layers(layout, grids, mask_mode, method, masks_at)
     return layout
-
-
-@contextmanager
-def frozen_weights(*modules: torch.nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` on every weight, and put each flag back afterwards.
-
-    Guidance needs the gradient with respect to the latent only; weights that require
-    grad would make autograd keep work for them too.
-    """
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextmanager
-def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
-    """Recompute activations in the backward pass (less memory, ~30 % more time); restored after."""
-    before = getattr(unet, "is_gradient_checkpointing", False)
-    if enabled and not before:
-        unet.enable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        if enabled and not before:
-            unet.disable_gradient_checkpointing()
-
-
-def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bool,
-                           no_layer_message: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loss read from the cross-attention of x_t, and its gradient with respect to x_t.
-
-    One UNet pass with the *conditional* prompt only, marked as phase "guidance" so that
-    stores and edit hooks stay out of it; ``hook`` (with ``reset()`` and ``.loss``) adds up
-    its loss over the layers it watches. Only the latent requires grad. The latent and
-    its gradient are float32 even on an fp16 UNet (the cast to the UNet's dtype is part
-    of the graph), so the update x_t - α∇ is made in float32 as in the official code.
-    """
-    unet = state.pipe.unet
-    latents = latents.detach().float().requires_grad_(True)
-    hook.reset()
-    with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
-            state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
-        model_input = state.scheduler.scale_model_input(latents, state.timestep).to(unet.dtype)
-        unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
-        if hook.loss is None:
-            raise ValueError(no_layer_message)
-        (grad,) = torch.autograd.grad(hook.loss, latents)
-    return hook.loss.detach(), grad
 
 
 class NonFiniteGuidanceError(NonFiniteError):

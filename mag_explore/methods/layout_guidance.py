@@ -38,17 +38,18 @@ As published, too:
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
 from ..sampling import Control, StepState
-from ..schedule import StepsLike, as_step_range
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from .common import check_finite, layout_for_run
+from .guidance import guidance_step
 from ..layouts import MASK_MODES
 from ..validation import check_choice, check_count, check_number
-from .common import check_finite, guidance_loss_and_grad, layout_for_run
 
 LAYER_CHOICES = ("official", "mid+up", "all")
 THRESHOLD_TESTS = ("previous", "fresh")
@@ -69,6 +70,13 @@ def box_masks(layout, height: int, width: int) -> torch.Tensor:
         y0, y1 = rows.min() / img_h, (rows.max() + 1) / img_h
         out[index, int(y0 * height): int(y1 * height), int(x0 * width): int(x1 * width)] = 1
     return out
+
+
+def layer_masks(mask_mode: str) -> Callable:
+    """``masks(layout, h, w)`` for a mask mode: published boxes, or the layout's resized masks."""
+    if mask_mode == "box":
+        return box_masks
+    return lambda layout, h, w: layout.masks_at(h, w, mode=mask_mode)
 
 
 def layout_loss_terms(probs: torch.Tensor, masks: torch.Tensor,
@@ -98,23 +106,30 @@ def official_layers(unet) -> list[str]:
 
 
 class LayoutLossHook(AttentionHook):
-    """Sums the layout loss over the chosen layers of one guidance forward pass."""
+    """Sums the layout loss over the chosen layers of one guidance pass (``layout`` resolved)."""
 
-    def __init__(self, guidance: "LayoutGuidance"):
-        self.guidance = guidance
+    def __init__(self, layout, layer_names: set[str], mask_mode: str = "box"):
+        self.layout, self.layer_names, self.mask_mode = layout, set(layer_names), mask_mode
+        self.layers_wanted = sorted(self.layer_names)
+        self._masks, self._cache = layer_masks(mask_mode), {}
         self.reset()
+
+    def masks_at(self, height: int, width: int, device=None) -> torch.Tensor:
+        """The masks this loss uses on a layer's grid (cached per run)."""
+        key = (height, width, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._masks(self.layout, height, width).to(device)
+        return self._cache[key]
 
     def reset(self) -> None:
         self.total, self.shares, self.layers = None, [], []
 
     def active(self, ctx: AttentionContext) -> bool:
-        return ctx.phase == "guidance" and ctx.layer in self.guidance.layer_names
+        return ctx.phase == "guidance" and ctx.layer in self.layer_names
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        g = self.guidance
-        masks = g.masks_at(ctx.height, ctx.width, device=probs.device)
-        groups = [r.token_indices for r in g.run_layout.regions]
-        losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), groups)
+        masks = self.masks_at(ctx.height, ctx.width, device=probs.device)
+        losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), self.layout.token_groups)
         self.total = losses.sum() if self.total is None else self.total + losses.sum()
         self.shares.append(shares)
         self.layers.append(ctx.layer)
@@ -124,7 +139,7 @@ class LayoutLossHook(AttentionHook):
         """Σ over layers and regions / (regions × layers), as the published code averages."""
         if self.total is None:
             return None
-        return self.total / (len(self.guidance.run_layout.regions) * len(self.layers))
+        return self.total / (len(self.layout.regions) * len(self.layers))
 
 
 class LayoutGuidance(Control):
@@ -137,8 +152,8 @@ class LayoutGuidance(Control):
         threshold_test: "previous" (published: test the last evaluated loss, carried over
             steps) or "fresh" (test the loss at this step's x_t before updating).
         max_iter: gradient steps per guided step at most (5).
-        steps: 800 (while t > 800: the published first 10 of ~50 steps), step indices
-            (start, stop), or a StepRange.
+        while_t_above: guide while t > this (None: 800, the published first 10 of ~50 steps).
+        step_range: or guide during step indices ``(start, stop)`` instead (or a StepRange).
         layers: "official" (mid block + first up block with cross-attention, as published),
             "mid+up" (mid and every up layer), "all", or a list of layer names.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
@@ -146,51 +161,49 @@ class LayoutGuidance(Control):
             or "nearest", "area", "bilinear" (the region's own shape, resized).
     """
 
-    def __init__(self, layout, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
-                 steps: StepsLike = 800, layers: str | Iterable[str] = "official",
-                 gradient_checkpointing: bool = False, mask_mode: str = "box", threshold_test: str = "previous"):
+    name = "lg"
+
+    def __init__(self, layout, *, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
+                 while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+                 layers: str | Iterable[str] = "official", gradient_checkpointing: bool = False,
+                 mask_mode: str = "box", threshold_test: str = "previous", **removed):
+        reject_old_keywords("LayoutGuidance", removed)
         if isinstance(layers, str):
             check_choice("layers", layers, LAYER_CHOICES)
         self.layout = layout
         self.loss_scale = check_number("loss_scale", loss_scale, minimum=0)
         self.loss_threshold = check_number("loss_threshold", loss_threshold, minimum=0)
-        self.max_iter, self.steps, self.layers = check_count("max_iter", max_iter), as_step_range(steps), layers
+        self.steps = resolve_step_range(while_t_above, step_range, default=StepRange(while_t_above=800),
+                                        what="LayoutGuidance")
+        self.max_iter, self.layers = check_count("max_iter", max_iter), layers
         self.checkpointing, self.mask_mode = gradient_checkpointing, check_choice("mask_mode", mask_mode, LG_MASK_MODES)
         self.threshold_test = check_choice("threshold_test", threshold_test, THRESHOLD_TESTS)
         self._previous_loss = float("inf")
-        self.hook = LayoutLossHook(self)
-        self.run_layout, self.layer_names = None, set()
-        self._mask_cache: dict = {}
+        self.hook: LayoutLossHook | None = None
+        self._settings: dict = {}
         self._alphas_cumprod = None
         self.history: list[dict] = []
 
     def attention_hooks(self) -> list:
-        return [self.hook]
+        return [self.hook] if self.hook is not None else []
 
     def start(self, sampler) -> None:
-        self.layer_names = set(self._choose_layers(sampler.pipe.unet))
-        self.run_layout = layout_for_run(self.layout, sampler, "layout guidance", self.mask_mode,
-                                         lambda name, hw: name in self.layer_names, self._masks_fn())
+        layer_names = set(self._choose_layers(sampler.pipe.unet))
+        run_layout = layout_for_run(self.layout, sampler, "layout guidance", self.mask_mode,
+                                    lambda name, hw: name in layer_names, layer_masks(self.mask_mode))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
-        self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
-        self.history = []
+        self.hook = LayoutLossHook(run_layout, layer_names, self.mask_mode)
         self._previous_loss = float("inf")  # the published loop starts from loss = 10000
-        self._mask_cache = {}
+        self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
+        self._settings = {"loss_scale": self.loss_scale, "loss_threshold": self.loss_threshold,
+                          "max_iter": self.max_iter, **self.steps.as_keywords(),
+                          "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+                          "mask_mode": self.mask_mode, "threshold_test": self.threshold_test}
+        self.history = []
 
-    def _masks_fn(self):
-        if self.mask_mode == "box":
-            return box_masks
-        return lambda layout, h, w: layout.masks_at(h, w, mode=self.mask_mode)
-
-    def masks_at(self, height: int, width: int, device=None) -> torch.Tensor:
-        """The run layout's masks on a layer's grid, as this method sees them."""
-        key = (height, width, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = self._masks_fn()(self.run_layout, height, width).to(device)
-        return self._mask_cache[key]
-
-    def knob(self) -> str:
-        return f"layout guidance loss_scale={self.loss_scale:g}"
+    @property
+    def settings(self) -> dict:
+        return self._settings
 
     def _choose_layers(self, unet) -> list[str]:
         names = cross_attention_layer_names(unet)
@@ -206,6 +219,9 @@ class LayoutGuidance(Control):
             raise ValueError(f"unknown cross-attention layers {unknown or chosen}; this UNet has {names}")
         return chosen
 
+    def knob(self) -> str:
+        return f"layout guidance loss_scale={self.loss_scale:g}"
+
     def step_size(self, timestep: int) -> float:
         """η_t = 1 − ᾱ_t: the published σ² step of its LMS scheduler, for DDIM latents."""
         return 1.0 - float(self._alphas_cumprod[int(timestep)])
@@ -214,23 +230,17 @@ class LayoutGuidance(Control):
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
         latents = state.latents.detach()
-        eta = self.step_size(int(state.timestep))
+        step_size = self.step_size(int(state.timestep)) * self.loss_scale
         for iteration in range(self.max_iter):
             if self.threshold_test == "previous" and self._previous_loss <= self.loss_threshold:
                 break  # published: the last loss evaluated (maybe at an earlier step) is low enough
-            loss, grad = self.loss_and_grad(state, latents)
+            moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
             check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
             if self.threshold_test == "fresh" and float(loss) <= self.loss_threshold:
                 break  # our variant: close enough at this x_t, leave it as it is
-            latents = (latents - eta * self.loss_scale * grad).detach()
-            self._previous_loss = float(loss)
+            latents, self._previous_loss = moved, float(loss)
         return latents
-
-    def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unscaled layout loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
-        return guidance_loss_and_grad(state, latents, self.hook, self.checkpointing,
-                                      f"no cross-attention layer ran among {sorted(self.layer_names)}")
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         self.history.append({

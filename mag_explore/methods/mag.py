@@ -9,9 +9,11 @@ Before each denoising step in range:
 3. one SGD step on the latent: x_t ← x_t − α ∇ₓ L;
 4. the ordinary classifier-free-guidance step continues from the new x_t.
 
-Official defaults: α = 0.08, λ = 0.5, guidance while t > 700, DDIM 50 steps, CFG 9,
-negative prompt "low quality". Only the latent requires grad, the loss is float32, and a
-non-finite loss or gradient stops the run with an error instead of a black image.
+α, λ and the threshold default to the model's (``model_defaults(pipe)``: ``mag_alpha``,
+``mag_lambda``, ``guide_until``; on Stable Diffusion the official α = 0.08, λ = 0.5, guidance
+while t > 700), resolved when the run starts. Only the latent requires grad, the loss is
+float32, and a non-finite loss or gradient stops the run with an error instead of a black
+image. The step itself is :func:`~mag_explore.methods.guidance.guidance_step`.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from typing import Iterable, Sequence
 import torch
 
 from ..attention import AttentionContext, AttentionHook, layer_place
-from ..sampling import Control, StepState
-from ..schedule import StepsLike, as_step_range
 from ..layouts import MASK_MODES
+from ..models import model_defaults
+from ..sampling import Control, StepState
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from .common import check_finite, layout_for_run
+from .guidance import guidance_step
 from ..validation import check_choice, check_count, check_lambda, check_number
-from .common import check_finite, guidance_loss_and_grad, layout_for_run
 
 PLACES = ("down", "mid", "up")
 
@@ -48,10 +52,17 @@ def mag_loss_terms(
 
 
 class MagLossHook(AttentionHook):
-    """Collects the MAG loss over the cross-attention layers of one guidance forward pass."""
+    """Adds up the MAG loss over the cross-attention layers of one guidance pass.
 
-    def __init__(self, guidance: "MaskedAttentionGuidance"):
-        self.guidance = guidance
+    ``layout`` is resolved (token indices known); ``resolutions`` / ``places`` restrict
+    the layers (None: all).
+    """
+
+    def __init__(self, layout, lmbda: float, *, mask_mode: str = "nearest", loss_fn=mag_loss_terms,
+                 resolutions: set[int] | None = None, places: set[str] | None = None):
+        self.layout, self.lmbda, self.mask_mode, self.loss_fn = layout, lmbda, mask_mode, loss_fn
+        self.resolutions, self.places = resolutions, places
+        self.layers_wanted = f"resolutions={resolutions}, places={places}"
         self.reset()
 
     def reset(self) -> None:
@@ -59,13 +70,14 @@ class MagLossHook(AttentionHook):
         self.inside, self.outside, self.layers = [], [], []
 
     def active(self, ctx: AttentionContext) -> bool:
-        return ctx.phase == "guidance" and self.guidance.uses_layer(ctx)
+        return ctx.phase == "guidance" and (
+            self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions) and (
+            self.places is None or ctx.place in self.places)
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        g = self.guidance
-        masks = g.run_layout.masks_at(ctx.height, ctx.width, mode=g.mask_mode, device=probs.device)
-        groups = [r.token_indices for r in g.run_layout.regions]
-        loss, inside, outside = g.loss_fn(probs.float(), masks.flatten(1).float(), groups, g.lmbda)
+        masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device)
+        loss, inside, outside = self.loss_fn(probs.float(), masks.flatten(1).float(), self.layout.token_groups,
+                                             self.lmbda)
         self.loss = loss if self.loss is None else self.loss + loss
         self.inside.append(inside.detach())
         self.outside.append(outside.detach())
@@ -77,9 +89,13 @@ class MaskedAttentionGuidance(Control):
 
     Args:
         layout: regions tied to words of the prompt.
-        alpha: step size α of the gradient step on x_t (official 0.08).
-        lmbda: weight λ of the attention outside the masks (official 0.5).
-        steps: 700 (while t > 700, official), step indices (start, stop), or a StepRange.
+        alpha: step size α of the gradient step on x_t (None: the model's ``mag_alpha``;
+            official 0.08).
+        lmbda: weight λ of the attention outside the masks (None: ``mag_lambda``; 0.5).
+        while_t_above: guide while the timestep t > this (None: the model's ``guide_until``;
+            official 700).
+        step_range: or guide during step indices ``(start, stop)`` instead; a ``StepRange``
+            is accepted by either keyword.
         iterations: gradient steps per denoising step (official 1).
         resolutions: use only layers whose larger side is in this set (None: all layers).
         places: use only these UNet halves, e.g. ("mid", "up") (None: all).
@@ -90,16 +106,21 @@ class MaskedAttentionGuidance(Control):
         allow_negative_lambda: accept λ < 0 (it rewards attention *outside* the regions;
             for experiments only).
 
-    Every setting is checked here and again in ``start`` against the run (schedule,
-    layers, regions at each layer); see ``mag_explore.validation``.
+    Every setting is checked (``mag_explore.validation``): given values here, the model's
+    defaults and the run (schedule, layers, each region at each layer) in ``start``.
+    After ``start``, ``settings`` holds the values used (``result.settings["mag"]``).
     """
+
+    name = "mag"
 
     def __init__(
         self,
         layout,
-        alpha: float = 0.08,
-        lmbda: float = 0.5,
-        steps: StepsLike = 700,
+        *,
+        alpha: float | None = None,
+        lmbda: float | None = None,
+        while_t_above: int | StepRange | None = None,
+        step_range: tuple | StepRange | None = None,
         iterations: int = 1,
         resolutions: Iterable[int] | None = None,
         places: Iterable[str] | None = None,
@@ -107,55 +128,67 @@ class MaskedAttentionGuidance(Control):
         mask_mode: str = "nearest",
         loss_fn=mag_loss_terms,
         allow_negative_lambda: bool = False,
+        **removed,
     ):
+        reject_old_keywords("MaskedAttentionGuidance", removed)
+        resolve_step_range(while_t_above, step_range, what="MaskedAttentionGuidance")  # type errors now
+        self.allow_negative_lambda = bool(allow_negative_lambda)
         self.layout = layout
-        self.alpha = check_number("alpha", alpha, minimum=0)
-        self.lmbda = check_lambda(lmbda, allow_negative_lambda)
-        self.steps, self.iterations = as_step_range(steps), check_count("iterations", iterations)
+        self.alpha = None if alpha is None else check_number("alpha", alpha, minimum=0)
+        self.lmbda = None if lmbda is None else check_lambda(lmbda, self.allow_negative_lambda)
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.iterations = check_count("iterations", iterations)
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES)
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
-        self.hook = MagLossHook(self)
-        self.run_layout = None
+        self.hook: MagLossHook | None = None
+        self.steps: StepRange | None = None  # the resolved range, after start
+        self._settings: dict = {}
         self.history: list[dict] = []
 
-    def uses_layer(self, ctx: AttentionContext) -> bool:
-        return self._uses(ctx.layer, (ctx.height, ctx.width))
+    def attention_hooks(self) -> list:
+        return [self.hook] if self.hook is not None else []
 
-    def _uses(self, layer: str, hw: tuple[int, int]) -> bool:
+    def uses_layer(self, layer: str, hw: tuple[int, int]) -> bool:
+        """Whether the loss reads this cross-attention layer (``resolutions`` / ``places``)."""
         return (self.resolutions is None or max(hw) in self.resolutions) and (
-            self.places is None or layer_place(layer) in self.places
-        )
+            self.places is None or layer_place(layer) in self.places)
 
     def knob(self) -> str:
-        return f"MAG alpha={self.alpha:g}"
-
-    def attention_hooks(self) -> list:
-        return [self.hook]
+        alpha = self._settings.get("alpha", self.alpha)
+        return f"MAG alpha={alpha:g}" if alpha is not None else "MAG alpha"
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self._uses)
+        # words first: a phrase not in the prompt, or a region lost at every layer, fails here
+        run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self.uses_layer)
+        defaults = model_defaults(sampler.pipe)
+        alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
+        lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
+        self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
+                                        default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
+        self.hook = MagLossHook(run_layout, lmbda, mask_mode=self.mask_mode,
+                                loss_fn=self.loss_fn, resolutions=self.resolutions, places=self.places)
+        self._settings = {"alpha": alpha, "lmbda": lmbda, **self.steps.as_keywords(),
+                          "iterations": self.iterations, "mask_mode": self.mask_mode,
+                          "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn))}
         self.history = []
+
+    @property
+    def settings(self) -> dict:
+        return self._settings
 
     def before_step(self, state: StepState) -> torch.Tensor:
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
-        latents = state.latents.detach()
+        alpha, latents = self._settings["alpha"], state.latents.detach()
         for iteration in range(self.iterations):
-            loss, grad = self.loss_and_grad(state, latents)
-            check_finite("MAG", state, loss, grad, f"alpha={self.alpha}")
+            moved, loss, grad = guidance_step(state, latents, self.hook, alpha, checkpointing=self.checkpointing)
+            check_finite("MAG", state, loss, grad, f"alpha={alpha}")
             self._record(state, iteration, loss, grad)
-            latents = (latents - self.alpha * grad).detach()  # one SGD step on x_t
+            latents = moved
         return latents
-
-    def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MAG loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
-        return guidance_loss_and_grad(
-            state, latents, self.hook, self.checkpointing,
-            f"no cross-attention layer matched resolutions={self.resolutions}, places={self.places}",
-        )
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         inside = torch.stack(self.hook.inside).sum(0)

@@ -35,7 +35,7 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control
-from ..schedule import StepsLike, as_step_range
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from ..layouts import MASK_MODES
 from ..tokens import phrase_occurrences
 from ..validation import check_choice, check_number
@@ -73,20 +73,25 @@ class PaintWithWords(Control, AttentionHook):
         layout: the regions and the words they control.
         weight: w, the strength (default 0.1, paint-with-words-sd's default); a float or
             one per region.
-        steps: None (every step, as paint-with-words-sd), a timestep threshold (while t > T),
-            step indices (start, stop), or a StepRange.
+        while_t_above: act while t > this; step_range: or during step indices
+            ``(start, stop)``; both None: every step, as paint-with-words-sd.
         mask_mode: "bilinear" (align_corners=True, as published), "area" or "nearest".
         every_occurrence: boost every occurrence of a region's phrase (as published), or
             only the one the region names (False).
     """
 
-    def __init__(self, layout, weight: float | Sequence[float] = 0.1, steps: StepsLike = None,
-                 mask_mode: str = "bilinear", every_occurrence: bool = True):
+    name = "pww"
+
+    def __init__(self, layout, *, weight: float | Sequence[float] = 0.1,
+                 while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+                 mask_mode: str = "bilinear", every_occurrence: bool = True, **removed):
+        reject_old_keywords("PaintWithWords", removed)
         values = [weight] if isinstance(weight, numbers.Real) else list(weight)
         for value in values:
             check_number("paint-with-words weight", value, hint=", or one per region")
         check_choice("mask_mode", mask_mode, MASK_MODES)
-        self.layout, self.weight, self.steps, self.mask_mode = layout, weight, as_step_range(steps), mask_mode
+        self.steps = resolve_step_range(while_t_above, step_range, what="PaintWithWords")  # default: every step
+        self.layout, self.weight, self.mask_mode = layout, weight, mask_mode
         self.every_occurrence = bool(every_occurrence)
         self._token_groups: list[list[int]] = []
         self._run_layout = None
@@ -102,6 +107,12 @@ class PaintWithWords(Control, AttentionHook):
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "paint-with-words steps")
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
         self.sigmas = {}
+
+    @property
+    def settings(self) -> dict:
+        weight = self.weight if isinstance(self.weight, (int, float)) else list(self.weight)
+        return {"weight": weight, **self.steps.as_keywords(), "mask_mode": self.mask_mode,
+                "every_occurrence": self.every_occurrence}
 
     def _tokens_of(self, region, sampler) -> list[int]:
         if not (self.every_occurrence and region.phrase):
