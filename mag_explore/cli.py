@@ -1,17 +1,25 @@
 """Command line: ``python -m mag_explore generate|demo|evaluate|edit ...``.
 
-Every error on bad input is one line on stderr and a non-zero exit status.
+A user's mistake (a bad value, a missing file, a run that blew up to NaN) is a short
+message on stderr ("error: ...", at most three lines, no traceback) and exit status 2,
+and nothing is written. Any other exception is a bug: it keeps its traceback (exit 1).
+Set ``MAG_EXPLORE_DEBUG=1`` to see the traceback of user errors too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .data import data_dir
+from .validation import InputError, NonFiniteError, check_choice, check_count, check_lambda, check_number, check_seed
 
 DATA = data_dir()
+PACKAGE = Path(__file__).resolve().parent
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _json_arg(text: str):
@@ -45,6 +53,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
     p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD)")
     p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
+    p.add_argument("--allow-negative-lambda", action="store_true",
+                   help="experimental: accept --lmbda < 0 (it rewards attention outside the regions)")
     p.add_argument("--guide-until", type=int, default=None,
                    help="MAG guides while timestep t > T (default: the model's; 700 as the official code)")
     p.add_argument("--swap-until", type=int, default=None,
@@ -112,6 +122,7 @@ def add_edit_parser(commands) -> None:
     ed.add_argument("--method", default="mag", help="mag, swap or none")
     ed.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's)")
     ed.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks")
+    ed.add_argument("--allow-negative-lambda", action="store_true", help="experimental: accept --lmbda < 0")
     ed.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default: the model's)")
     add_common_options(ed, "inversion and sampling steps (default: the model's)")
     ed.add_argument("--cfg", type=float, default=1.0, help="guidance scale of inversion and sampling (1: faithful)")
@@ -139,21 +150,65 @@ def load_layout(args, prompt: str | None = None):
     return Layout.from_official(args.layout, args.word_ids, prompt=prompt)
 
 
+def check_output(option: str, path: str | None, suffixes: tuple[str, ...]) -> None:
+    """An output file we can write: a known suffix, not a folder, its parent not a file."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise InputError(f"{option} {path}: give a file name ending in {', '.join(suffixes)}")
+    if target.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"{option} {path}: {parent} is a file, not a folder")
+
+
+def check_method_numbers(args) -> None:
+    """The numbers shared by generate and edit, checked before any model is loaded."""
+    if args.num_inference_steps is not None:
+        check_count("--num-inference-steps", args.num_inference_steps)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, minimum=0)
+    if args.alpha is not None:
+        check_number("--alpha", args.alpha, minimum=0)
+    if args.lmbda is not None:
+        check_lambda(args.lmbda, args.allow_negative_lambda, name="--lmbda")
+    for option in ("guide_until", "swap_until"):
+        value = getattr(args, option, None)
+        if value is not None:
+            check_count("--" + option.replace("_", "-"), value, minimum=0, maximum=999)
+
+
+def check_generate_args(args) -> None:
+    check_method_numbers(args)
+    check_seed(args.seed)
+    for option in ("height", "width"):
+        if getattr(args, option) is not None:
+            check_count("--" + option, getattr(args, option))
+    check_output("--out", args.out, IMAGE_SUFFIXES)
+    check_output("--save-attention", args.save_attention, (".safetensors",))
+
+
 def run_generate(args) -> str:
     from .attention import AttentionStore
     from .methods import make_controls
     from .models import load_pipeline
     from .sampling import generate
 
+    check_generate_args(args)
     layout = load_layout(args, args.prompt)
-    pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
     threshold = {"mag": args.guide_until, "swap": args.swap_until}.get(args.method)
     for flag, value, method in (("--alpha", args.alpha, "mag"), ("--lmbda", args.lmbda, "mag"),
-                                ("--guide-until", args.guide_until, "mag"), ("--swap-until", args.swap_until, "swap")):
+                                ("--guide-until", args.guide_until, "mag"), ("--swap-until", args.swap_until, "swap"),
+                                ("--allow-negative-lambda", args.allow_negative_lambda or None, "mag")):
         if value is not None and args.method != method:
-            raise ValueError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
+            raise InputError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
+    pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
     # settings left as None are resolved from the model's defaults when the run starts
-    controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, while_t_above=threshold)
+    experimental = {"allow_negative_lambda": True} if args.allow_negative_lambda else {}
+    controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, while_t_above=threshold,
+                             **experimental)
     store = AttentionStore() if args.save_attention else None
     result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.cfg, seed=args.seed, height=args.height, width=args.width,
@@ -171,15 +226,32 @@ def run_generate(args) -> str:
 def run_demo(args) -> str:
     from .demo import demo_figure
 
+    if args.num_inference_steps is not None:
+        check_count("--num-inference-steps", args.num_inference_steps)
+    check_seed(args.seed)
+    check_output("--out", args.out, IMAGE_SUFFIXES)
     out = demo_figure(model=args.model, layout_path=args.layout, num_inference_steps=args.num_inference_steps,
                       seed=args.seed, out=args.out, device=args.device, verbose=args.verbose)
     return f"wrote {out}"
 
 
 def run_evaluate(args) -> str:
-    from .evaluate import run_evaluation
+    from .evaluate import check_methods, load_segmenter, run_evaluation
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_methods(methods)
+    check_count("--seeds", args.seeds)
+    if args.num_inference_steps is not None:
+        check_count("--num-inference-steps", args.num_inference_steps)
+    if not Path(args.suite).is_file():
+        raise InputError(f"--suite {args.suite}: no such file; give a suite JSON such as {DATA / 'suites' / 'shapes.json'}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder for results.csv, summary.md and grid.png")
+    if args.segmenter:
+        try:
+            load_segmenter(args.segmenter)
+        except ImportError as error:
+            raise InputError(f"--segmenter {args.segmenter!r}: cannot import it ({error})") from None
     return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.num_inference_steps,
                           device=args.device, segmenter=args.segmenter)
 
@@ -190,16 +262,27 @@ def run_edit(args) -> str:
 
     from .layouts import Layout
 
+    from .editing import STARTS
+    from .methods import METHOD_NAMES
+
+    check_method_numbers(args)
+    check_number("--threshold", args.threshold, minimum=0, maximum=1)
+    check_choice("--start", args.start, STARTS)
+    check_choice("--method", args.method, METHOD_NAMES)
+    check_count("--inject-steps", args.inject_steps, minimum=0)
+    check_output("--out", args.out, IMAGE_SUFFIXES)
+    check_output("--save-reconstruction", args.save_reconstruction, IMAGE_SUFFIXES)
+    if not Path(args.image).is_file():
+        raise InputError(f"--image {args.image}: no such file")
     layout = load_layout(args, args.prompt)
     source = Layout.from_json(args.source_layout) if args.source_layout else None
-    if args.inject_steps < 0:
-        raise ValueError(f"--inject-steps {args.inject_steps}: give 0 (no injection) or a number of steps")
     pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
     result = edit_image(pipe, args.image, args.prompt, layout, source_layout=source, start=args.start,
                         method=args.method, keep=args.keep,
                         inject_step_range=(0, args.inject_steps) if args.inject_steps else None,
                         threshold=args.threshold, num_inference_steps=args.num_inference_steps,
-                        guidance_scale=args.cfg, alpha=args.alpha, lmbda=args.lmbda, while_t_above=args.guide_until)
+                        guidance_scale=args.cfg, alpha=args.alpha, lmbda=args.lmbda, while_t_above=args.guide_until,
+                        allow_negative_lambda=args.allow_negative_lambda)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)
@@ -210,16 +293,40 @@ def run_edit(args) -> str:
     return "\n".join(lines)
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Our checks' errors, files the system refused, and NaN runs; a ValueError only if we raised it."""
+    if isinstance(error, (InputError, NonFiniteError, OSError, json.JSONDecodeError)):
+        return True
+    if isinstance(error, ValueError):  # raised on purpose by our own code, not deep inside torch
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+    return False
+
+
+def short_message(error: BaseException) -> str:
+    """``error: <first line>`` plus, if the message has more, its other lines joined on one line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    text = f"error: {lines[0]}"
+    return text + (f"\n  {'; '.join(lines[1:])}" if len(lines) > 1 else "")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .methods import NonFiniteGuidanceError
-
-    try:
-        commands = {"generate": run_generate, "demo": run_demo, "evaluate": run_evaluate, "edit": run_edit}
-        message = commands[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, NonFiniteGuidanceError, OSError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {text}", file=sys.stderr)
-        return 2
+    commands = {"generate": run_generate, "demo": run_demo, "evaluate": run_evaluate, "edit": run_edit}
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # our warnings as one plain line, no source line
+        try:
+            message = commands[args.command](args)
+        except Exception as error:
+            if not is_user_error(error) or os.environ.get("MAG_EXPLORE_DEBUG"):
+                raise  # a bug: keep the traceback for the report
+            print(short_message(error), file=sys.stderr)
+            return 2
     print(message)
     return 0

@@ -36,6 +36,7 @@ from .methods.inject import AttentionInjection, injection_store
 from .sampling import GenerationResult, Hooks, generate
 from .schedule import StepRange, resolve_step_range
 from .tokens import token_indices
+from .validation import check_number, check_seed
 
 
 STARTS = ("inverted", "renoise", "move")
@@ -185,6 +186,7 @@ def edit_image(
     start: str = "move",
     seed: int = 0,
     progress: bool = True,
+    allow_negative_lambda: bool = False,
 ) -> EditResult:
     """Move or reshape the objects of ``image`` into ``target_layout``.
 
@@ -208,11 +210,15 @@ def edit_image(
             carried into the target regions, ``move_latents``), "inverted" (as inverted) or
             "renoise" (fresh noise, ``seed``, where the moved words are and where they go:
             ``renoise``). Where the moved words are comes from ``source_layout`` or the attention.
+        allow_negative_lambda: experimental, accept ``lmbda`` < 0 (MAG only).
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
     if start not in STARTS:
         raise ValueError(f"start={start!r}; use one of {STARTS}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    check_number("guidance_scale", guidance_scale, minimum=0)
+    check_seed(seed)
     if isinstance(keep, str):
         keep = [keep]
     tokenizer = pipe.tokenizer
@@ -251,8 +257,9 @@ def edit_image(
             latents = renoise(latents, Layout(list(target.regions) + list(was.regions)), seed)
         else:
             latents = move_latents(latents, was, target, seed)
+    experimental = {"allow_negative_lambda": True} if allow_negative_lambda and method == "mag" else {}
     controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, while_t_above=while_t_above,
-                             step_range=step_range)  # None: the model's defaults, resolved at the start
+                             step_range=step_range, **experimental)  # None: the model's defaults, resolved at the start
     if source_maps is not None:
         controls.append(AttentionInjection(source_maps, kept_tokens, step_range=inject_step_range))
     s = inversion.settings

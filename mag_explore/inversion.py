@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .models import model_defaults
 from .sampling import Control, GenerationResult, encode_text, generate
+from .validation import check_count, check_number
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -193,7 +194,10 @@ def invert(
     if fixed_point_iterations < 0:
         raise ValueError(f"fixed_point_iterations={fixed_point_iterations}; use 0 (plain DDIM inversion) or more")
     defaults = model_defaults(pipe)
-    steps = num_inference_steps or defaults["num_inference_steps"]
+    steps = check_count("num_inference_steps",
+                        defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+                        maximum=pipe.scheduler.config.num_train_timesteps)
+    guidance_scale = check_number("guidance_scale", guidance_scale, minimum=0)
     negative_prompt = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
     image = as_pil_image(image)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

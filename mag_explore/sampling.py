@@ -30,6 +30,8 @@ from .attention import AttentionStore, cross_attention_hooks
 from .models import model_defaults
 from .schedule import ddim_scheduler
 from .tokens import prompt_tokens, token_indices
+from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
+                         check_size)
 
 
 @dataclass
@@ -66,6 +68,10 @@ class Control:
 
     def start(self, sampler: "Sampler") -> None:
         pass
+
+    def knob(self) -> str:
+        """The setting to turn down if this control makes the latents blow up (for error messages)."""
+        return ""
 
     def before_step(self, state: StepState) -> torch.Tensor:
         return state.latents
@@ -193,16 +199,25 @@ class Sampler:
         defaults = model_defaults(pipe)
         self.pipe, self.prompt = pipe, prompt
         self.negative_prompt = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
-        self.guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        num_inference_steps = num_inference_steps or defaults["num_inference_steps"]
-        height, width = height or defaults["height"], width or defaults["width"]
+        for name, text in (("prompt", prompt), ("negative_prompt", self.negative_prompt)):
+            if not isinstance(text, str):
+                raise InputError(f"{name}={text!r}: give a string")
+        # 0. settings left out come from the model's defaults; every value is checked here, once
+        self.guidance_scale = check_number(
+            "guidance_scale", defaults["guidance_scale"] if guidance_scale is None else guidance_scale, minimum=0)
+        num_inference_steps = check_count(
+            "num_inference_steps", defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+            maximum=pipe.scheduler.config.num_train_timesteps)
         factor = pipe.vae_scale_factor
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {factor} (the VAE factor), got {height}×{width}")
-        self.height, self.width, self.eta, self.num_images = height, width, eta, num_images
+        height, width = check_size(defaults["height"] if height is None else height,
+                                   defaults["width"] if width is None else width, factor)
+        self.eta = check_number("eta", eta, minimum=0)
+        self.num_images = check_count("num_images", num_images)
+        self.height, self.width = height, width
         self.controls, self.store, self.callbacks = list(controls), store, list(callbacks)
         self.keep_latents, self.keep_x0 = keep_latents, keep_x0
         self.device = pipe.unet.device
+        seed = check_seed(seed)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         self.generator, self.seed = generator, seed
@@ -218,12 +233,17 @@ class Sampler:
             scheduler.set_timesteps(num_inference_steps, device=self.device)
         self.scheduler = scheduler
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
-        # 3. the initial noise x_T, scaled as the scheduler expects
+        # 3. the initial noise x_T, scaled as the scheduler expects. x_t stays float32 across
+        #    steps whatever the UNet's dtype, as in the official MAG code: in fp16, a guidance
+        #    update below ~5e-4 on a latent near 1 would round away.
         shape = (num_images, pipe.unet.config.in_channels, height // factor, width // factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=pipe.unet.dtype)
             latents = latents * self.scheduler.init_noise_sigma
-        self.latents, self.x0 = latents.to(self.device, pipe.unet.dtype), None
+        elif tuple(latents.shape) != shape or not torch.isfinite(latents).all():
+            raise InputError(f"latents of shape {tuple(latents.shape)}: give finite latents of shape {shape} "
+                             f"for {num_images} image(s) of {height}x{width}")
+        self.latents, self.x0 = latents.to(self.device, torch.float32), None
         self.step_index = 0
         self.step_latents: list[torch.Tensor] = []
         self.step_x0: list[torch.Tensor] = []
@@ -255,7 +275,8 @@ class Sampler:
                 state.latents = control.before_step(state)
             noise = self.predict_noise(state.latents, t)
             output = self.scheduler.step(noise, t, state.latents, **self._step_kwargs(), return_dict=True)
-        self.latents = output.prev_sample
+        self.latents = output.prev_sample.float()
+        check_latents_finite(self.latents, i, int(t), self._knobs())  # a NaN never becomes an image
         self.x0 = getattr(output, "pred_original_sample", None)
         if self.keep_latents:
             self.step_latents.append(self.latents.detach().cpu())
@@ -266,13 +287,17 @@ class Sampler:
             callback(self)
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """UNet on the batch [uncond, cond], then classifier-free guidance."""
-        model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        """UNet on the batch [uncond, cond] (in the UNet's dtype), then classifier-free guidance (fp32)."""
+        model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.pipe.unet.dtype)
         embeddings = torch.cat([self.uncond_embeddings, self.cond_embeddings])
         with torch.no_grad():
             noise = self.pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-        noise_uncond, noise_cond = noise.chunk(2)
+        noise_uncond, noise_cond = noise.float().chunk(2)
         return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+
+    def _knobs(self) -> str:
+        knobs = [c.knob() for c in self.controls if c.knob()]
+        return " or ".join([f"guidance_scale={self.guidance_scale:g}", *knobs])
 
     def _step_kwargs(self) -> dict:
         accepted = inspect.signature(self.scheduler.step).parameters

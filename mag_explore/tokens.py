@@ -72,24 +72,29 @@ def token_indices(tokenizer, prompt: str, phrase: str, occurrence: int = 1) -> l
     >>> token_indices(tok, "a red circle and a red square", "red", occurrence=2)
     [6]
     """
-    words = split_words(tokenizer, prompt)
-    query = words_of(phrase)
-    if not query:
-        raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
-    texts = [w.word for w in words]
-    matches = [i for i in range(len(texts) - len(query) + 1) if texts[i : i + len(query)] == query]
-    if not matches:
-        raise ValueError(
-            f"{phrase!r} is not in the prompt {prompt!r}. Its words are {texts} "
-            f"and its tokens are {describe_tokens(tokenizer, prompt)}"
-        )
+    matches = phrase_occurrences(tokenizer, prompt, phrase)
     if not 1 <= occurrence <= len(matches):
         raise ValueError(
             f"occurrence={occurrence} but {phrase!r} occurs {len(matches)} time(s) in {prompt!r}; "
             f"use 1..{len(matches)}"
         )
-    start = matches[occurrence - 1]
-    return [i for w in words[start : start + len(query)] for i in w.token_indices]
+    return matches[occurrence - 1]
+
+
+def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
+    """The token indices of every occurrence of ``phrase`` in ``prompt``, in order (at least one)."""
+    words = split_words(tokenizer, prompt)
+    query = words_of(phrase)
+    if not query:
+        raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
+    texts = [w.word for w in words]
+    starts = [i for i in range(len(texts) - len(query) + 1) if texts[i : i + len(query)] == query]
+    if not starts:
+        raise ValueError(
+            f"{phrase!r} is not in the prompt {prompt!r}. Its words are {texts} "
+            f"and its tokens are {describe_tokens(tokenizer, prompt)}"
+        )
+    return [[i for w in words[s : s + len(query)] for i in w.token_indices] for s in starts]
 
 
 def describe_tokens(tokenizer, prompt: str) -> str:

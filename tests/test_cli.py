@@ -43,17 +43,25 @@ def test_generate_writes_the_image_and_the_maps(mag_run):
     assert store.map(0, store.layers[0], token=2).shape == (8, 8)
 
 
-def test_mag_changes_the_image_against_none(mag_run, sd15_folder):
+def test_generate_writes_what_the_python_api_makes(mag_run, sd15_pipe):
+    # The CLI's PNG is the API's image with the same settings, pixel for pixel (8-bit), and
+    # MAG at alpha 5 moved it away from the uncontrolled image.
+    from mag_explore.layouts import Layout
+    from mag_explore.methods import make_controls
+    from mag_explore.sampling import generate
+
     done, out = mag_run
-    plain = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none",
-                "--num-inference-steps", "4", "--out", out / "none.png", "--device", "cpu")
-    assert plain.returncode == 0, plain.stderr
     # quiet by default: no third-party warnings or loading bars, only our denoising bar
-    assert "torchvision" not in plain.stderr and "Loading" not in plain.stderr, plain.stderr
-    assert "denoising" in plain.stderr
-    a = np.asarray(Image.open(out / "none.png"), dtype=float)
-    b = np.asarray(Image.open(out / "mag.png"), dtype=float)
-    assert np.abs(a - b).max() > 0
+    assert "torchvision" not in done.stderr and "Loading" not in done.stderr, done.stderr
+    assert "denoising" in done.stderr
+    layout = Layout.from_color_png(LAYOUT_PNG, json.loads(REGIONS), prompt=PROMPT)
+    kwargs = dict(num_inference_steps=4, seed=42, progress=False)
+    api = generate(sd15_pipe, PROMPT, controls=make_controls("mag", layout, alpha=5, while_t_above=500),
+                   store=AttentionStore(), **kwargs)  # --save-attention: the store is on in the CLI run too
+    plain = generate(sd15_pipe, PROMPT, **kwargs)
+    written = np.asarray(Image.open(out / "mag.png"), dtype=int)
+    assert np.array_equal(written, np.asarray(api.images[0], dtype=int))
+    assert np.abs(written - np.asarray(plain.images[0], dtype=int)).max() >= 3
 
 
 @pytest.mark.parametrize("args, message", [

@@ -47,7 +47,9 @@ def test_hooks_control_and_runs(sd15_pipe):
     assert Count.calls == 2 * 7  # 2 steps x 7 cross-attention layers
     layout = course.example_layout("left_right", sd15_pipe)
     runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], num_inference_steps=4)  # 4 steps: t=751 > 700
-    assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["swap"]["swapped_steps"]
+    assert set(runs) == {"none", "swap"} and runs["none"].diagnostics == {}
+    assert runs["swap"].timesteps == [751, 501, 251, 1]
+    assert runs["swap"].diagnostics["swap"]["swapped_steps"] == [0]  # only t = 751 > 700
 
 
 def test_method_images_titles_name_method_and_iou():

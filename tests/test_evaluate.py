@@ -16,9 +16,11 @@ SUITE = Path(__file__).resolve().parent.parent / "mag_explore" / "data" / "suite
 
 def test_the_shapes_suite_is_varied_and_resolves(tiny_tokenizer):
     suite = load_suite(SUITE, 64, 64)
-    assert len(suite) >= 24
+    raw = json.loads(SUITE.read_text())["layouts"]  # what the file holds, read without our loader
+    assert [item.name for item in suite] == [entry["name"] for entry in raw] and len(suite) == 26
+    assert [len(item.layout) for item in suite] == [len(entry["regions"]) for entry in raw]
     assert {len(item.layout) for item in suite} == {1, 2, 3}
-    assert sum("contradicts" in item.tags for item in suite if len(item.layout) == 2) >= 6
+    assert sum("contradicts" in item.tags for item in suite if len(item.layout) == 2) == 7
     centres = set()
     for item in suite:
         resolved = item.layout.resolve(tiny_tokenizer)  # every phrase is in its prompt

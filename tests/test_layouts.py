@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mag_explore.bpe import build_clip_tokenizer
@@ -92,24 +91,68 @@ def test_official_empty_list_skips_a_color(four_squares):
     assert [r.color for r in layout] == [OLIVE, BLUE, DARK_GREEN, RED]
 
 
-def test_official_fewer_lists_warns_and_drops_trailing_colors(tmp_path):
+def test_official_black_may_be_left_out(tmp_path):
     # Black background: "[0, 0, 0]" sorts last, after BLUE "[255, 0, 0]" and RED "[0, 0, 255]".
     pixels = np.zeros((8, 8, 3))
     pixels[:4, :4] = RED
     pixels[4:, 4:] = BLUE
     png = save_png(tmp_path / "black.png", pixels)
-    with pytest.warns(UserWarning, match="not guided"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         layout = Layout.from_official(png, "[[1,2],[4]]")
     assert [(r.color, r.token_indices) for r in layout] == [(BLUE, (1, 2)), (RED, (4,))]
 
 
-def test_official_more_lists_than_colors_lists_colors_in_order(four_squares):
-    with pytest.raises(ValueError, match="6 lists of word ids but") as info:
-        Layout.from_official(four_squares, [[1], [2], [3], [4], [5], [6]])
+@pytest.mark.parametrize("word_ids", ["[[2]]", "[[2], [6, 7]]", "[[1], [2], [3], [4], [5], [6]]"])
+def test_official_needs_one_list_per_color_and_lists_them_in_order(four_squares, word_ids):
+    # Five colors (no black): fewer lists would leave colors silently unguided (the official
+    # script does that), more have no color to go to; both are refused with the order shown.
+    with pytest.raises(ValueError, match=r"list\(s\) of word ids but .* has 5 colors: give one list per color") as info:
+        Layout.from_official(four_squares, word_ids)
     message = str(info.value)
     positions = [message.index(s) for s in ("[30, 200, 90]", "[255, 255, 255]", "[255, 0, 0]",
                                             "[0, 128, 0]", "[0, 0, 255]")]
     assert positions == sorted(positions)
+    assert "[[],[],[],[],[1]]" in message  # the shape of an accepted answer
+
+
+def official_regions(png: Path, word_ids: list[list[int]]) -> list[tuple[tuple, list[int], np.ndarray]]:
+    """The official script's chain, written out: read BGR (OpenCV), shrink to 64x64 with
+    INTER_NEAREST (cell i takes pixel floor(i * H / 64)), each distinct pixel as str(list),
+    reverse string sort, the i-th word-id list to the i-th color. Returns (RGB, ids, 64x64 mask)."""
+    bgr = np.asarray(Image.open(png).convert("RGB"))[:, :, ::-1]
+    h, w = bgr.shape[:2]
+    small = bgr[[i * h // 64 for i in range(64)]][:, [j * w // 64 for j in range(64)]]
+    keys = sorted({str(list(map(int, px))) for px in small.reshape(-1, 3)}, reverse=True)
+    regions = []
+    for key, ids in zip(keys, word_ids):
+        b, g, r = json.loads(key)
+        if ids:
+            regions.append(((r, g, b), ids, (small == (b, g, r)).all(-1)))
+    return regions
+
+
+def test_official_colors_are_found_after_the_64_nearest_shrink(tmp_path):
+    # 512x512: white, a red block, a blue block, a 3-px green line at columns 9-11 and an
+    # anti-aliasing pink at odd pixels. The shrink to 64x64 samples columns 0, 8, 16, ...,
+    # so the line and the pink vanish there: the official regions are white, blue, red.
+    pixels = np.full((512, 512, 3), 255)
+    pixels[100:400, 40:200] = RED
+    pixels[100:400, 300:480] = BLUE
+    pixels[:, 9:12] = (0, 255, 0)
+    pixels[99, 41:199:2] = (255, 200, 200)
+    png = save_png(tmp_path / "thin.png", pixels)
+    word_ids = [[], [6, 7], [2, 3]]
+    official = official_regions(png, word_ids)
+    assert [c for c, _, _ in official] == [BLUE, RED]
+    with pytest.warns(UserWarning, match=r"#00ff00 \(1536 px\).*vanish when the PNG is shrunk to 64x64"):
+        layout = Layout.from_official(png, word_ids)
+    assert [(r.color, list(r.token_indices)) for r in layout] == [(c, ids) for c, ids, _ in official]
+    for region, (_, _, mask) in zip(layout, official):
+        assert np.array_equal(layout.masks_at(64, 64)[list(layout).index(region)].numpy() > 0.5, mask)
+    # found at full size instead, the line and the pink are regions too and the lists no longer fit
+    with pytest.raises(ValueError, match="3 list\\(s\\) of word ids but .* has 5 colors"):
+        Layout.from_official(png, word_ids, color_grid=None)
 
 
 def test_word_id_code_is_rejected_not_run():
@@ -219,8 +262,6 @@ def test_masks_at_nearest_matches_official_resize():
     got = layout.masks_at(4, 4)
     assert got.shape == (1, 4, 4) and got.dtype == torch.float32
     assert np.array_equal(got[0].numpy(), expected.astype(np.float32))
-    official = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(4, 4))
-    assert torch.equal(got, official[0])
 
 
 def test_masks_at_area_gives_fractions():
@@ -232,7 +273,7 @@ def test_masks_at_area_gives_fractions():
     assert torch.allclose(area[0], torch.full((2, 2), 0.5))
     assert torch.allclose(area[1], torch.tensor([[1 / 16, 0.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="nearest"):
-        layout.masks_at(2, 2, mode="bilinear")
+        layout.masks_at(2, 2, mode="bicubic")
 
 
 def test_masks_at_cache_is_per_layout():
@@ -308,10 +349,11 @@ def test_preview_and_repr(tokenizer):
 
 def test_example_layouts_load(tokenizer):
     jsons = sorted(EXAMPLES.glob("*.json"))
-    assert len(jsons) >= 4
+    regions = {"bottom_half": 2, "left_right": 2, "official_three_objects": 3, "three_objects": 3, "top_bottom": 2}
+    assert [p.stem for p in jsons] == sorted(regions)
     for path in jsons:
         layout = Layout.from_json(path)
-        assert (layout.height, layout.width) == (64, 64) and len(layout) >= 2, path
+        assert (layout.height, layout.width) == (64, 64) and len(layout) == regions[path.stem], path
         assert layout.prompt == json.loads(path.read_text())["prompt"]
     with pytest.warns(UserWarning, match="512x512"):
         big = Layout.from_json(EXAMPLES / "left_right.json", image=EXAMPLES / "left_right_512.png", size=64)

@@ -102,23 +102,61 @@ def first_state(pipe, layout, mag, **kw):
 
 
 @pytest.mark.parametrize("pipe_name", ["sd15_pipe", "sd21_pipe"])
-def test_one_guidance_step_lowers_the_loss(request, pipe_name, layout):
+def test_mag_collects_every_attn2_layer_and_its_gradient_is_the_loss_gradient(request, pipe_name, layout):
     pipe = request.getfixturevalue(pipe_name)
     mag = MaskedAttentionGuidance(layout, alpha=1.0, step_range=(0, 1))
     sampler, hooks = first_state(pipe, layout, mag)
+    direction = torch.randn(sampler.latents.shape, generator=torch.Generator().manual_seed(1))
+    h = 1e-2
     with hooks as controller:
         controller.set_step(0, sampler.scheduler.timesteps[0])
         state = StepState(pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
                           sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
-        moved, loss_before, grad = guidance_step(state, sampler.latents, mag.hook, 1.0)
-        _, loss_after, _ = guidance_step(state, moved, mag.hook, 1.0)
+        moved, _, grad = guidance_step(state, sampler.latents, mag.hook, 1.0)
+        layers = list(mag.hook.layers)
+        _, plus, _ = guidance_step(state, sampler.latents + h * direction, mag.hook, 1.0)
+        _, minus, _ = guidance_step(state, sampler.latents - h * direction, mag.hook, 1.0)
     # the step is x_t - alpha * grad, written out here
     torch.testing.assert_close(moved, (sampler.latents - 1.0 * grad).detach())
-    assert grad.abs().max() > 0
-    assert loss_after < loss_before
+    # every cross-attention module of the UNet, down, mid and up, as the official loss sums them
+    attn2 = [name for name, _ in pipe.unet.named_modules() if name.endswith(".attn2")]
+    assert sorted(layers) == sorted(attn2) and any(n.startswith("mid_block.") for n in layers)
+    # central difference along a random direction = <grad, direction> (to O(h²))
+    directional = float((grad * direction).sum())
+    assert abs(directional) > 1e-3
+    assert (float(plus) - float(minus)) / (2 * h) == pytest.approx(directional, rel=0.05)
     # only the latent required grad: weights untouched, no gradients left on them
     assert all(p.grad is None for p in pipe.unet.parameters())
     assert all(p.requires_grad for p in pipe.unet.parameters())  # the flags are restored
+
+
+def test_mag_on_an_fp16_model_updates_x_t_in_fp32(sd15_folder, layout):
+    # The official code keeps x_t and the α·∇ update in fp32. An fp16 latent near 1 has a
+    # spacing of 2⁻¹⁰ ≈ 1e-3, so updates below ~5e-4 would round away; here they must not.
+    from mag_explore.attention import cross_attention_hooks
+    from mag_explore.models import load_pipeline
+
+    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16)
+    mag = MaskedAttentionGuidance(layout, alpha=1e-3, step_range=(0, 1))
+    sampler = Sampler(pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag])
+    assert sampler.latents.dtype == torch.float32
+    t = sampler.scheduler.timesteps[0]
+    with cross_attention_hooks(pipe.unet, sampler.hooks) as controller:
+        controller.set_step(0, t)
+        state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
+                          sampler.uncond_embeddings, controller, sampler.timesteps)
+        _, _, grad = guidance_step(state, sampler.latents, mag.hook, 0.0)
+        moved = mag.before_step(state)
+    assert grad.dtype == moved.dtype == torch.float32 and torch.isfinite(grad).all()
+    update = 1e-3 * grad
+    assert torch.equal(moved, sampler.latents - update)
+    lost_in_fp16 = (sampler.latents.half() - update.half()) == sampler.latents.half()
+    assert 0 < int((lost_in_fp16 & (update != 0)).sum())  # cells fp16 latents would have kept unchanged...
+    assert bool((moved != sampler.latents)[lost_in_fp16 & (update != 0)].all())  # ...move here
+    result = generate(pipe, PROMPT, num_inference_steps=5, seed=0, controls=[MaskedAttentionGuidance(
+        layout, alpha=1.0, step_range=(0, 2))], progress=False)
+    assert result.latents.dtype == torch.float32 and np.isfinite(result.pixels).all()
+    assert all(p.requires_grad for p in pipe.unet.parameters())
 
 
 def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
@@ -129,15 +167,44 @@ def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
     assert mag.diagnostics["step"] == [0, 1]
 
 
+class GuidancePassRecorder(AttentionHook):
+    """Keeps the probabilities of every guidance-phase pass, layer by layer."""
+
+    def __init__(self):
+        self.passes = []
+
+    def active(self, ctx):
+        return ctx.phase == "guidance"
+
+    def observe(self, probs, ctx):
+        if not self.passes or ctx.layer in self.passes[-1]:
+            self.passes.append({})
+        self.passes[-1][ctx.layer] = (probs.detach().float().clone(), ctx.height, ctx.width)
+
+
 def test_guidance_changes_the_image_and_records_diagnostics(sd15_pipe, layout):
+    from mag_explore.sampling import Hooks
+
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
     mag = MaskedAttentionGuidance(layout, alpha=5.0, step_range=(0, 2), iterations=2)
-    guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag], progress=False)
+    recorder = GuidancePassRecorder()
+    guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag, Hooks(recorder)],
+                      progress=False)
     assert np.abs(plain.pixels - guided.pixels).max() > 1e-3
     d = guided.diagnostics["mag"]
     assert d["step"] == [0, 0, 1, 1] and d["iteration"] == [0, 1, 0, 1]
     assert d["loss"][1] < d["loss"][0]  # the second iteration starts from a better x_t
-    assert all(len(s) == 2 and all(0 <= v <= 1 for v in s) for s in d["inside_share"])
+    # each pass's share of the region words' attention inside their masks, summed over layers
+    assert len(recorder.passes) == 4
+    for recorded, shares in zip(recorder.passes, d["inside_share"]):
+        for region, tokens in enumerate(([2, 3], [6, 7])):
+            inside = total = 0.0
+            for probs, h, w in recorded.values():
+                mask = layout.masks_at(h, w)[region].flatten()
+                attention = probs[..., tokens].sum(-1)  # (batch, heads, pixels)
+                inside += float((attention * mask).sum())
+                total += float(attention.sum())
+            assert shares[region] == pytest.approx(inside / total, rel=1e-5)
 
 
 def count_unet_calls(pipe, **kw):
@@ -165,6 +232,8 @@ def test_gradient_checkpointing_gives_the_same_update(sd15_pipe, layout):
         results.append(generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[mag], progress=False))
         assert not sd15_pipe.unet.is_gradient_checkpointing
     assert np.abs(results[0].pixels - results[1].pixels).max() <= 1e-4
+    plain = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False)
+    assert np.abs(results[0].pixels - plain.pixels).max() > 1e-3  # and the update did something
 
 
 def test_non_finite_loss_stops_with_a_clear_error(sd15_pipe, layout):

@@ -10,12 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import nbclient  # noqa: F401  (declared test dependencies: a missing one is a failure, not a skip)
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-pytest.importorskip("nbclient")
-
-from mag_explore.nbtools import outputs_of, run_notebook  # noqa: E402
+from mag_explore.nbtools import outputs_of, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"

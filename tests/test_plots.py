@@ -27,11 +27,21 @@ def test_token_maps_name_words_and_steps(result):
     text = titles(fig)
     assert '"red"' in text and '"purple"' in text
     assert "steps 1–2" in text[-1]
-    # the purple panel shows the sum over all of purple's sub-word tokens
-    expected = result.store.aggregate(tokens=result.token_indices("purple"), steps=[1, 2]).sum(0)
+    # the purple panel shows the sum over all of purple's sub-word tokens, built here from the
+    # raw per-layer maps: each layer bilinearly to the finest grid, mean over steps and layers,
+    # bilinearly to the image
+    import torch
+    import torch.nn.functional as F
+
+    store, purple = result.store, result.token_indices("purple")
+    assert len(purple) == 6  # p-u-r-p-l-e: one token per letter in the tiny vocabulary
+    finest = max((store.resolution(l) for l in store.layers), key=lambda hw: hw[0] * hw[1])
+    per_layer = [F.interpolate(sum(store.map(s, l, token=t) for t in purple)[None, None].float(), size=finest,
+                               mode="bilinear", align_corners=False)[0, 0] for s in (1, 2) for l in store.layers]
+    expected = F.interpolate(torch.stack(per_layer).mean(0)[None, None], size=(64, 64), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
     shown = fig.axes[2].images[0].get_array()
-    assert np.allclose(shown, plots.upsample_map(expected, (64, 64)), atol=1e-6)
-    assert len(result.token_indices("purple")) > 1
+    assert np.allclose(shown, expected, atol=1e-5)
 
 
 def test_default_token_maps_cover_every_word(result):
@@ -51,6 +61,12 @@ def test_over_steps_and_layers(result):
 def test_guidance_plot_and_missing_attention(result, sd15_pipe):
     fig = plots.plot_guidance(result.diagnostics["mag"], labels=["red circle", "purple square"])
     assert "MAG loss before each update" in titles(fig)
+    d = result.diagnostics["mag"]
+    loss_line = fig.axes[0].lines[0]
+    assert np.allclose(loss_line.get_ydata(), d["loss"]) and list(loss_line.get_xdata()) == ["0", "1"]
+    for region, line in enumerate(fig.axes[1].lines):  # one line per region: its share inside the mask
+        assert np.allclose(line.get_ydata(), [s[region] for s in d["inside_share"]])
+    assert [line.get_label() for line in fig.axes[1].lines] == ["red circle", "purple square"]
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False)
     with pytest.raises(ValueError, match="store=AttentionStore"):
         plots.plot_token_maps(plain)

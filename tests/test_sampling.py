@@ -27,25 +27,37 @@ def test_generate_matches_diffusers_pipeline(request, pipe_name, size):
     assert pipe.scheduler is scheduler_before and dict(pipe.scheduler.config) == config_before
 
 
-def test_eta_and_seed_change_the_image(sd15_pipe):
-    base = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False).pixels
-    other_seed = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=1, progress=False).pixels
-    with_eta = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, eta=1.0, progress=False).pixels
-    assert np.abs(base - other_seed).max() > 1e-3
-    assert np.abs(base - with_eta).max() > 1e-3
+def test_eta_one_and_another_seed_match_diffusers(sd15_pipe):
+    # eta = 1 draws fresh noise at every step from the same generator, in diffusers' order.
+    for seed, eta in ((1, 0.0), (0, 1.0)):
+        ours = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=seed, eta=eta, guidance_scale=7.0,
+                        negative_prompt="", progress=False).pixels
+        theirs = sd15_pipe(PROMPT, num_inference_steps=4, eta=eta, guidance_scale=7.0, negative_prompt="",
+                           generator=torch.Generator().manual_seed(seed), output_type="np").images
+        assert np.abs(ours - theirs).max() <= 1e-4, (seed, eta)
 
 
-def test_step_by_step_equals_generate(sd15_pipe):
-    full = generate(sd15_pipe, PROMPT, num_inference_steps=5, seed=7, progress=False)
-    sampler = Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=7, keep_latents=True, keep_x0=True)
+def test_each_step_matches_diffusers_step_latents(sd15_pipe):
+    # The stepped sampler's x_t after every step, against diffusers' own loop (callback_on_step_end).
+    sampler = Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=7, guidance_scale=7.0, negative_prompt="",
+                      keep_latents=True, keep_x0=True)
     seen = []
     sampler.callbacks.append(lambda s: seen.append(s.step_index))
     while not sampler.done:
         sampler.step()
     stepped = sampler.result()
-    assert np.array_equal(full.pixels, stepped.pixels)
+    theirs = []
+
+    def record(pipe, i, t, kwargs):
+        theirs.append(kwargs["latents"].detach().clone())
+        return kwargs
+
+    sd15_pipe(PROMPT, num_inference_steps=5, guidance_scale=7.0, negative_prompt="", output_type="latent",
+              generator=torch.Generator().manual_seed(7), callback_on_step_end=record)
+    assert len(stepped.step_latents) == len(theirs) == len(stepped.step_x0) == 5
+    for ours, reference in zip(stepped.step_latents, theirs):
+        assert torch.allclose(ours, reference, atol=1e-5)
     assert seen == [1, 2, 3, 4, 5]
-    assert len(stepped.step_latents) == len(stepped.step_x0) == 5
     assert torch.equal(stepped.step_latents[-1], stepped.latents)
     with pytest.raises(RuntimeError, match="all 5 steps are done"):
         sampler.step()
@@ -75,9 +87,12 @@ def test_store_does_not_change_the_image(sd15_pipe):
 
 def test_several_images_per_prompt(sd15_pipe):
     store = AttentionStore()
-    result = generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, num_images=2, store=store, progress=False)
-    assert len(result.images) == 2
-    assert np.abs(result.pixels[0] - result.pixels[1]).max() > 1e-3  # different noise per image
+    result = generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, num_images=2, store=store,
+                      guidance_scale=7.0, negative_prompt="", progress=False)
+    theirs = sd15_pipe(PROMPT, num_inference_steps=3, num_images_per_prompt=2, guidance_scale=7.0, negative_prompt="",
+                       generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert len(result.images) == 2 and theirs.shape[0] == 2
+    assert np.abs(result.pixels - theirs).max() <= 1e-4
     step0 = store.get(0, store.layers[0])
     assert step0.shape[0] == 2  # both conditional rows kept
     assert not torch.equal(step0[0], step0[1])

@@ -1,15 +1,37 @@
 """Step ranges: official timestep thresholds and step indices, checked against the schedule."""
+import numpy as np
 import pytest
+from diffusers import DDIMScheduler
 
 from mag_explore.schedule import StepRange, resolve_step_range
 
 DDIM_50 = list(range(981, 0, -20))  # diffusers' DDIM, 50 steps, steps_offset=1
 
 
+def official_timesteps(steps: int = 50) -> list[int]:
+    """The official MAG sampler's timesteps, high to low: linspace(0, 1, steps) · 999 cast to int."""
+    return [int(x) for x in np.linspace(0, 1, steps) * 999][::-1]
+
+
 def test_threshold_selects_like_the_official_code():
-    chosen = resolve_step_range(while_t_above=700).validate(DDIM_50)
-    assert [DDIM_50[i] for i in chosen] == [t for t in DDIM_50 if t > 700]
-    assert len(chosen) == 15
+    # Our schedule is diffusers' DDIM (built here by diffusers itself, SD's settings); the
+    # official one is written out above. Both guide 15 steps while t > 700, at timesteps
+    # at most 18 apart; the official walks 49 transitions 999 -> ... -> 20 -> 0, diffusers
+    # 50 steps 981 -> ... -> 1 -> the clean latent.
+    ddim = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    ddim.set_timesteps(50)
+    ours = [int(t) for t in ddim.timesteps]
+    assert ours == DDIM_50
+    official = official_timesteps()
+    assert official[:3] == [999, 978, 958] and official[-3:] == [40, 20, 0] and len(official) - 1 == 49
+    chosen = resolve_step_range(while_t_above=700).validate(ours)
+    official_guided = [t for t in official if t > 700]
+    assert len(chosen) == len(official_guided) == 15
+    assert chosen == list(range(15))
+    assert max(abs(ours[i] - t) for i, t in zip(chosen, official_guided)) == 18
+    # and the step after the last guided one is unguided in both
+    assert ours[15] <= 700 and official[15] <= 700
 
 
 def test_indices():

@@ -5,7 +5,9 @@ from .processor import (
     CrossAttentionProcessor,
     attention_resolution,
     cross_attention_hooks,
+    cross_attention_grids,
     cross_attention_layer_names,
+    layer_place,
     remove_cross_attention_hooks,
 )
 from .store import AttentionStore
@@ -18,6 +20,8 @@ __all__ = [
     "CrossAttentionProcessor",
     "attention_resolution",
     "cross_attention_hooks",
+    "cross_attention_grids",
     "cross_attention_layer_names",
+    "layer_place",
     "remove_cross_attention_hooks",
 ]

@@ -29,10 +29,11 @@ def cross_attention_layer_names(unet) -> list[str]:
     """Names of the UNet's cross-attention layers, in the order they run (down, mid, up)."""
     names = [name[: -len(".processor")] for name in unet.attn_processors if name.endswith("attn2.processor")]
     order = {"down": 0, "mid": 1, "up": 2}
-    return sorted(names, key=lambda name: order.get(_place(name), 3))  # stable: keeps order within a half
+    return sorted(names, key=lambda name: order.get(layer_place(name), 3))  # stable: keeps order within a half
 
 
-def _place(layer: str) -> str:
+def layer_place(layer: str) -> str:
+    """The UNet half a layer belongs to: "down", "mid" or "up" (else "other")."""
     return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(layer.split(".")[0], "other")
 
 
@@ -49,6 +50,27 @@ def attention_resolution(latent_hw: tuple[int, int], pixels: int) -> tuple[int, 
     if h * w != pixels:
         raise ValueError(f"cannot place {pixels} attention queries on a grid derived from latents {latent_hw}")
     return h, w
+
+
+def cross_attention_grids(unet, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Each cross-attention layer's h×w grid for latents of ``latent_hw``, without running the UNet.
+
+    Level k (down block k, the mid block at the deepest level, up block j at level
+    n − 1 − j) is the latent halved k times, rounding up as the UNet's convolutions do.
+    """
+    levels = len(unet.config.block_out_channels)
+    grids = {}
+    for name in cross_attention_layer_names(unet):
+        block, index = name.split(".")[:2]
+        if block == "mid_block":
+            level = levels - 1
+        else:
+            level = int(index) if block == "down_blocks" else levels - 1 - int(index)
+        h, w = latent_hw
+        for _ in range(level):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        grids[name] = (h, w)
+    return grids
 
 
 class AttentionController:
@@ -101,7 +123,7 @@ class AttentionController:
         if roles is None or len(roles) != batch:  # plain pipeline call: [uncond…, cond…] when even
             roles = ("uncond",) * (batch // 2) + ("cond",) * (batch - batch // 2) if batch % 2 == 0 else ("cond",) * batch
         return AttentionContext(
-            layer=layer, place=_place(layer), height=h, width=w, heads=heads,
+            layer=layer, place=layer_place(layer), height=h, width=w, heads=heads,
             step_index=self.step_index, timestep=self.timestep, batch_roles=tuple(roles),
             phase=self.phase, num_prompt_tokens=self.num_prompt_tokens,
         )

@@ -23,16 +23,18 @@ Rules worth knowing (each is checked and raises a ``ValueError`` naming the valu
 
 * Overlapping regions are allowed; an empty region is an error.
 * Token index 0 is the BOS token and is refused: word tokens start at 1.
+* Official format: the colors are found after the official 64x64 nearest shrink, and
+  there is one word-id list per color (black may be left out).
 * A PNG whose size differs from the requested size is resized (nearest, so no new
   colors appear) with a warning naming both sizes: drawing a 512² mask for a 64²
   model is common and harmless.
 * Pillow's decompression-bomb guard stays on.
 """
 from .colors import BACKGROUND_COLORS, RGB, parse_color, to_hex
-from .layout import Layout
-from .official import MAX_OFFICIAL_COLORS, official_color_order, parse_word_ids
+from .layout import MASK_MODES, Layout
+from .official import MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, official_color_grid, official_color_order, parse_word_ids
 from .raster import Shape, ellipse, polygon, rect
 from .region import Region
 
-__all__ = ["BACKGROUND_COLORS", "Layout", "MAX_OFFICIAL_COLORS", "RGB", "Region", "Shape", "ellipse",
-           "official_color_order", "parse_color", "parse_word_ids", "polygon", "rect", "to_hex"]
+__all__ = ["BACKGROUND_COLORS", "Layout", "MASK_MODES", "MAX_OFFICIAL_COLORS", "OFFICIAL_COLOR_GRID", "RGB", "Region", "Shape", "ellipse",
+           "official_color_grid", "official_color_order", "parse_color", "parse_word_ids", "polygon", "rect", "to_hex"]

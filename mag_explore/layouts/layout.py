@@ -14,11 +14,14 @@ from PIL import Image
 
 from .. import tokens as _tokens
 from .colors import BACKGROUND_COLORS, PALETTE, RGB, close_to, colors_present, parse_color, to_hex
-from .official import MAX_OFFICIAL_COLORS, describe_official, official_color_order, parse_word_ids
+from .official import (MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, describe_official, official_color_grid,
+                       official_color_order, parse_word_ids)
 from .raster import Shape, as_size, read_rgb, resize_masks_if_needed, resize_nearest, to_bool_mask
 from .region import Region
 
-_MASK_MODES = ("nearest", "area")
+#: How masks are resized to an attention layer: nearest (0/1, the official MAG), area (covered
+#: fraction), bilinear (align_corners=True, as paint-with-words-sd).
+MASK_MODES = ("nearest", "area", "bilinear")
 
 
 def phrase_spec(value: Any, color: str) -> tuple[str, int]:
@@ -151,38 +154,53 @@ class Layout:
 
     @classmethod
     def from_official(cls, path: str | Path, word_ids: str | Sequence[Sequence[int]],
-                      size=None, prompt: str | None = None) -> "Layout":
+                      size=None, prompt: str | None = None,
+                      color_grid: int | None = OFFICIAL_COLOR_GRID) -> "Layout":
         """The official MAG input: a color PNG and ``word_ids_for_mask`` like "[[1,2,3,4],[6,7]]".
 
         Every distinct color of the PNG is a region, the background included, in the
         official order (:func:`official_color_order`); the i-th list of word ids belongs
-        to the i-th color. As in the official code, colors after the last list get no
-        words and are not guided (a warning names them): black, which always sorts
-        last, can be left out this way; any other color without words needs an empty
-        list ``[]``. More lists than colors is an error listing the colors in order.
-        Token index 0 (BOS) is refused. Colors are found at the PNG's own resolution
-        (the official script first shrinks the PNG to the latent size).
+        to the i-th color. Give one list per color (``[]`` for a color without words);
+        black, which always sorts last, may be left out. Any other count is an error
+        listing the colors in order (the official code silently leaves the colors after
+        the last list unguided, so a forgotten list guides nothing there).
+        Token index 0 (BOS) is refused.
+
+        As in the official script, the colors are those of the PNG shrunk to
+        ``color_grid`` x ``color_grid`` (64, nearest), so a line thinner than the grid's
+        cells or an anti-aliasing color is not a region and shifts no list; a warning
+        names such colors (their pixels are not guided). ``color_grid=None`` finds the
+        colors at the PNG's own size instead. Each region's mask is its color's pixels at
+        full size (nearest resizes of it equal the official 64x64 masks' wherever the
+        sizes divide evenly).
         """
         groups = parse_word_ids(word_ids)
         rgb = read_rgb(path)
-        colors = official_color_order(rgb)
+        found = official_color_grid(rgb, color_grid) if color_grid is not None else rgb
+        colors = official_color_order(found)
+        lost = [c for c in official_color_order(rgb) if c not in colors]
+        if lost:
+            shown = ", ".join(f"{to_hex(c)} ({int((rgb == c).all(-1).sum())} px)" for c in lost[:6])
+            warnings.warn(
+                f"{path}: colors {shown}{' and more' if len(lost) > 6 else ''} vanish when the PNG is shrunk "
+                f"to {color_grid}x{color_grid} as the official script does, so they are not regions "
+                "(their pixels are not guided); draw them larger to make them regions",
+                stacklevel=2,
+            )
         if len(colors) > MAX_OFFICIAL_COLORS:
             raise ValueError(
                 f"{path} has {len(colors)} colors, more than {MAX_OFFICIAL_COLORS}: it is not a "
                 "label image (anti-aliased edges or JPEG?). Save it without anti-aliasing"
             )
         listing = describe_official(colors, rgb)
-        if len(groups) > len(colors):
+        # One list per color; black, which always sorts last, may be left out (the background).
+        expected = [len(colors), len(colors) - 1] if colors[-1] == (0, 0, 0) else [len(colors)]
+        if len(groups) not in expected:
+            example = json.dumps([[] for _ in colors[:-1]] + [[1]]).replace(" ", "")
             raise ValueError(
-                f"{len(groups)} lists of word ids but {path} has only {len(colors)} colors; "
-                f"the regions in official order are:\n{listing}"
-            )
-        if len(groups) < len(colors):
-            warnings.warn(
-                f"{path}: {len(colors)} colors but {len(groups)} lists of word ids, so colors "
-                f"{len(groups) + 1}..{len(colors)} are not guided (as in the official code). "
-                f"Regions in official order:\n{listing}",
-                stacklevel=2,
+                f"{len(groups)} list(s) of word ids but {path} has {len(colors)} colors: give one list per "
+                f"color in the official order (an empty list [] for a color without words, e.g. {example}); "
+                f"the colors in that order are:\n{listing}"
             )
         pairs = [(c, g) for c, g in zip(colors, groups) if g]
         if not pairs:
@@ -286,11 +304,12 @@ class Layout:
 
         ``"nearest"`` gives 0/1 exactly as the official code (``F.interpolate`` with its
         default nearest mode on the float mask); ``"area"`` gives each cell's covered
-        fraction in [0, 1] when shrinking. Results are cached on this layout: treat the
+        fraction in [0, 1] when shrinking; ``"bilinear"`` interpolates with
+        ``align_corners=True``, as paint-with-words-sd resizes its masks. Results are cached on this layout: treat the
         returned tensor as read-only.
         """
-        if mode not in _MASK_MODES:
-            raise ValueError(f"mode={mode!r}; use one of {_MASK_MODES}")
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode={mode!r}; use one of {MASK_MODES}")
         height, width = as_size((height, width))
         device = torch.device(device if device is not None else "cpu")
         key = (height, width, mode, str(device), dtype)
@@ -298,6 +317,8 @@ class Layout:
             masks = torch.from_numpy(self.masks).float()
             if mode == "nearest":
                 out = resize_nearest(masks, height, width)
+            elif mode == "bilinear":
+                out = F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=True)[0]
             else:
                 out = F.interpolate(masks[None], size=(height, width), mode="area")[0]
             self._cache[key] = out.to(device=device, dtype=dtype)

@@ -66,6 +66,19 @@ def parse_word_ids(word_ids: str | Sequence[Sequence[int]]) -> list[list[int]]:
     return [[int(i) for i in group] for group in parsed]
 
 
+#: The official script finds the regions' colors after shrinking the PNG to 64x64 (the latent
+#: size of SD at 512²) with OpenCV's INTER_NEAREST.
+OFFICIAL_COLOR_GRID = 64
+
+
+def official_color_grid(rgb: np.ndarray, side: int = OFFICIAL_COLOR_GRID) -> np.ndarray:
+    """The PNG shrunk to side x side as ``cv2.resize(..., interpolation=INTER_NEAREST)`` does:
+    output cell i takes source pixel floor(i * H / side)."""
+    rows = (np.arange(side) * rgb.shape[0] / side).astype(int)
+    cols = (np.arange(side) * rgb.shape[1] / side).astype(int)
+    return rgb[rows][:, cols]
+
+
 def official_color_order(rgb: np.ndarray) -> list[RGB]:
     """The distinct colors of an (H, W, 3) RGB image in the official MAG region order.
 

@@ -23,12 +23,14 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size: float, *,
     only (marked as phase "guidance", so stores and edit hooks stay out of it).
     """
     unet = state.pipe.unet
-    latents = latents.detach().requires_grad_(True)  # 1. only the latent requires grad
+    # 1. only the latent requires grad; it stays float32 on an fp16 UNet (the cast is part of
+    #    the graph), so the update below is made in float32, as in the official code
+    latents = latents.detach().float().requires_grad_(True)
     loss_hook.reset()
     with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
             state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
         # 2. a conditional-only UNet pass; the loss hook adds up its loss layer by layer
-        model_input = state.scheduler.scale_model_input(latents, state.timestep)
+        model_input = state.scheduler.scale_model_input(latents, state.timestep).to(unet.dtype)
         unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
         if loss_hook.loss is None:
             raise ValueError(f"no cross-attention layer matched {loss_hook.layers_wanted}")

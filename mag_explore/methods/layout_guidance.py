@@ -23,14 +23,24 @@ conf/base_config.yaml and utils.compute_ca_loss):
   Written for our DDIM latents x_t = sqrt(ᾱ_t)·x_LMS the same move is
   x_t ← x_t − (1 − ᾱ_t) ∇_{x_t}: so η_t = 1 − ᾱ_t here.
 
-One difference: the published loop checks the loss of the *previous* iteration (even of
-the previous step) against the threshold; here each step starts with a fresh loss and
-stops as soon as it is below the threshold, without a further update.
+As published, too:
+
+* the threshold test looks at the loss of the *previous* gradient evaluation (it starts at
+  10000, and is carried over from step to step): so the update made from a loss at or
+  under 0.2 is still applied, and once a loss is under 0.2 no later step is guided.
+  ``threshold_test="fresh"`` is our variant: each guided step evaluates the loss at its
+  own x_t and stops before updating once it is at or under the threshold;
+* each region is a box, rasterised on each layer's own grid as
+  ``mask[int(y0·H):int(y1·H), int(x0·W):int(x1·W)] = 1`` (``mask_mode="box"``). The box is
+  the region's bounding box, read from its image-size mask (exact for boxes drawn on the
+  image's pixel grid; an ellipse becomes the box around it). ``mask_mode="nearest"``,
+  ``"area"`` or ``"bilinear"`` keep the region's shape and resize its mask instead.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
@@ -38,8 +48,35 @@ from ..sampling import Control, StepState
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import check_finite, layout_for_run
 from .guidance import guidance_step
+from ..layouts import MASK_MODES
+from ..validation import check_choice, check_count, check_number
 
 LAYER_CHOICES = ("official", "mid+up", "all")
+THRESHOLD_TESTS = ("previous", "fresh")
+LG_MASK_MODES = ("box", *MASK_MODES)
+
+
+def box_masks(layout, height: int, width: int) -> torch.Tensor:
+    """(regions, height, width) 0/1: each region's bounding box rasterised as the published code.
+
+    The box (x0, y0, x1, y1) in fractions of the image is read from the region's mask
+    (pixel edges), then ``mask[int(y0*H):int(y1*H), int(x0*W):int(x1*W)] = 1`` on the layer's grid.
+    """
+    out = torch.zeros(len(layout), height, width)
+    for index, region in enumerate(layout.regions):
+        rows, cols = np.nonzero(region.mask)
+        img_h, img_w = region.mask.shape
+        x0, x1 = cols.min() / img_w, (cols.max() + 1) / img_w
+        y0, y1 = rows.min() / img_h, (rows.max() + 1) / img_h
+        out[index, int(y0 * height): int(y1 * height), int(x0 * width): int(x1 * width)] = 1
+    return out
+
+
+def layer_masks(mask_mode: str) -> Callable:
+    """``masks(layout, h, w)`` for a mask mode: published boxes, or the layout's resized masks."""
+    if mask_mode == "box":
+        return box_masks
+    return lambda layout, h, w: layout.masks_at(h, w, mode=mask_mode)
 
 
 def layout_loss_terms(probs: torch.Tensor, masks: torch.Tensor,
@@ -71,10 +108,18 @@ def official_layers(unet) -> list[str]:
 class LayoutLossHook(AttentionHook):
     """Sums the layout loss over the chosen layers of one guidance pass (``layout`` resolved)."""
 
-    def __init__(self, layout, layer_names: set[str], mask_mode: str = "nearest"):
+    def __init__(self, layout, layer_names: set[str], mask_mode: str = "box"):
         self.layout, self.layer_names, self.mask_mode = layout, set(layer_names), mask_mode
         self.layers_wanted = sorted(self.layer_names)
+        self._masks, self._cache = layer_masks(mask_mode), {}
         self.reset()
+
+    def masks_at(self, height: int, width: int, device=None) -> torch.Tensor:
+        """The masks this loss uses on a layer's grid (cached per run)."""
+        key = (height, width, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._masks(self.layout, height, width).to(device)
+        return self._cache[key]
 
     def reset(self) -> None:
         self.total, self.shares, self.layers = None, [], []
@@ -83,7 +128,7 @@ class LayoutLossHook(AttentionHook):
         return ctx.phase == "guidance" and ctx.layer in self.layer_names
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device)
+        masks = self.masks_at(ctx.height, ctx.width, device=probs.device)
         losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), self.layout.token_groups)
         self.total = losses.sum() if self.total is None else self.total + losses.sum()
         self.shares.append(shares)
@@ -103,14 +148,17 @@ class LayoutGuidance(Control):
     Args:
         layout: regions tied to words of the prompt.
         loss_scale: the loss is multiplied by this before the gradient (published 30).
-        loss_threshold: stop the inner iterations once the unscaled loss is at most this (0.2).
+        loss_threshold: no further gradient step once the unscaled loss is at most this (0.2).
+        threshold_test: "previous" (published: test the last evaluated loss, carried over
+            steps) or "fresh" (test the loss at this step's x_t before updating).
         max_iter: gradient steps per guided step at most (5).
         while_t_above: guide while t > this (None: 800, the published first 10 of ~50 steps).
         step_range: or guide during step indices ``(start, stop)`` instead (or a StepRange).
         layers: "official" (mid block + first up block with cross-attention, as published),
             "mid+up" (mid and every up layer), "all", or a list of layer names.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
-        mask_mode: "nearest" (boxes cut on the layer's grid, as published) or "area".
+        mask_mode: "box" (bounding boxes cut with int(x·W) on each layer's grid, as published),
+            or "nearest", "area", "bilinear" (the region's own shape, resized).
     """
 
     name = "lg"
@@ -118,17 +166,19 @@ class LayoutGuidance(Control):
     def __init__(self, layout, *, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
                  while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
                  layers: str | Iterable[str] = "official", gradient_checkpointing: bool = False,
-                 mask_mode: str = "nearest", **removed):
+                 mask_mode: str = "box", threshold_test: str = "previous", **removed):
         reject_old_keywords("LayoutGuidance", removed)
-        if max_iter < 1:
-            raise ValueError(f"max_iter={max_iter}; need at least 1 gradient step per guided step")
-        if isinstance(layers, str) and layers not in LAYER_CHOICES:
-            raise ValueError(f"layers={layers!r}; use one of {LAYER_CHOICES} or a list of layer names")
-        self.layout, self.loss_scale, self.loss_threshold = layout, float(loss_scale), float(loss_threshold)
+        if isinstance(layers, str):
+            check_choice("layers", layers, LAYER_CHOICES)
+        self.layout = layout
+        self.loss_scale = check_number("loss_scale", loss_scale, minimum=0)
+        self.loss_threshold = check_number("loss_threshold", loss_threshold, minimum=0)
         self.steps = resolve_step_range(while_t_above, step_range, default=StepRange(while_t_above=800),
                                         what="LayoutGuidance")
-        self.max_iter, self.layers = int(max_iter), layers
-        self.checkpointing, self.mask_mode = gradient_checkpointing, mask_mode
+        self.max_iter, self.layers = check_count("max_iter", max_iter), layers
+        self.checkpointing, self.mask_mode = gradient_checkpointing, check_choice("mask_mode", mask_mode, LG_MASK_MODES)
+        self.threshold_test = check_choice("threshold_test", threshold_test, THRESHOLD_TESTS)
+        self._previous_loss = float("inf")
         self.hook: LayoutLossHook | None = None
         self._settings: dict = {}
         self._alphas_cumprod = None
@@ -138,14 +188,17 @@ class LayoutGuidance(Control):
         return [self.hook] if self.hook is not None else []
 
     def start(self, sampler) -> None:
-        run_layout = layout_for_run(self.layout, sampler)
+        layer_names = set(self._choose_layers(sampler.pipe.unet))
+        run_layout = layout_for_run(self.layout, sampler, "layout guidance", self.mask_mode,
+                                    lambda name, hw: name in layer_names, layer_masks(self.mask_mode))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
-        self.hook = LayoutLossHook(run_layout, set(self._choose_layers(sampler.pipe.unet)), self.mask_mode)
+        self.hook = LayoutLossHook(run_layout, layer_names, self.mask_mode)
+        self._previous_loss = float("inf")  # the published loop starts from loss = 10000
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
         self._settings = {"loss_scale": self.loss_scale, "loss_threshold": self.loss_threshold,
                           "max_iter": self.max_iter, **self.steps.as_keywords(),
                           "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
-                          "mask_mode": self.mask_mode}
+                          "mask_mode": self.mask_mode, "threshold_test": self.threshold_test}
         self.history = []
 
     @property
@@ -166,6 +219,9 @@ class LayoutGuidance(Control):
             raise ValueError(f"unknown cross-attention layers {unknown or chosen}; this UNet has {names}")
         return chosen
 
+    def knob(self) -> str:
+        return f"layout guidance loss_scale={self.loss_scale:g}"
+
     def step_size(self, timestep: int) -> float:
         """η_t = 1 − ᾱ_t: the published σ² step of its LMS scheduler, for DDIM latents."""
         return 1.0 - float(self._alphas_cumprod[int(timestep)])
@@ -176,12 +232,14 @@ class LayoutGuidance(Control):
         latents = state.latents.detach()
         step_size = self.step_size(int(state.timestep)) * self.loss_scale
         for iteration in range(self.max_iter):
+            if self.threshold_test == "previous" and self._previous_loss <= self.loss_threshold:
+                break  # published: the last loss evaluated (maybe at an earlier step) is low enough
             moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
             check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
-            if float(loss) <= self.loss_threshold:
-                break  # close enough: leave x_t as it is
-            latents = moved
+            if self.threshold_test == "fresh" and float(loss) <= self.loss_threshold:
+                break  # our variant: close enough at this x_t, leave it as it is
+            latents, self._previous_loss = moved, float(loss)
         return latents
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:

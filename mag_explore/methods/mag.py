@@ -21,12 +21,16 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..attention import AttentionContext, AttentionHook
+from ..attention import AttentionContext, AttentionHook, layer_place
+from ..layouts import MASK_MODES
 from ..models import model_defaults
 from ..sampling import Control, StepState
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import check_finite, layout_for_run
 from .guidance import guidance_step
+from ..validation import check_choice, check_count, check_lambda, check_number
+
+PLACES = ("down", "mid", "up")
 
 
 def mag_loss_terms(
@@ -97,9 +101,13 @@ class MaskedAttentionGuidance(Control):
         places: use only these UNet halves, e.g. ("mid", "up") (None: all).
         gradient_checkpointing: recompute activations in the backward pass, so SD at 512²
             fits a 16 GB GPU in fp16.
-        mask_mode: "nearest" (official) or "area".
+        mask_mode: "nearest" (official), "area" or "bilinear".
         loss_fn: replace the loss (same signature as ``mag_loss_terms``) to try your own.
+        allow_negative_lambda: accept λ < 0 (it rewards attention *outside* the regions;
+            for experiments only).
 
+    Every setting is checked (``mag_explore.validation``): given values here, the model's
+    defaults and the run (schedule, layers, each region at each layer) in ``start``.
     After ``start``, ``settings`` holds the values used (``result.settings["mag"]``).
     """
 
@@ -119,16 +127,20 @@ class MaskedAttentionGuidance(Control):
         gradient_checkpointing: bool = False,
         mask_mode: str = "nearest",
         loss_fn=mag_loss_terms,
+        allow_negative_lambda: bool = False,
         **removed,
     ):
         reject_old_keywords("MaskedAttentionGuidance", removed)
-        if iterations < 1:
-            raise ValueError(f"iterations={iterations}; need at least 1 gradient step per guided step")
         resolve_step_range(while_t_above, step_range, what="MaskedAttentionGuidance")  # type errors now
-        self.layout, self.alpha, self.lmbda = layout, alpha, lmbda
-        self.while_t_above, self.step_range, self.iterations = while_t_above, step_range, int(iterations)
-        self.resolutions = None if resolutions is None else {int(r) for r in resolutions}
-        self.places = None if places is None else set(places)
+        self.allow_negative_lambda = bool(allow_negative_lambda)
+        self.layout = layout
+        self.alpha = None if alpha is None else check_number("alpha", alpha, minimum=0)
+        self.lmbda = None if lmbda is None else check_lambda(lmbda, self.allow_negative_lambda)
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.iterations = check_count("iterations", iterations)
+        self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
+        self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
         self.hook: MagLossHook | None = None
         self.steps: StepRange | None = None  # the resolved range, after start
@@ -138,11 +150,21 @@ class MaskedAttentionGuidance(Control):
     def attention_hooks(self) -> list:
         return [self.hook] if self.hook is not None else []
 
+    def uses_layer(self, layer: str, hw: tuple[int, int]) -> bool:
+        """Whether the loss reads this cross-attention layer (``resolutions`` / ``places``)."""
+        return (self.resolutions is None or max(hw) in self.resolutions) and (
+            self.places is None or layer_place(layer) in self.places)
+
+    def knob(self) -> str:
+        alpha = self._settings.get("alpha", self.alpha)
+        return f"MAG alpha={alpha:g}" if alpha is not None else "MAG alpha"
+
     def start(self, sampler) -> None:
-        run_layout = layout_for_run(self.layout, sampler)  # words first: a phrase not in the prompt fails here
+        # words first: a phrase not in the prompt, or a region lost at every layer, fails here
+        run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self.uses_layer)
         defaults = model_defaults(sampler.pipe)
-        alpha = float(defaults["mag_alpha"] if self.alpha is None else self.alpha)
-        lmbda = float(defaults["mag_lambda"] if self.lmbda is None else self.lmbda)
+        alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
+        lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
         self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
                                         default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")

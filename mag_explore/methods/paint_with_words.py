@@ -19,12 +19,16 @@ reference implementation for Stable Diffusion; eDiff-I's own code is not public)
 * one max per image over the whole layer (heads, pixels and tokens): ``qk.max()`` of its
   batch-1 conditional pass. It adds the bonus to raw QKᵀ before the 1/√d scale; adding
   the scaled bonus to the scaled scores, as here, is the same number.
-* masks shrunk softly to each layer (it uses bilinear; "area" here, the covered fraction);
-  overlapping regions add up.
+* masks resized to each layer bilinearly with ``align_corners=True``, as its
+  ``_img_importance_flatten`` does (``mask_mode="area"``, the covered fraction, and
+  ``"nearest"`` are options); overlapping regions add up;
+* every occurrence of a region's phrase in the prompt gets the bonus, as its token
+  search does (``every_occurrence=False`` keeps only the region's own occurrence).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -32,6 +36,9 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..layouts import MASK_MODES
+from ..tokens import phrase_occurrences
+from ..validation import check_choice, check_number
 from .common import layout_for_run
 
 
@@ -68,20 +75,25 @@ class PaintWithWords(Control, AttentionHook):
             one per region.
         while_t_above: act while t > this; step_range: or during step indices
             ``(start, stop)``; both None: every step, as paint-with-words-sd.
-        mask_mode: "area" (soft edges, the default) or "nearest".
+        mask_mode: "bilinear" (align_corners=True, as published), "area" or "nearest".
+        every_occurrence: boost every occurrence of a region's phrase (as published), or
+            only the one the region names (False).
     """
 
     name = "pww"
 
     def __init__(self, layout, *, weight: float | Sequence[float] = 0.1,
                  while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
-                 mask_mode: str = "area", **removed):
+                 mask_mode: str = "bilinear", every_occurrence: bool = True, **removed):
         reject_old_keywords("PaintWithWords", removed)
-        values = [weight] if isinstance(weight, (int, float)) else list(weight)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError(f"weight={weight!r}: give a finite number, or one per region")
+        values = [weight] if isinstance(weight, numbers.Real) else list(weight)
+        for value in values:
+            check_number("paint-with-words weight", value, hint=", or one per region")
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         self.steps = resolve_step_range(while_t_above, step_range, what="PaintWithWords")  # default: every step
         self.layout, self.weight, self.mask_mode = layout, weight, mask_mode
+        self.every_occurrence = bool(every_occurrence)
+        self._token_groups: list[list[int]] = []
         self._run_layout = None
         self._alphas_cumprod = None
         self.sigmas: dict[int, float] = {}  # step index -> σ used, for plots and tests
@@ -90,7 +102,8 @@ class PaintWithWords(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
-        self._run_layout = layout_for_run(self.layout, sampler)
+        self._run_layout = layout_for_run(self.layout, sampler, "paint-with-words", self.mask_mode)
+        self._token_groups = [self._tokens_of(r, sampler) for r in self._run_layout.regions]
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "paint-with-words steps")
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
         self.sigmas = {}
@@ -98,7 +111,17 @@ class PaintWithWords(Control, AttentionHook):
     @property
     def settings(self) -> dict:
         weight = self.weight if isinstance(self.weight, (int, float)) else list(self.weight)
-        return {"weight": weight, **self.steps.as_keywords(), "mask_mode": self.mask_mode}
+        return {"weight": weight, **self.steps.as_keywords(), "mask_mode": self.mask_mode,
+                "every_occurrence": self.every_occurrence}
+
+    def _tokens_of(self, region, sampler) -> list[int]:
+        if not (self.every_occurrence and region.phrase):
+            return list(region.token_indices)
+        matches = phrase_occurrences(sampler.pipe.tokenizer, sampler.prompt, region.phrase)
+        return [i for match in matches for i in match]
+
+    def knob(self) -> str:
+        return f"paint-with-words weight={self.weight}"
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)
@@ -109,9 +132,8 @@ class PaintWithWords(Control, AttentionHook):
         rows = ctx.rows("cond")  # the unconditional half keeps its logits
         sigma = noise_level(self._alphas_cumprod, ctx.timestep)
         masks = self._run_layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=scores.device)
-        groups = [r.token_indices for r in self._run_layout.regions]
         edited = scores.clone()
-        edited[rows] = scores[rows] + pww_bonus(scores[rows], masks.flatten(1), groups, self.weight, sigma)
+        edited[rows] = scores[rows] + pww_bonus(scores[rows], masks.flatten(1), self._token_groups, self.weight, sigma)
         self.sigmas[ctx.step_index] = sigma
         return edited
 

@@ -13,6 +13,8 @@ from ..attention import AttentionContext, AttentionHook
 from ..models import model_defaults
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..layouts import MASK_MODES
+from ..validation import check_choice
 from .common import layout_for_run
 
 
@@ -25,7 +27,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
             700 as in the official code).
         step_range: or swap during step indices ``(start, stop)`` instead (or a StepRange).
         renormalize: rescale the other tokens so that each row sums to one again.
-        mask_mode: "nearest" (official) or "area" to resize masks to each layer.
+        mask_mode: "nearest" (official), "area" or "bilinear" to resize masks to each layer.
     """
 
     name = "swap"
@@ -35,6 +37,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
                  mask_mode: str = "nearest", **removed):
         reject_old_keywords("MaskedAttentionSwap", removed)
         resolve_step_range(while_t_above, step_range, what="MaskedAttentionSwap")  # type errors now
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         self.layout, self.while_t_above, self.step_range = layout, while_t_above, step_range
         self.renormalize, self.mask_mode = renormalize, mask_mode
         self.steps: StepRange | None = None  # the resolved range, after start
@@ -46,7 +49,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
-        self._run_layout = layout_for_run(self.layout, sampler)
+        self._run_layout = layout_for_run(self.layout, sampler, "swap", self.mask_mode)
         default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
         self.steps = resolve_step_range(self.while_t_above, self.step_range, default=default,
                                         what="MaskedAttentionSwap")
