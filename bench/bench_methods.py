@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mag_explore.evaluate import load_suite  # noqa: E402
+from mag_explore.suites import load_suite  # noqa: E402
 from mag_explore.methods import METHOD_NAMES, make_controls  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import generate  # noqa: E402

@@ -76,7 +76,12 @@ def add_evaluate_parser(commands) -> None:
     ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ev.add_argument("--segmenter", default=None,
                     help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
-    ev.add_argument("--out", default="outputs/eval", help="folder for results.csv, summary.md, grid.png")
+    ev.add_argument("--sweep", action="append", default=[], metavar="METHOD.OPTION=V1,V2,...",
+                    help="settings to evaluate besides the default, e.g. mag.alpha=0.05,0.1 or swap.steps=0:5,0:10 "
+                         "(repeat for several; options of one method combine as a grid)")
+    ev.add_argument("--out", default="outputs/eval",
+                    help="folder for results.csv, summary.md, grid.png, frontier.png; a run there resumes")
+    ev.add_argument("--fresh", action="store_true", help="start over instead of resuming the run in --out")
     ev.add_argument("--device", default=None)
 
 
@@ -170,7 +175,7 @@ def run_evaluate(args) -> str:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.steps,
-                          device=args.device, segmenter=args.segmenter)
+                          device=args.device, segmenter=args.segmenter, sweeps=args.sweep, fresh=args.fresh)
 
 
 def run_edit(args) -> str:
