@@ -34,15 +34,9 @@ from mag_explore.sampling import generate  # noqa: E402
 SUITE = ROOT / "data" / "suites" / "shapes.json"
 
 
-def controls_of(pipe, layout, method: str) -> list:
-    d = model_defaults(pipe)
-    return make_controls(method, layout, alpha=d["mag_alpha"], lmbda=d["mag_lambda"],
-                         guide_steps=d["guide_until"], swap_steps=d["guide_until"])
-
-
 def time_once(pipe, layout, method: str, steps: int, seed: int) -> tuple[float, int]:
     """Seconds of one image, and the extra conditional-only UNet passes it made."""
-    controls = controls_of(pipe, layout, method)
+    controls = make_controls(method, layout)  # the model's defaults, resolved when the run starts
     start = time.perf_counter()
     result = generate(pipe, layout.prompt, num_inference_steps=steps, seed=seed, controls=controls, progress=False)
     seconds = time.perf_counter() - start
@@ -60,7 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for the shapes model)")
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model, device=args.device, progress=False)
+    pipe = load_pipeline(args.model, device=args.device)
     d = model_defaults(pipe)
     suite = {s.name: s.layout for s in load_suite(SUITE, d["height"], d["width"])}
     if args.layout not in suite:

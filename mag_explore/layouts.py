@@ -664,13 +664,18 @@ class Layout:
         return self.resized(height, width)
 
     # --- pictures --------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        """Every region's :meth:`label`, in order: the words to name plots and tables with."""
+        return [self.label(i) for i in range(len(self.regions))]
+
     def label(self, index: int) -> str:
         """Text shown for a region: its phrase, else its tokens' words, else its name."""
         region = self.regions[index]
         if region.phrase:
             return region.phrase
         if region.tokens:
-            return " ".join(t.replace("</w>", "") for t in region.tokens)
+            return " ".join(_tokens.token_text(t) for t in region.tokens)
         return region.name
 
     def color_image(self) -> np.ndarray:
@@ -720,7 +725,7 @@ class Layout:
             y, x = _label_point(region.mask)
             ax.text((x + 0.5) * sx, (y + 0.5) * sy, self.label(i), ha="center", va="center",
                     fontsize=9, bbox=dict(facecolor="white", alpha=0.7, edgecolor="none", pad=1))
-        ax.set_title(" | ".join(self.label(i) for i in range(len(self))), fontsize=10)
+        ax.set_title(" | ".join(self.labels), fontsize=10)
         ax.set_xticks([])  # keep the frame: it shows the image border on a white background
         ax.set_yticks([])
         return ax.figure

@@ -11,10 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionStore
-
-
-def _word(token: str) -> str:
-    return token.replace("</w>", "")
+from .tokens import token_text
 
 
 def _as_array(image) -> np.ndarray:
@@ -36,11 +33,11 @@ def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
     names = result.tokens
     if tokens is None:
         last = len(names) - 1
-        return [(_word(names[i]), [i]) for i in store_tokens if 0 < i < last]
+        return [(token_text(names[i]), [i]) for i in store_tokens if 0 < i < last]
     pairs = []
     for token in tokens:
         if isinstance(token, int):
-            pairs.append((_word(names[token]) if token < len(names) else f"#{token}", [token]))
+            pairs.append((token_text(names[token]) if token < len(names) else f"#{token}", [token]))
         else:
             pairs.append((token, result.token_indices(token)))
     return pairs
@@ -202,7 +199,7 @@ def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = 
     store = result.store
     image = _as_array(result.images[0])
     size = image.shape[:2]
-    labels = [layout.label(i) for i in range(len(layout))]
+    labels = layout.labels
     fig, axes = plt.subplots(1, 2 + len(labels), figsize=(2.3 * (2 + len(labels)), 2.7), squeeze=False)
     axes = axes[0]
     axes[0].imshow(layout.color_image())
@@ -252,7 +249,7 @@ def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = "jet"
     Each panel is a region's words' attention at ``step``, all layers (resampled, head
     mean), with the region outlined; the title gives the share of the map inside the mask.
     """
-    labels = [layout.label(i) for i in range(len(layout))]
+    labels = layout.labels
     fig, axes = plt.subplots(len(stores), len(labels), figsize=(2.4 * len(labels), 2.4 * len(stores)), squeeze=False)
     for row, (name, store) in zip(axes, stores.items()):
         for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import io
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +31,8 @@ from .methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from .models import model_defaults
 from .plots import attention_overlay, figure_png, plot_run_summary, short_layer_name
 from .sampling import GenerationResult, Sampler
-from .schedule import StepRange
+from .schedule import StepRange, ddim_scheduler
+from .tokens import token_text, words_of
 
 __all__ = ["AttentionExplorer", "LayoutBuilder", "MagPlayground", "png_bytes"]
 
@@ -42,10 +42,6 @@ def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _word(token: str) -> str:
-    return token.replace("</w>", "")
 
 
 # ============================================================================ explorer
@@ -110,7 +106,7 @@ class AttentionExplorer(W.VBox):
 
     def _token_options(self) -> list[tuple[str, int]]:
         names = self.result.tokens
-        return [(f"{i}: {_word(names[i]) if i < len(names) else '<pad>'}", i) for i in self.store.token_indices]
+        return [(f"{i}: {token_text(names[i]) if i < len(names) else '<pad>'}", i) for i in self.store.token_indices]
 
     def _initial_token(self, token) -> int:
         stored = self.store.token_indices
@@ -183,43 +179,36 @@ class AttentionExplorer(W.VBox):
 
 
 # ============================================================================ playground
-def schedule_timesteps(pipe, num_inference_steps: int) -> list[int]:
-    """The timesteps a run of ``num_inference_steps`` will visit (a fresh DDIM scheduler)."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    return [int(t) for t in scheduler.timesteps]
-
-
 class MagPlayground(W.VBox):
     """MAG (and masked-attention swapping) with sliders; runs only when Run is pressed.
 
     ``layout`` is a :class:`~mag_explore.layouts.Layout` or anything with a ``.layout``
-    (a :class:`LayoutBuilder`: its current layout is read at each run). Step ranges are
-    step indices ``[start, stop)``; an empty range (start = stop) switches that method off.
+    (a :class:`LayoutBuilder`: its current layout is read at each run). The sliders
+    ``mag_step_range`` and ``swap_step_range`` are step indices ``[start, stop)``; an empty
+    range (start = stop) switches that method off.
     After a run: ``result`` (with its attention store), ``runs``, the summary ``image``.
     """
 
-    def __init__(self, pipe, layout: Any, prompt: str | None = None, steps: int | None = None, seed: int = 0):
+    def __init__(self, pipe, layout: Any, prompt: str | None = None, num_inference_steps: int | None = None,
+                 seed: int = 0):
         defaults = model_defaults(pipe)
         self.pipe, self._layout_source = pipe, layout
         self._prompt = prompt
         self.height, self.width = defaults["height"], defaults["width"]
-        self.num_steps = int(steps or defaults["num_inference_steps"])
-        self.timesteps = schedule_timesteps(pipe, self.num_steps)
-        guided = StepRange(above_timestep=int(defaults["guide_until"])).selected(self.timesteps)
-        guide_default = (0, guided[-1] + 1) if guided else (0, max(1, self.num_steps // 3))
-        n = self.num_steps
+        self.num_inference_steps = int(num_inference_steps or defaults["num_inference_steps"])
+        self.timesteps = [int(t) for t in ddim_scheduler(pipe, self.num_inference_steps).timesteps]
+        guided = StepRange(while_t_above=int(defaults["guide_until"])).selected(self.timesteps)
+        guide_default = (0, guided[-1] + 1) if guided else (0, max(1, self.num_inference_steps // 3))
+        n = self.num_inference_steps
         style = {"description_width": "120px"}
         wide = W.Layout(width="460px")
         self.alpha = W.FloatSlider(value=defaults["mag_alpha"], min=0.0, max=max(1.0, 4 * defaults["mag_alpha"]),
                                    step=0.01, description="α step size", style=style, layout=wide)
         self.lmbda = W.FloatSlider(value=defaults["mag_lambda"], min=0.0, max=2.0, step=0.05,
                                    description="λ outside weight", style=style, layout=wide)
-        self.guide_steps = W.IntRangeSlider(value=guide_default, min=0, max=n, description="MAG steps [a, b)",
+        self.mag_step_range = W.IntRangeSlider(value=guide_default, min=0, max=n, description="MAG steps [a, b)",
                                             style=style, layout=wide)
-        self.swap_steps = W.IntRangeSlider(value=(0, 0), min=0, max=n, description="swap steps [a, b)",
+        self.swap_step_range = W.IntRangeSlider(value=(0, 0), min=0, max=n, description="swap steps [a, b)",
                                            style=style, layout=wide)
         self.cfg = W.FloatSlider(value=defaults["guidance_scale"], min=1.0, max=15.0, step=0.5,
                                  description="CFG scale", style=style, layout=wide)
@@ -232,13 +221,13 @@ class MagPlayground(W.VBox):
         self.error: BaseException | None = None
         self.runs = 0
         self.run_button.on_click(self._on_click)
-        for control in (self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed):
+        for control in (self.alpha, self.lmbda, self.mag_step_range, self.swap_step_range, self.cfg, self.seed):
             control.observe(self._on_setting, names="value")
-        for name, control in (("alpha", self.alpha), ("lambda", self.lmbda), ("guide", self.guide_steps),
-                              ("swap", self.swap_steps), ("cfg", self.cfg), ("seed", self.seed),
+        for name, control in (("alpha", self.alpha), ("lambda", self.lmbda), ("guide", self.mag_step_range),
+                              ("swap", self.swap_step_range), ("cfg", self.cfg), ("seed", self.seed),
                               ("run", self.run_button), ("progress", self.progress), ("image", self.image)):
             control.add_class(f"mag-playground-{name}")
-        sliders = W.VBox([self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed])
+        sliders = W.VBox([self.alpha, self.lmbda, self.mag_step_range, self.swap_step_range, self.cfg, self.seed])
         super().__init__([sliders, W.HBox([self.run_button, self.progress]), self.status, self.image])
         self.add_class("mag-playground")
         self._on_setting()
@@ -264,16 +253,17 @@ class MagPlayground(W.VBox):
 
     def _range(self, slider) -> StepRange | None:
         start, stop = slider.value
-        return None if start >= stop or start >= self.num_steps else StepRange(start=start, stop=stop)
+        return None if start >= stop or start >= self.num_inference_steps else StepRange(start=start, stop=stop)
 
     def controls(self) -> list:
         """The sampler controls the current settings stand for (swap first, then MAG)."""
         layout, made = self.layout, []
-        swap, guide = self._range(self.swap_steps), self._range(self.guide_steps)
+        swap, guide = self._range(self.swap_step_range), self._range(self.mag_step_range)
         if swap is not None:
-            made.append(MaskedAttentionSwap(layout, steps=swap))
+            made.append(MaskedAttentionSwap(layout, step_range=swap))
         if guide is not None:
-            made.append(MaskedAttentionGuidance(layout, alpha=self.alpha.value, lmbda=self.lmbda.value, steps=guide))
+            made.append(MaskedAttentionGuidance(layout, alpha=self.alpha.value, lmbda=self.lmbda.value,
+                                                step_range=guide))
         return made
 
     def _describe_range(self, slider, name: str) -> str:
@@ -286,8 +276,8 @@ class MagPlayground(W.VBox):
     def _on_setting(self, change=None) -> None:
         # Settings only describe the next run; the model runs when Run is pressed.
         pending = " · <i>press Run to apply</i>" if self.runs else " · <i>press Run</i>"
-        self.status.value = (f"{self._describe_range(self.guide_steps, 'MAG')}; "
-                             f"{self._describe_range(self.swap_steps, 'swap')}{pending}")
+        self.status.value = (f"{self._describe_range(self.mag_step_range, 'MAG')}; "
+                             f"{self._describe_range(self.swap_step_range, 'swap')}{pending}")
 
     def _on_step(self, sampler: Sampler) -> None:
         self.progress.value = sampler.step_index
@@ -296,7 +286,7 @@ class MagPlayground(W.VBox):
         """Generate with the current settings (what the Run button does, errors included)."""
         self.progress.value, self.progress.bar_style = 0, ""
         controls = self.controls()
-        sampler = Sampler(self.pipe, self.prompt, num_inference_steps=self.num_steps,
+        sampler = Sampler(self.pipe, self.prompt, num_inference_steps=self.num_inference_steps,
                           guidance_scale=self.cfg.value, seed=self.seed.value, controls=controls,
                           store=AttentionStore(), callbacks=[self._on_step])
         while not sampler.done:
@@ -311,14 +301,14 @@ class MagPlayground(W.VBox):
 
     def _title(self) -> str:
         return (f'"{self.prompt}" · seed {self.seed.value} · CFG {self.cfg.value} · '
-                f"{self._describe_range(self.guide_steps, 'MAG')} (α={self.alpha.value}, λ={self.lmbda.value}) · "
-                f"{self._describe_range(self.swap_steps, 'swap')}")
+                f"{self._describe_range(self.mag_step_range, 'MAG')} (α={self.alpha.value}, λ={self.lmbda.value}) · "
+                f"{self._describe_range(self.swap_step_range, 'swap')}")
 
     def _summary(self, result: GenerationResult) -> str:
         text = f"run {self.runs} done: {html.escape(self._title())}"
-        mag = result.diagnostics.get("MaskedAttentionGuidance")
+        mag = result.diagnostics.get("mag")
         if mag:
-            labels = [self.layout.label(i) for i in range(len(self.layout))]
+            labels = self.layout.labels
             first, last = mag["inside_share"][0], mag["inside_share"][-1]
             shares = ", ".join(f"{html.escape(label)} {a:.0%}→{b:.0%}" for label, a, b in zip(labels, first, last))
             text += f"<br>attention inside the masks over the guided steps: {shares}; " \
@@ -332,7 +322,7 @@ class MagPlayground(W.VBox):
         except KeyboardInterrupt as stop:  # the kernel's stop button
             self.error = stop
             self.progress.bar_style = "warning"
-            self.status.value = (f"interrupted after {self.progress.value} of {self.num_steps} steps; "
+            self.status.value = (f"interrupted after {self.progress.value} of {self.num_inference_steps} steps; "
                                  "the pipeline's attention processors are restored")
         except Exception as error:  # show it here: a button's exception is otherwise hidden in a log
             self.error = error
@@ -355,11 +345,6 @@ class RegionSpec:
     height: float = 0.4
 
 
-def prompt_words(prompt: str) -> list[str]:
-    """The prompt's words, lower case, punctuation dropped (as the tokenizer matches them)."""
-    return re.findall(r"[a-z0-9]+", prompt.lower())
-
-
 class LayoutBuilder(W.VBox):
     """Build a :class:`Layout` with buttons and sliders; ``.layout`` is the current one.
 
@@ -369,7 +354,7 @@ class LayoutBuilder(W.VBox):
     """
 
     def __init__(self, prompt: str, size: int | tuple[int, int] = 64, preview_size: int = 256):
-        self.prompt, self.words = prompt, prompt_words(prompt)
+        self.prompt, self.words = prompt, words_of(prompt)
         if not self.words:
             raise ValueError(f"prompt {prompt!r} has no words to tie regions to")
         self.height, self.width = (size, size) if isinstance(size, int) else size
@@ -425,7 +410,7 @@ class LayoutBuilder(W.VBox):
         self._sync_regions(select=min(index, len(self.specs) - 1) if self.specs else None)
 
     def _positions(self, phrase: str, occurrence: int) -> tuple[int, ...]:
-        query = prompt_words(phrase)
+        query = words_of(phrase)
         starts = [i for i in range(len(self.words) - len(query) + 1) if self.words[i:i + len(query)] == query]
         if not query or len(starts) < occurrence:
             raise ValueError(f"{phrase!r} (occurrence {occurrence}) is not in the prompt's words {self.words}")

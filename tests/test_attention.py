@@ -207,7 +207,7 @@ def test_edit_hooks_change_what_the_layer_uses(sd15_pipe):
 def test_fp16_model_gives_fp32_probabilities(sd15_folder):
     from mag_explore.models import load_pipeline
 
-    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16, progress=False)
+    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16)
     latents, text = unet_inputs(pipe)
     recorder = Recorder()
     with torch.no_grad(), cross_attention_hooks(pipe.unet, [recorder]):
@@ -241,7 +241,7 @@ def test_layers_and_steps_without_an_active_hook_run_the_replaced_processor(sd15
         layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1)])
         store = AttentionStore(steps=[3])  # captures step 3 only
         generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, height=64, width=64, progress=False,
-                 controls=[MaskedAttentionSwap(layout, steps=(0, 2))], store=store)
+                 controls=[MaskedAttentionSwap(layout, step_range=(0, 2))], store=store)
         cross = [c for name, c in counters.items() if name.endswith("attn2.processor")]
         # one UNet call per step; steps 0, 1 (swap) and 3 (store) are explicit, step 2 is not
         assert [c.cross_calls for c in cross] == [1] * len(cross)

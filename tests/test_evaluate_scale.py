@@ -15,7 +15,7 @@ from mag_explore.evaluate import (bootstrap_summary, evaluate, load_suite, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "data" / "suites" / "shapes.json"
-SWEEP = ["swap.steps=0:1", "pww.weight=0.4,2", "lg.loss_scale=5", "mag.alpha=0.5", "mag.lmbda=1.0"]
+SWEEP = ["swap.step_range=0:1", "pww.weight=0.4,2", "lg.loss_scale=5", "mag.alpha=0.5", "mag.lmbda=1.0"]
 
 
 @pytest.fixture
@@ -27,15 +27,16 @@ def small_suite(tmp_path):
 
 
 def test_parse_sweeps_reads_values_combines_options_and_names_bad_specs():
-    sweeps = parse_sweeps(["mag.alpha=0.02,0.1", "mag.lmbda=1", "swap.steps=0:10,700", "pww.weight=.4",
-                           "mag.mask_mode=area"])
-    assert sweeps["swap"] == [{}, {"steps": (0, 10)}, {"steps": 700}]
+    sweeps = parse_sweeps(["mag.alpha=0.02,0.1", "mag.lmbda=1", "swap.step_range=0:10,5:", "pww.weight=.4",
+                           "mag.mask_mode=area", "lg.while_t_above=600"])
+    assert sweeps["swap"] == [{}, {"step_range": (0, 10)}, {"step_range": (5, None)}]
+    assert sweeps["lg"] == [{}, {"while_t_above": 600}]
     assert sweeps["pww"] == [{}, {"weight": 0.4}]
     # one method's options combine as a grid; the default comes first
     assert sweeps["mag"] == [{}, {"alpha": 0.02, "lmbda": 1, "mask_mode": "area"},
                              {"alpha": 0.1, "lmbda": 1, "mask_mode": "area"}]
     assert setting_label({"lmbda": 1.0, "alpha": 0.05}) == "alpha=0.05 lmbda=1"  # sorted: one label per setting
-    assert setting_label({"steps": (0, 10)}) == "steps=0:10" and setting_label({}) == "default"
+    assert setting_label({"step_range": (0, 10)}) == "step_range=0:10" and setting_label({}) == "default"
     for spec, message in [("mag.alpha", "method.option=v1,v2"), ("alpha=0.1", "method.option=v1,v2"),
                           ("mag.alpha=1;2", "cannot read the value '1;2'"), ("none.x=1", "'none' has no settings"),
                           ("lg.loss_scale=__import__('os')", "cannot read the value")]:
@@ -67,7 +68,7 @@ def test_a_sweep_writes_one_row_per_setting_and_image(sd15_pipe, small_suite, tm
     assert np.abs(weak.astype(int) - strong.astype(int)).max() > 0
     summary = bootstrap_summary(rows, methods)
     assert [(e["method"], e["setting"]) for e in summary][:4] == [
-        ("none", "default"), ("swap", "default"), ("swap", "steps=0:1"), ("pww", "default")]
+        ("none", "default"), ("swap", "default"), ("swap", "step_range=0:1"), ("pww", "default")]
     for entry in summary:
         chosen = [r for r in rows if (r["method"], r["setting"]) == (entry["method"], entry["setting"])]
         # two layouts with two seeds each: the mean of layout means is the mean of all four
@@ -78,7 +79,7 @@ def test_a_sweep_writes_one_row_per_setting_and_image(sd15_pipe, small_suite, tm
 def frontier_rows() -> list[dict]:
     """Rows of two layouts × 2 seeds for a made-up frontier: more alpha, more IoU, less fidelity."""
     rows = []
-    points = {("none", "default"): (0.1, 1), ("swap", "default"): (0.2, 1), ("swap", "steps=0:25"): (0.3, 0),
+    points = {("none", "default"): (0.1, 1), ("swap", "default"): (0.2, 1), ("swap", "step_range=0:25"): (0.3, 0),
               ("mag", "default"): (0.4, 1), ("mag", "alpha=0.1"): (0.3, 1), ("mag", "alpha=1"): (0.6, 0),
               ("pww", "default"): (0.12, 1), ("lg", "default"): (0.25, 0)}
     for (method, setting), (iou, fid) in points.items():
@@ -125,7 +126,8 @@ class StopAfter:
 
 def test_an_interrupted_run_resumes_with_only_the_missing_images(sd15_folder, small_suite, tmp_path):
     run = lambda out, segmenter, **kw: run_evaluation(str(sd15_folder), small_suite, ["none", "mag"], 2, out,
-                                                       steps=5, segmenter=segmenter, sweeps=["mag.alpha=0.5"],
+                                                       num_inference_steps=5, segmenter=segmenter,
+                                                       sweeps=["mag.alpha=0.5"],
                                                        progress=False, **kw)
     whole = StopAfter(None)
     run(tmp_path / "whole", whole)
@@ -155,7 +157,7 @@ def test_a_run_with_other_settings_is_refused(sd15_folder, small_suite, tmp_path
     capsys.readouterr()
     assert cli.main(args + ["--steps", "6"]) == 2
     err = capsys.readouterr().err
-    assert "refusing to mix them" in err and "steps: 5 there, 6 now" in err and "Traceback" not in err
+    assert "refusing to mix them" in err and "num_inference_steps: 5 there, 6 now" in err and "Traceback" not in err
     assert len(read_csv(tmp_path / "out" / "results.csv")) == 2  # untouched
     assert cli.main(args + ["--steps", "6", "--fresh"]) == 0
 

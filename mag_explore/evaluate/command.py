@@ -46,7 +46,7 @@ def process_state(device: str | None):
 
 def run_info(model, suite_path: Path, steps: int, segmenter: str | None, defaults: dict) -> dict:
     """What the rows of an output folder mean; runs that differ here must not share a results.csv."""
-    return {"model": str(model or "default"), "steps": steps,
+    return {"model": str(model or "default"), "num_inference_steps": steps,
             "suite_sha256": hashlib.sha256(Path(suite_path).read_bytes()).hexdigest(),
             "segmenter": segmenter or "shapes colors",
             "model_defaults": {k: v for k, v in sorted(defaults.items()) if isinstance(v, (int, float, str, type(None)))}}
@@ -77,9 +77,9 @@ def existing_rows(out: Path) -> list[dict]:
 
 
 def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[str], seeds: int, out: str | Path,
-                   *, steps: int | None = None, device: str | None = None, segmenter: str | Segmenter | None = None,
-                   sweeps: Sequence[str] = (), settings: Settings | None = None, fresh: bool = False,
-                   progress: bool = True) -> str:
+                   *, num_inference_steps: int | None = None, device: str | None = None,
+                   segmenter: str | Segmenter | None = None, sweeps: Sequence[str] = (), settings: Settings | None = None,
+                   fresh: bool = False, progress: bool = True, verbose: bool = False) -> str:
     """What ``python -m mag_explore evaluate`` does; returns the summary table (process 0) or a line."""
     from ..models import load_pipeline, model_defaults
     from ..shapes.world import COLORS
@@ -92,14 +92,14 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     if state is not None and device is None and state.device.type == "cuda":
         device = str(state.device)
-    pipe = load_pipeline(model, device=device, progress=False)
+    pipe = load_pipeline(model, device=device, verbose=verbose)
     defaults = model_defaults(pipe)
     suite = load_suite(suite_path, defaults["height"], defaults["width"], palette=COLORS)
     seed_list = list(range(seeds))
     items = work_items(suite, methods, seed_list, settings)
     out = Path(out)
     spec = segmenter if isinstance(segmenter, str) or segmenter is None else getattr(segmenter, "__name__", "custom")
-    info = run_info(model, Path(suite_path), steps or defaults["num_inference_steps"], spec, defaults)
+    info = run_info(model, Path(suite_path), num_inference_steps or defaults["num_inference_steps"], spec, defaults)
     if not fresh:
         check_run_info(out, info)  # every process, before anyone waits: a refusal never hangs the others
     _wait(state)
@@ -115,7 +115,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     before = existing_rows(out)
     done = {(r["layout"], r["method"], r["setting"], r["seed"]) for r in before}
     new_rows, images = evaluate(
-        pipe, suite, methods, seed_list, settings=settings, num_inference_steps=steps, progress=progress,
+        pipe, suite, methods, seed_list, settings=settings, num_inference_steps=num_inference_steps, progress=progress,
         segmenter=load_segmenter(segmenter) if isinstance(segmenter, str) else segmenter,
         image_dir=out / "images", skip=done, on_row=RowJournal(out / PARTS / f"rank{rank}.csv"),
         rank=rank, world_size=world)
@@ -130,7 +130,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     rows = order_rows(before + new_rows, [i.key for i in items])
     images.update(_images_from_disk(out / "images", suite, methods, seed_list[0], images))
     title = (f"{len(suite)} layouts × {seeds} seeds, model {model or 'default'}, "
-             f"{info['steps']} steps; 95 % CI: bootstrap over layouts")
+             f"{info['num_inference_steps']} steps; 95 % CI: bootstrap over layouts")
     table = write_reports(suite, methods, rows, images, out, title)
     shutil.rmtree(out / PARTS, ignore_errors=True)  # all in results.csv now
     skipped = len([k for k in (i.key for i in items) if k in done])

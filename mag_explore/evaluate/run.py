@@ -98,20 +98,19 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
     saved as a PNG (``image_path``). Images: ``{(layout name, method): array}`` of the first
     seed at the default setting.
     """
-    from ..models import model_defaults
     from ..sampling import generate
     from ..shapes.segment import color_segmenter, shapes_fidelity
 
     segmenter = segmenter or color_segmenter
     fidelity = fidelity if fidelity is not None else (shapes_fidelity if segmenter is color_segmenter else None)
-    defaults, base = model_defaults(pipe), method_options or {}
+    base = method_options or {}
     items = [i for i in shard(work_items(suite, methods, seeds, settings), rank, world_size) if i.key not in skip]
     rows, images = [], {}
     for item in tqdm(items, desc=f"evaluate{f' [{rank}/{world_size}]' if world_size > 1 else ''}", unit="image",
                      disable=not progress):
         entry = suite[item.layout_index]
         options = {**base.get(item.method, {}), **dict(item.options)}
-        controls = controls_for(item.method, entry.layout, defaults, options)
+        controls = controls_for(item.method, entry.layout, options)
         start = time.perf_counter()
         result = generate(pipe, entry.layout.prompt, num_inference_steps=num_inference_steps, seed=item.seed,
                           controls=controls, progress=False)
@@ -132,7 +131,7 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
 
 def score_row(item: Item, entry: SuiteLayout, image: np.ndarray, segmenter: Segmenter, fidelity, seconds) -> dict:
     """The CSV row of one image: IoU per region and on average, fidelity scores, seconds."""
-    phrases = [entry.layout.label(i) for i in range(len(entry.layout))]
+    phrases = entry.layout.labels
     masks = list(segmenter(image, phrases))
     if len(masks) != len(phrases):
         raise ValueError(f"the segmenter returned {len(masks)} masks for {len(phrases)} phrases {phrases}")

@@ -6,8 +6,10 @@ gives each method a list of settings; several ``--sweep`` options for one method
 combine as a grid (every combination), and the default setting is always evaluated
 first, so a frontier line passes through the default and marks it.
 
-Values are read as numbers, ``a:b`` step ranges (step indices ``[a, b)``), ``none``,
-``true``/``false`` or plain words (``nearest``) - never run as code.
+Values are read as numbers, ``a:b`` pairs (``step_range=0:10``: step indices ``[0, 10)``),
+``none``, ``true``/``false`` or plain words (``nearest``) - never run as code. The options
+are the control's keywords: ``swap.while_t_above=600,800``, ``mag.step_range=0:5``,
+``pww.weight=0.4``, ``lg.loss_scale=10``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ Settings = Mapping[str, Sequence[dict]]  # method -> its settings
 
 
 def parse_value(text: str, where: str):
-    """One value of a sweep: 0.05 -> float, 700 -> int, 0:10 -> (0, 10), none -> None, nearest -> str."""
+    """One value of a sweep: 0.05 -> float, 700 -> int, 0:10 -> (0, 10), 5: -> (5, None), none -> None, nearest -> str."""
     text = text.strip()
     lowered = text.lower()
     if lowered in ("none", "null"):
@@ -40,7 +42,7 @@ def parse_value(text: str, where: str):
 
 
 def parse_sweeps(specs: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, list[dict]]:
-    """``["mag.alpha=0.05,0.1", "swap.steps=0:5,0:10"]`` -> ``{"mag": [{}, {"alpha": 0.05}, ...], ...}``."""
+    """``["mag.alpha=0.05,0.1", "swap.step_range=0:5,0:10"]`` -> ``{"mag": [{}, {"alpha": 0.05}, ...], ...}``."""
     values: dict[str, dict[str, list]] = {}
     for spec in specs:
         head, equals, tail = spec.partition("=")
@@ -93,30 +95,13 @@ def setting_slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9=._+-]", "-", label.replace(" ", "_"))
 
 
-def controls_for(method: str, layout, defaults: dict, options: Mapping) -> list:
-    """The method's controls for ``layout``: the model's defaults, overridden by ``options``.
-
-    ``steps`` is the step range of any method (swap's and MAG's default: the model's
-    ``guide_until``).
-    """
+def controls_for(method: str, layout, options: Mapping) -> list:
+    """The method's controls for ``layout`` with ``options``; what is left out, the control
+    resolves from the model's defaults (MAG, swap) or the published ones (baselines) when
+    the run starts."""
     from ..methods import make_controls
 
-    options = dict(options)
-    if method in ("swap", "mag") and "steps" in options:
-        options["swap_steps" if method == "swap" else "guide_steps"] = options.pop("steps")
-    # make_controls takes these by name for one method and would drop them for the others
-    misplaced = {"alpha", "lmbda", "guide_steps", "swap_steps"} - _OWN.get(method, set())
-    if misplaced & set(options):
-        raise ValueError(f"method {method!r} does not take the options {dict(options)}: "
-                         f"{sorted(misplaced & set(options))} belong to another method")
-    settings = {"mag": dict(alpha=defaults["mag_alpha"], lmbda=defaults["mag_lambda"],
-                            guide_steps=defaults["guide_until"]),
-                "swap": dict(swap_steps=defaults["guide_until"])}.get(method, {})
-    settings.update(options)
     try:
-        return make_controls(method, layout, **settings)
-    except TypeError as error:  # an option the method's control does not take
-        raise ValueError(f"method {method!r} does not take the options {dict(options)}: {error}") from None
-
-
-_OWN = {"mag": {"alpha", "lmbda", "guide_steps"}, "swap": {"swap_steps"}}
+        return make_controls(method, layout, **options)
+    except TypeError as error:  # e.g. a step range of the wrong kind: the message says what to write
+        raise ValueError(f"method {method!r}, options {dict(options)}: {error}") from None
