@@ -115,7 +115,8 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     before = existing_rows(out)
     done = {(r["layout"], r["method"], r["setting"], r["seed"]) for r in before}
     new_rows, images = evaluate(
-        pipe, suite, methods, seed_list, settings=settings, num_inference_steps=num_inference_steps, progress=progress,
+        pipe, suite, methods, seed_list, settings=settings, num_inference_steps=num_inference_steps,
+        progress=progress and rank == 0,  # one bar (process 0's share), not N interleaved ones
         segmenter=load_segmenter(segmenter) if isinstance(segmenter, str) else segmenter,
         image_dir=out / "images", skip=done, on_row=RowJournal(out / PARTS / f"rank{rank}.csv"),
         rank=rank, world_size=world)

@@ -180,7 +180,8 @@ def plot_grid(suite: Sequence[SuiteLayout], methods: Sequence[str], images: dict
 
 
 def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str = ""):
-    """Mean mask IoU against prompt fidelity: one line per method through its settings.
+    """Mean mask IoU against prompt fidelity: one line per method through its settings
+    (ordered from the most faithful to the least, so each line reads as a trade-off).
 
     The default setting of each method is a star, "none" (no control) a black cross;
     error bars are the 95 % bootstrap intervals. Returns the figure (None without fidelity).
@@ -193,6 +194,8 @@ def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str 
     for entry in summary:
         by_method.setdefault(entry["method"], []).append(entry)
     for method, entries in by_method.items():
+        # along the trade-off: from the most faithful setting to the least (then by IoU)
+        entries = sorted(entries, key=lambda e: (-e["fidelity"], e["mean_iou"]))
         x = [e["fidelity"] for e in entries]
         y = [e["mean_iou"] for e in entries]
         xerr = _error_bars(entries, "fidelity")
