@@ -65,11 +65,17 @@ def timed(fn, device: str, repeats: int = 1) -> float:
 
 
 def guided_forward_backward(pipe, size: int, device: str) -> None:
-    """The extra work of one MAG step: a batch-1 UNet forward + backward to the latent."""
-    latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=pipe.unet.dtype, requires_grad=True)
-    text = torch.randn(1, 77, 768, device=device, dtype=pipe.unet.dtype)
-    with torch.enable_grad():
-        out = pipe.unet(latents, 801, encoder_hidden_states=text).sample
+    """The extra work of one MAG step, without hooks: a batch-1 UNet forward + backward to the latent."""
+    from mag_explore.methods.guidance import frozen_weights
+
+    unet = pipe.unet
+    f = pipe.vae_scale_factor
+    latents = torch.randn(1, unet.config.in_channels, size // f, size // f, device=device, dtype=unet.dtype,
+                          requires_grad=True)
+    text = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device,
+                       dtype=unet.dtype)
+    with torch.enable_grad(), frozen_weights(unet):  # as MAG: only the latent requires grad
+        out = unet(latents, 801, encoder_hidden_states=text).sample
         torch.autograd.grad(out.float().square().mean(), latents)
 
 

@@ -98,7 +98,12 @@ def add_evaluate_parser(commands) -> None:
     add_common_options(ev)
     ev.add_argument("--segmenter", default=None,
                     help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
-    ev.add_argument("--out", default="outputs/eval", help="folder for results.csv, summary.md, grid.png")
+    ev.add_argument("--sweep", action="append", default=[], metavar="METHOD.OPTION=V1,V2,...",
+                    help="settings to evaluate besides the default, e.g. mag.alpha=0.05,0.1, swap.while_t_above=600,800 or swap.step_range=0:5,0:10 "
+                         "(repeat for several; options of one method combine as a grid)")
+    ev.add_argument("--out", default="outputs/eval",
+                    help="folder for results.csv, summary.md, grid.png, frontier.png; a run there resumes")
+    ev.add_argument("--fresh", action="store_true", help="start over instead of resuming the run in --out")
     ev.add_argument("--device", default=None)
 
 
@@ -252,8 +257,9 @@ def run_evaluate(args) -> str:
             load_segmenter(args.segmenter)
         except ImportError as error:
             raise InputError(f"--segmenter {args.segmenter!r}: cannot import it ({error})") from None
-    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.num_inference_steps,
-                          device=args.device, segmenter=args.segmenter)
+    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out,
+                          num_inference_steps=args.num_inference_steps, device=args.device,
+                          segmenter=args.segmenter, sweeps=args.sweep, fresh=args.fresh, verbose=args.verbose)
 
 
 def run_edit(args) -> str:

@@ -247,6 +247,7 @@ class Sampler:
         self.step_index = 0
         self.step_latents: list[torch.Tensor] = []
         self.step_x0: list[torch.Tensor] = []
+        self._run_attention = None  # the installation run() holds over all its steps
         for control in self.controls:
             control.start(self)
 
@@ -264,8 +265,7 @@ class Sampler:
         if self.done:
             raise RuntimeError(f"all {len(self.timesteps)} steps are done; call result()")
         i, t = self.step_index, self.scheduler.timesteps[self.step_index]
-        hooks = self.hooks
-        with cross_attention_hooks(self.pipe.unet, hooks) if hooks else nullcontext() as attention:
+        with self._attention_installed() as attention:
             if attention is not None:
                 attention.set_step(i, t)
                 attention.num_prompt_tokens = self.num_prompt_tokens
@@ -285,6 +285,18 @@ class Sampler:
         self.step_index += 1
         for callback in self.callbacks:
             callback(self)
+
+    def _attention_installed(self):
+        """The hooks' installation for one step: ``run()``'s own if it holds one, else a fresh one.
+
+        Installing walks every attention module of the UNet twice (set and restore), which
+        costs as much as a third of a small model's step; ``run()`` therefore installs once
+        for all its steps, and a lone ``step()`` installs for itself (and always restores).
+        """
+        if self._run_attention is not None:
+            return nullcontext(self._run_attention)
+        hooks = self.hooks
+        return cross_attention_hooks(self.pipe.unet, hooks) if hooks else nullcontext()
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """UNet on the batch [uncond, cond] (in the UNet's dtype), then classifier-free guidance (fp32)."""
@@ -308,8 +320,14 @@ class Sampler:
 
     def run(self, progress: bool = True) -> GenerationResult:
         """Do the remaining steps (with a progress bar) and decode."""
-        for _ in tqdm(range(self.step_index, len(self.timesteps)), desc="denoising", disable=not progress):
-            self.step()
+        hooks = self.hooks
+        with cross_attention_hooks(self.pipe.unet, hooks) if hooks else nullcontext() as attention:
+            self._run_attention = attention
+            try:
+                for _ in tqdm(range(self.step_index, len(self.timesteps)), desc="denoising", disable=not progress):
+                    self.step()
+            finally:
+                self._run_attention = None
         return self.result()
 
     def x0_image(self) -> Image.Image:

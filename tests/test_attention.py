@@ -216,3 +216,35 @@ def test_fp16_model_gives_fp32_probabilities(sd15_folder):
     for probs, _ in recorder.seen:
         assert probs.dtype == torch.float32
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+
+
+class CountingProcessor:
+    """Wraps a processor and counts the calls that reach it (cross-attention ones apart)."""
+
+    def __init__(self, inner):
+        self.inner, self.cross_calls = inner, 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        self.cross_calls += encoder_hidden_states is not None
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def test_layers_and_steps_without_an_active_hook_run_the_replaced_processor(sd15_pipe):
+    """Swap acts in steps 0-1 of 4: the other steps take the user's own (fused) processor."""
+    from mag_explore import Layout, MaskedAttentionSwap, rect
+
+    unet = sd15_pipe.unet
+    before = unet.attn_processors
+    counters = {name: CountingProcessor(p) for name, p in before.items()}
+    unet.set_attn_processor(dict(counters))
+    try:
+        layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1)])
+        store = AttentionStore(steps=[3])  # captures step 3 only
+        generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, height=64, width=64, progress=False,
+                 controls=[MaskedAttentionSwap(layout, step_range=(0, 2))], store=store)
+        cross = [c for name, c in counters.items() if name.endswith("attn2.processor")]
+        # one UNet call per step; steps 0, 1 (swap) and 3 (store) are explicit, step 2 is not
+        assert [c.cross_calls for c in cross] == [1] * len(cross)
+        assert store.contexts and {step for step, _ in store.contexts} == {3}
+    finally:
+        unet.set_attn_processor(dict(before))

@@ -124,11 +124,15 @@ def test_evaluate_command_refuses_an_unknown_method(sd15_folder, tmp_path, capsy
     assert "unknown methods ['boxdiff']" in capsys.readouterr().err
 
 
-def test_method_options_override_the_model_defaults():
+def test_settings_reach_the_controls_and_bad_options_are_named():
     from mag_explore import Layout, rect
-    from mag_explore.evaluate import _controls
+    from mag_explore.evaluate import controls_for
 
     layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1)])
-    defaults = {"mag_alpha": 0.3, "mag_lambda": 0.5, "guide_until": 700}
-    assert _controls("mag", layout, defaults, {"mag": {"alpha": 0.1}})[0].alpha == 0.1
-    assert _controls("mag", layout, defaults, {})[0].alpha is None  # the model's, resolved when the run starts
+    assert controls_for("mag", layout, {"alpha": 0.1})[0].alpha == 0.1
+    assert controls_for("mag", layout, {})[0].alpha is None  # the model's, resolved when the run starts
+    assert controls_for("swap", layout, {"step_range": (0, 5)})[0].step_range == (0, 5)
+    with pytest.raises(ValueError, match=r"has no options \['alpha'\]"):
+        controls_for("pww", layout, {"alpha": 0.1})
+    with pytest.raises(ValueError, match="while_t_above=700"):
+        controls_for("swap", layout, {"steps": 700})

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .hooks import AttentionContext, AttentionHook
 
@@ -132,8 +131,9 @@ class AttentionController:
 class CrossAttentionProcessor:
     """Cross-attention with explicit probabilities that hooks can read and edit.
 
-    Mirrors diffusers' ``AttnProcessor2_0`` step by step, except that the product
-    softmax(QKᵀ/√d)·V is written out, in float32, so hooks can act in between.
+    Where a hook is active, mirrors diffusers' ``AttnProcessor2_0`` step by step, except
+    that the product softmax(QKᵀ/√d)·V is written out, in float32, so hooks can act in
+    between. Where none is, the processor it replaced runs unchanged (the fused kernel).
     """
 
     def __init__(self, controller: AttentionController, layer: str, original):
@@ -144,6 +144,15 @@ class CrossAttentionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if encoder_hidden_states is None:  # used as self-attention: nothing for our hooks
             return self.original(attn, hidden_states, None, attention_mask, temb, *args, **kwargs)
+        # Which hooks act here and now; none (swap after its steps, MAG outside its guidance
+        # pass, a store between captured steps): the processor we replaced runs, as if we were
+        # not installed - PyTorch's fused kernel, which never materialises the probabilities.
+        batch = hidden_states.shape[0]
+        pixels = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        ctx = self.controller.context(self.layer, pixels, batch, attn.heads)
+        hooks = [hook for hook in self.controller.hooks if hook.active(ctx)]
+        if not hooks:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -167,16 +176,8 @@ class CrossAttentionProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        ctx = self.controller.context(self.layer, pixels, batch, heads)
-        hooks = [hook for hook in self.controller.hooks if hook.active(ctx)]
-        if hooks:
-            probs = self.attention_probs(attn, query, key, attention_mask, batch, hooks, ctx)
-            hidden_states = probs.to(value.dtype) @ value
-        else:  # no hook wants this layer now: keep the fused kernel
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-                attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        probs = self.attention_probs(attn, query, key, attention_mask, batch, hooks, ctx)
+        hidden_states = probs.to(value.dtype) @ value
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
         if input_ndim == 4:

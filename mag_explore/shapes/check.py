@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from ..data import data_path
-from .world import COLORS, SHAPES, blobs, caption_for, mask_iou, score_image, segment_by_color
+from ..metrics import mask_iou
+from .segment import color_segmenter
+from .world import COLORS, SHAPES, blobs, caption_for, score_image, segment_by_color
 
 SUITE = data_path("suites", "shapes.json")
 # name: (goal, "min" or "max", what it is)
@@ -94,17 +96,26 @@ def fidelity_and_localization(pipe, prompts: list[str], seed: int = 0, num_infer
 def spatial_control(pipe, seeds: int = 2, suite_path: Path = SUITE, num_inference_steps: int | None = None,
                     max_layouts: int | None = None, progress: bool = True) -> dict:
     """Mean mask IoU without control and with MAG (model defaults) on the 'contradicts' 2-object layouts."""
-    from ..evaluate import evaluate, load_suite
+    from tqdm.auto import tqdm
+
+    from ..methods import make_controls
     from ..models import model_defaults
+    from ..sampling import generate
+    from ..suites import load_suite
 
     d = model_defaults(pipe)
     suite = [s for s in load_suite(suite_path, d["height"], d["width"]) if len(s.layout) == 2 and "contradicts" in s.tags]
     if not suite:
         raise ValueError(f"{suite_path} has no two-region layout tagged 'contradicts'")
     suite = suite[:max_layouts]
-    rows, _ = evaluate(pipe, suite, ["none", "mag"], list(range(seeds)), num_inference_steps=num_inference_steps,
-                       progress=progress)
-    mean = {m: float(np.mean([r["iou"] for r in rows if r["method"] == m])) for m in ("none", "mag")}
+    ious = {"none": [], "mag": []}
+    runs = [(entry, method, seed) for entry in suite for method in ious for seed in range(seeds)]
+    for entry, method, seed in tqdm(runs, desc="spatial control", disable=not progress):
+        image = np.asarray(generate(pipe, entry.layout.prompt, num_inference_steps=num_inference_steps, seed=seed,
+                                    controls=make_controls(method, entry.layout), progress=False).images[0])
+        masks = color_segmenter(image, entry.layout.labels)
+        ious[method].append(np.mean([mask_iou(m, r.mask) for m, r in zip(masks, entry.layout.regions)]))
+    mean = {m: float(np.mean(values)) for m, values in ious.items()}
     return {"none_iou": mean["none"], "mag_iou": mean["mag"], "mag_iou_gain": mean["mag"] - mean["none"],
             "layouts": len(suite), "seeds": seeds}
 

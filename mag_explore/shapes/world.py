@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..metrics import mask_iou  # noqa: F401  (re-exported: the world's readers use it)
+
 SIZE = 64
 # Far apart in RGB, and all far from the light background, so that the nearest known
 # color of a pixel says which object it belongs to even in a slightly blurry sample.
@@ -192,12 +194,6 @@ def classify_shape(mask: np.ndarray) -> str:
     if fill >= 0.64:
         return "circle"
     return "triangle"
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 # ---------------------------------------------------------------------------- prompts
