@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x pipelines, and their generation defaults.
+"""Loading Stable Diffusion 1.x / 2.x and SDXL pipelines, and their generation defaults.
 
 Everything in mag-explore works on the cross-attention layers of a UNet: the layers
 where each image position looks at the prompt's tokens. Only models that have them
@@ -8,9 +8,11 @@ gigabytes of weights are loaded:
 * supported: Stable Diffusion 1.x and 2.x in diffusers format
   (``StableDiffusionPipeline``-style: ``unet`` = UNet2DConditionModel with
   cross-attention blocks, ``text_encoder`` = CLIPTextModel, ``tokenizer`` =
-  CLIPTokenizer, ``vae`` = AutoencoderKL), from the Hugging Face hub or a local folder,
-  and ``"shapes"``, the small model embedded in this repository;
-* refused with :class:`UnsupportedModelError`: SDXL (two text encoders), SD3, Flux,
+  CLIPTokenizer, ``vae`` = AutoencoderKL), SDXL base (``StableDiffusionXLPipeline``:
+  also ``text_encoder_2`` = CLIPTextModelWithProjection and ``tokenizer_2``; see
+  ``mag_explore.families``), from the Hugging Face hub or a local folder, and
+  ``"shapes"``, the small model embedded in this repository;
+* refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder), SD3, Flux,
   PixArt (a transformer instead of a UNet), Kandinsky (image-embedding conditioning),
   DeepFloyd IF (T5), inpainting and upscaling UNets (extra input channels), ...
 
@@ -29,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .families import FAMILY_DEFAULTS, SDXL_COMPONENTS, family
+
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: Reserved name of the model embedded in the repository (``data/models/shapes``).
@@ -43,7 +47,9 @@ SUPPORTED = (
     "Stable Diffusion 1.x/2.x pipelines in diffusers format (StableDiffusionPipeline-style: "
     "unet = UNet2DConditionModel with cross-attention, text_encoder = CLIPTextModel, "
     "tokenizer = CLIPTokenizer, vae = AutoencoderKL; 4 latent input channels), e.g. "
-    f"{DEFAULT_GPU_MODEL!r}, 'stabilityai/stable-diffusion-2-1', or {SHAPES!r}"
+    f"{DEFAULT_GPU_MODEL!r}, 'stabilityai/stable-diffusion-2-1', or {SHAPES!r}; and SDXL base pipelines "
+    "(StableDiffusionXLPipeline: also text_encoder_2 = CLIPTextModelWithProjection, tokenizer_2 = "
+    "CLIPTokenizer), e.g. 'stabilityai/stable-diffusion-xl-base-1.0'"
 )
 
 # Generation defaults (see model_defaults). guidance_scale, alpha, lambda and the
@@ -85,7 +91,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Stable Diffusion 1.x/2.x pipeline with UNet cross-attention."""
+    """The model is not a Stable Diffusion 1.x/2.x or SDXL pipeline with UNet cross-attention."""
 
 
 # --------------------------------------------------------------------------- places
@@ -210,7 +216,7 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def _require_safetensors(folder: Path, index: dict) -> None:
     """Say clearly when a component only has pickle weights (diffusers' error is terse)."""
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         sub = folder / name
         if not sub.is_dir() or _component(index, name) is None:
             continue  # check_supported reports missing components
@@ -251,7 +257,7 @@ def _component(index: dict, name: str) -> tuple[str, str] | None:
 
 
 def check_supported(model_index: dict, unet_config: dict | None = None, name: str = "the model") -> None:
-    """Raise :class:`UnsupportedModelError` unless this is an SD 1.x/2.x-style pipeline.
+    """Raise :class:`UnsupportedModelError` unless this is an SD 1.x/2.x-style or SDXL base pipeline.
 
     ``model_index`` is the pipeline's ``model_index.json``; ``unet_config`` its
     ``unet/config.json`` if known (to refuse inpainting/upscaling UNets).
@@ -261,17 +267,18 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
     present = {k: v for k, v in components.items() if v is not None}
 
     reason = None
+    sdxl = "text_encoder_2" in components or "tokenizer_2" in components
+    required = {**_REQUIRED_COMPONENTS, **SDXL_COMPONENTS} if sdxl else _REQUIRED_COMPONENTS
     if "unet" not in present:
         denoiser = present.get("transformer") or present.get("prior") or present.get("decoder")
         what = f"its denoiser is {denoiser[1]}" if denoiser else f"its components are {sorted(present)}"
         reason = f"it has no UNet ({what}), so there is no UNet cross-attention to work on"
-    elif "text_encoder_2" in present or "tokenizer_2" in present:
-        reason = "it has two text encoders (SDXL-style), not one CLIP text encoder"
     else:
-        for comp, accepted in _REQUIRED_COMPONENTS.items():
+        for comp, accepted in required.items():
             found = present.get(comp)
             if found is None:
-                reason = f"it has no {comp!r} component (SD 1.x/2.x needs {sorted(c for _, c in accepted)})"
+                what = "SDXL base" if sdxl else "SD 1.x/2.x"
+                reason = f"it has no {comp!r} component ({what} needs {sorted(c for _, c in accepted)})"
                 break
             if found not in accepted:
                 reason = (
@@ -296,8 +303,9 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
             )
         elif blocks and not any("CrossAttn" in b for b in blocks):
             reason = f"its UNet has no cross-attention blocks ({blocks})"
-        elif unet_config.get("addition_embed_type") is not None:
-            reason = f"its UNet has extra conditioning ({unet_config['addition_embed_type']!r}, SDXL-style)"
+        elif unet_config.get("addition_embed_type") != ("text_time" if sdxl else None):
+            reason = (f"its UNet's extra conditioning is {unet_config.get('addition_embed_type')!r}; "
+                      f"{'SDXL needs text_time' if sdxl else 'SD 1.x/2.x has none (text_time is SDXL)'}")
     if reason is not None:
         raise UnsupportedModelError(f"{name} is a {cls}, which mag-explore does not support: {reason}. "
                                     f"Supported: {SUPPORTED}.")
@@ -351,16 +359,18 @@ def load_pipeline(
         progress: show progress bars (loading and sampling).
 
     Returns:
-        A ``diffusers.StableDiffusionPipeline`` with the safety checker off.
+        A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
+        ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
+        the sampler's own pixels).
 
     Raises:
-        UnsupportedModelError: the model has no UNet cross-attention (SDXL, SD3, Flux,
+        UnsupportedModelError: the model has no UNet cross-attention (SD3, Flux,
             PixArt, Kandinsky, inpainting, ...). Checked before any weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` before the
             embedded model is built.
         OSError: the hub could not be reached or has no such model.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import is_accelerate_available
 
     device = torch.device(device) if device is not None else default_device()
@@ -371,13 +381,16 @@ def load_pipeline(
     if Path(source).is_dir():
         _require_safetensors(Path(source), index)
 
+    if "text_encoder_2" in index:
+        cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
+    else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
+        cls, options = StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
     with _progress_bars(progress):  # also the "Loading pipeline components" bars
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = cls.from_pretrained(
             source,
             use_safetensors=True,  # never unpickle: a .bin/.ckpt file can run code
-            safety_checker=None,  # research on attention: the checker only blacks images out
-            feature_extractor=None,  # used only by the safety checker
-            requires_safety_checker=False,
+            **options,
             # Low-memory loading needs the optional `accelerate` package; without it
             # diffusers falls back to normal loading anyway, after a long warning.
             low_cpu_mem_usage=is_accelerate_available(),
@@ -408,7 +421,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``num_inference_steps`` (50): DDIM steps.
         ``negative_prompt`` (``"low quality"``): the unconditional half's prompt.
         ``mag_alpha`` (0.08), ``mag_lambda`` (0.5): Masked-Attention Guidance step size
-        and mask weight, from the official MAG code.
+        and mask weight, from the official MAG code. SDXL: ``mag_alpha`` 0.01, scaled
+        down for its ~7.6x larger loss sum and not calibrated on real weights
+        (``families.FAMILY_DEFAULTS``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps).
 
@@ -420,7 +435,8 @@ def model_defaults(pipe) -> dict[str, Any]:
     sample = pipe.unet.config.sample_size
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     factor = pipe.vae_scale_factor
-    defaults: dict[str, Any] = {"height": h * factor, "width": w * factor, **_GENERATION_DEFAULTS}
+    defaults: dict[str, Any] = {"height": h * factor, "width": w * factor, **_GENERATION_DEFAULTS,
+                                **FAMILY_DEFAULTS[family(pipe)]}
 
     folder = _pipeline_folder(pipe)
     file = folder / DEFAULTS_FILE if folder is not None else None

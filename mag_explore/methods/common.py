@@ -6,6 +6,8 @@ from typing import Iterator
 
 import torch
 
+from ..families import denoise
+
 
 def layout_for_run(layout, sampler):
     """The layout resolved against the sampler's prompt and sized like its image."""
@@ -57,11 +59,18 @@ def guidance_loss_and_grad(state, latents: torch.Tensor, hook, checkpointing: bo
     with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
             state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
         model_input = state.scheduler.scale_model_input(latents, state.timestep)
-        unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
-        if hook.loss is None:
+        denoise(state.pipe, model_input, state.timestep, state.cond)
+        loss = hook.loss
+        if loss is None:
             raise ValueError(no_layer_message)
-        (grad,) = torch.autograd.grad(hook.loss, latents)
-    return hook.loss.detach(), grad
+        # With gradient checkpointing the backward pass runs the forward again, hooks included
+        # (it must, to rebuild the loss's own graph), and the hook would count every layer
+        # twice: keep what it held after the one forward pass.
+        forward_records = {name: list(value) if isinstance(value, list) else value
+                           for name, value in vars(hook).items()}
+        (grad,) = torch.autograd.grad(loss, latents)
+        vars(hook).update(forward_records)
+    return loss.detach(), grad
 
 
 class NonFiniteGuidanceError(FloatingPointError):
