@@ -69,10 +69,10 @@ def full_size_sdxl(device: str, dtype: torch.dtype) -> StableDiffusionXLPipeline
                 if b.dtype.is_floating_point:
                     b.zero_()
         module.eval()
-    te1 = parts["text_encoder"].text_model.embeddings
-    te2 = parts["text_encoder_2"].text_model.embeddings
-    for emb in (te1, te2):  # position ids are a buffer that must hold 0..76
-        emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1], device=device)[None])
+    for encoder in (parts["text_encoder"], parts["text_encoder_2"]):  # a buffer that must hold 0..76
+        for name, ids in encoder.named_buffers():
+            if name.endswith("position_ids"):
+                ids.copy_(torch.arange(ids.shape[-1], device=device)[None])
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                      scheduler=EulerDiscreteScheduler(**load("scheduler.json")),
                                      add_watermarker=False, **parts)
