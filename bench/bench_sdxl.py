@@ -74,7 +74,7 @@ def full_size_sdxl(device: str, dtype: torch.dtype) -> StableDiffusionXLPipeline
             if name.endswith("position_ids"):
                 ids.copy_(torch.arange(ids.shape[-1], device=device)[None])
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                                     scheduler=EulerDiscreteScheduler(**load("scheduler.json")),
+                                     scheduler=EulerDiscreteScheduler.from_config(load("scheduler.json")),
                                      add_watermarker=False, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
