@@ -40,6 +40,9 @@ from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
 from mag_explore.families import Conditioning, denoise  # noqa: E402
 from mag_explore.sampling import StepState  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import timed  # noqa: E402
+
 CONFIGS = ROOT / "data" / "configs" / "sdxl"
 PROMPT = "a red circle and a blue square"
 
@@ -82,16 +85,6 @@ def full_size_sdxl(device: str, dtype: torch.dtype) -> StableDiffusionXLPipeline
 
 def two_regions(size: int) -> Layout:
     return Layout.from_shapes(size, size, [rect("red circle", 0, 0, 0.5, 1), rect("blue square", 0.5, 0, 1, 1)])
-
-
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _rss() -> int:
@@ -182,16 +175,17 @@ def main() -> None:
     theirs = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)},
                                        add_watermarker=False)
     theirs.set_progress_bar_config(disable=True)
-    ours = lambda **kw: generate(pipe, PROMPT, seed=0, progress=False, **common, **kw)
-    runs = {
-        "diffusers StableDiffusionXLPipeline": lambda: theirs(PROMPT, generator=torch.Generator().manual_seed(0), **common),
-        "ours, no controls": lambda: ours(),
-        "ours + store (all steps)": lambda: ours(store=AttentionStore()),
-        "ours + swap (t > 700)": lambda: ours(controls=[MaskedAttentionSwap(layout)]),
-        "ours + MAG (t > 700)": lambda: ours(controls=[MaskedAttentionGuidance(layout)]),
+    ours = {  # one run each (a full-size CPU run takes minutes)
+        "ours, no controls": {},
+        "ours + store (all steps)": {"store": AttentionStore()},
+        "ours + swap (t > 700)": {"controls": [MaskedAttentionSwap(layout)]},
+        "ours + MAG (t > 700)": {"controls": [MaskedAttentionGuidance(layout)]},
     }
     generate(pipe, PROMPT, seed=0, progress=False, **{**common, "num_inference_steps": 1})  # warm-up
-    seconds = {name: timed(fn, args.device) for name, fn in runs.items()}
+    seconds = {"diffusers StableDiffusionXLPipeline":
+               timed(lambda: theirs(PROMPT, generator=torch.Generator().manual_seed(0), **common), args.device)}
+    for name, options in ours.items():
+        seconds[name] = timed(lambda: generate(pipe, PROMPT, seed=0, progress=False, **common, **options), args.device)
     base = seconds["diffusers StableDiffusionXLPipeline"]
     for name, s in seconds.items():
         print(f"  {name:<38} {s:8.2f} s   {s / base:5.2f}×")

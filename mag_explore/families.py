@@ -170,11 +170,9 @@ def vae_in_working_dtype(pipe) -> Iterator[torch.dtype]:
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """UNet latents -> what the VAE decodes (scaling factor; shift, or SDXL-style mean and std)."""
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+    statistics = _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
         return latents * std / vae.config.scaling_factor + mean
     latents = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
@@ -184,12 +182,18 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`unscale_latents` (VAE encoder output -> UNet latents)."""
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+    statistics = _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
         return (latents - mean) * vae.config.scaling_factor / std
     if getattr(vae.config, "shift_factor", None):
         latents = latents - vae.config.shift_factor
     return latents * vae.config.scaling_factor
+
+
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel latents_mean and latents_std of the VAE's config (shaped like ``like``), if it has both."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
