@@ -152,9 +152,9 @@ def test_tokenizers_that_disagree_are_refused(sdxl_pipe, tmp_path):
 
 
 # ---------------------------------------------------------------- attention
-def unet_call(pipe, latents, cond):
+def unet_call(pipe, latents, cond, timestep=500):
     with torch.no_grad():
-        return families.denoise(pipe, latents, 500, cond)
+        return families.denoise(pipe, latents, timestep, cond)
 
 
 def test_captured_maps_equal_an_independent_softmax(sdxl_pipe):
@@ -299,15 +299,27 @@ def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
 # ---------------------------------------------------------------- inversion, editing, widgets, CLI
 def test_inversion_and_edit_on_sdxl(sdxl_pipe, layout):
     from mag_explore.editing import edit_image
-    from mag_explore.inversion import invert, psnr, reconstruct
-    from mag_explore.sampling import decode_latents
+    from mag_explore.inversion import invert, reconstruct
 
     image = generate(sdxl_pipe, PROMPT, num_inference_steps=10, guidance_scale=1.0, seed=0, progress=False).image
-    inversion = invert(sdxl_pipe, image, PROMPT, num_inference_steps=10, fixed_point_iterations=3, progress=False)
+    # Each inverted step should be one the sampler takes back: DDIM's step from x_t with the UNet's
+    # prediction there (SDXL conditioning included) must land on x_p. Fixed-point iterations make that
+    # exact where they converge. Measured, 10 steps: plain median residual 0.05; 8 iterations 0.000 on
+    # the low-noise steps (the random UNet is not contractive at the noisiest ones).
+    scheduler = DDIMScheduler.from_config(sdxl_pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    cond = families.encode_prompt(sdxl_pipe, PROMPT, 1, (128, 128))
+    residuals = {}
+    for k in (0, 8):
+        inversion = invert(sdxl_pipe, image, PROMPT, num_inference_steps=10, fixed_point_iterations=k,
+                           progress=False)
+        residuals[k] = []
+        for x_p, x_t, t in zip(inversion.step_latents, inversion.step_latents[1:], reversed(inversion.timesteps)):
+            back = scheduler.step(unet_call(sdxl_pipe, x_t, cond, t), t, x_t).prev_sample
+            residuals[k].append(float((back - x_p).norm() / x_p.norm()))
+    assert np.median(residuals[8]) < 0.1 * np.median(residuals[0]), residuals
     assert inversion.latents.shape == (1, 4, 16, 16)
     back = reconstruct(sdxl_pipe, inversion, progress=False)
-    vae_only = psnr(image, decode_latents(sdxl_pipe, inversion.image_latents)[1][0])  # encode + decode
-    assert psnr(image, back.image) > vae_only - 3  # the round trip costs little beyond the VAE
     target = Layout.from_shapes(128, 128, [rect("red circle", 0.5, 0, 1, 0.5)], prompt=PROMPT)
     edited = edit_image(sdxl_pipe, image, PROMPT, target, source_layout=layout, keep=["blue square"],
                         inversion=inversion, progress=False)
