@@ -38,7 +38,9 @@ from mag_explore import AttentionStore, Layout, MaskedAttentionGuidance, MaskedA
 from mag_explore.attention import cross_attention_hooks  # noqa: E402
 from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
 from mag_explore.families import Conditioning, denoise  # noqa: E402
+from mag_explore.methods import guidance_step  # noqa: E402
 from mag_explore.sampling import StepState  # noqa: E402
+from mag_explore.schedule import StepRange  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import timed  # noqa: E402
@@ -132,7 +134,7 @@ def guided_forward_backward(pipe, sampler: Sampler) -> None:
 
 def one_guidance_pass(pipe, layout, size: int, checkpointing: bool):
     """A function that runs MAG's loss and gradient once at the first step (hooks installed)."""
-    mag = MaskedAttentionGuidance(layout, steps=(0, 1), gradient_checkpointing=checkpointing)
+    mag = MaskedAttentionGuidance(layout, step_range=(0, 1), gradient_checkpointing=checkpointing)
     sampler = Sampler(pipe, PROMPT, num_inference_steps=50, seed=0, height=size, width=size, controls=[mag])
     t = sampler.scheduler.timesteps[0]
 
@@ -141,7 +143,7 @@ def one_guidance_pass(pipe, layout, size: int, checkpointing: bool):
             controller.set_step(0, t)
             state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                               controller, sampler.timesteps)
-            mag.loss_and_grad(state, sampler.latents)
+            guidance_step(state, sampler.latents, mag.hook, 0.01, checkpointing=checkpointing)
     return run
 
 
@@ -197,7 +199,7 @@ def main() -> None:
     for name, s in seconds.items():
         print(f"  {name:<38} {s:8.2f} s   {s / base:5.2f}×")
     sampler = Sampler(pipe, PROMPT, num_inference_steps=steps, seed=0, height=size, width=size)
-    guided = MaskedAttentionGuidance(layout).steps.selected(sampler.timesteps)
+    guided = StepRange(while_t_above=700).selected(sampler.timesteps)
     extra = min(timed(lambda: guided_forward_backward(pipe, sampler), args.device) for _ in range(args.repeats))
     expected = seconds["ours, no controls"] + len(guided) * extra
     print(f"  MAG analytical: plain + {len(guided)} guided step(s) × {extra:.2f} s (batch-1 forward+backward) "

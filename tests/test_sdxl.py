@@ -20,7 +20,7 @@ from PIL import Image
 from mag_explore import families, testing
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_hooks, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import LayoutGuidance, MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords
+from mag_explore.methods import LayoutGuidance, guidance_step, MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords
 from mag_explore.models import check_supported, load_pipeline, model_defaults
 from mag_explore.sampling import Control, Sampler, StepState, generate
 
@@ -77,7 +77,7 @@ def test_real_sdxl_base_model_index_is_accepted_and_pickles_refused(sdxl_folder,
     for file in (folder / "text_encoder_2").glob("*.safetensors"):
         file.unlink()
     with pytest.raises(FileNotFoundError, match="text_encoder_2 has no .safetensors"):
-        load_pipeline(folder, device="cpu", progress=False)
+        load_pipeline(folder, device="cpu")
 
 
 def test_prompt_encoding_equals_diffusers_encode_prompt(sdxl_pipe):
@@ -123,7 +123,7 @@ def test_missing_negative_prompt_is_zeros_as_in_diffusers(sdxl_folder, tmp_path)
     folder = tmp_path / "no-negative"
     shutil.copytree(sdxl_folder, folder)
     (folder / "mag_explore.json").write_text(json.dumps({"negative_prompt": None}))
-    pipe = load_pipeline(folder, device="cpu", progress=False)
+    pipe = load_pipeline(folder, device="cpu")
     ours = generate(pipe, PROMPT, num_inference_steps=3, seed=0, progress=False).pixels
     theirs = diffusers_pipe(pipe)(PROMPT, negative_prompt=None, num_inference_steps=3, guidance_scale=9.0,
                                  generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -200,7 +200,7 @@ def test_hooks_are_restored_after_an_exception(sdxl_pipe, layout):
 
     with pytest.raises(KeyboardInterrupt):
         generate(sdxl_pipe, PROMPT, num_inference_steps=3, progress=False, store=AttentionStore(),
-                 controls=[MaskedAttentionSwap(layout, steps=(0, 3)), Boom()])
+                 controls=[MaskedAttentionSwap(layout, step_range=(0, 3)), Boom()])
     after = sdxl_pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
 
@@ -229,7 +229,7 @@ def test_store_size_is_bounded_and_selects_by_resolution_and_place(sdxl_pipe):
 def test_swap_sets_exactly_the_official_values(sdxl_pipe, layout):
     store = AttentionStore(tokens="all", heads="all", roles=("uncond", "cond"), dtype=torch.float32)
     generate(sdxl_pipe, PROMPT, num_inference_steps=3, seed=0, store=store, progress=False,
-             controls=[MaskedAttentionSwap(layout, steps=(0, 1))])
+             controls=[MaskedAttentionSwap(layout, step_range=(0, 1))])
     assert len(store.layers) == 11
     for layer in store.layers:
         maps = store.get(0, layer)  # (2, heads, h, w, 77): uncond, cond
@@ -244,19 +244,20 @@ def test_swap_sets_exactly_the_official_values(sdxl_pipe, layout):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_one_mag_step_lowers_the_loss(sdxl_pipe, layout, checkpointing):
-    mag = MaskedAttentionGuidance(layout, alpha=1.0, steps=(0, 1), gradient_checkpointing=checkpointing)
+    mag = MaskedAttentionGuidance(layout, alpha=1.0, step_range=(0, 1), gradient_checkpointing=checkpointing)
     sampler = Sampler(sdxl_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag])
     t = sampler.scheduler.timesteps[0]
     with cross_attention_hooks(sdxl_pipe.unet, sampler.hooks) as controller:
         controller.set_step(0, t)
         state = StepState(sdxl_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                           controller, sampler.timesteps)
-        loss_before, grad = mag.loss_and_grad(state, sampler.latents)
+        moved, loss_before, grad = guidance_step(state, sampler.latents, mag.hook, 1.0,
+                                                 checkpointing=checkpointing)
         assert len(mag.hook.layers) == 11  # MAG sums over every cross-attention layer
         # the loss, written out: sum over layers of -inside + lambda * outside of the regions' tokens
         recorder = Recorder(phases=("guidance",))
         with cross_attention_hooks(sdxl_pipe.unet, [recorder]):
-            mag.loss_and_grad(state, sampler.latents)
+            guidance_step(state, sampler.latents, mag.hook, 1.0, checkpointing=checkpointing)
         expected = 0.0
         for probs, ctx in recorder.seen[:11]:  # with checkpointing, the backward pass runs the layers again
             masks = layout.masks_at(ctx.height, ctx.width).flatten(1)
@@ -264,7 +265,7 @@ def test_one_mag_step_lowers_the_loss(sdxl_pipe, layout, checkpointing):
                 attention = probs[..., list(tokens)].sum(-1)
                 expected += float(-(attention * mask).sum() + 0.5 * (attention * (1 - mask)).sum())
         assert float(loss_before) == pytest.approx(expected, rel=1e-5)
-        loss_after, _ = mag.loss_and_grad(state, sampler.latents - mag.alpha * grad)
+        _, loss_after, _ = guidance_step(state, moved, mag.hook, 1.0, checkpointing=checkpointing)
     assert grad.abs().max() > 0 and loss_after < loss_before
     assert not sdxl_pipe.unet.is_gradient_checkpointing
     assert all(p.grad is None and p.requires_grad for p in sdxl_pipe.unet.parameters())
@@ -273,21 +274,21 @@ def test_one_mag_step_lowers_the_loss(sdxl_pipe, layout, checkpointing):
 def test_mag_gradient_is_the_same_with_gradient_checkpointing(sdxl_pipe, layout):
     grads = []
     for checkpointing in (False, True):
-        mag = MaskedAttentionGuidance(layout, steps=(0, 1), gradient_checkpointing=checkpointing)
+        mag = MaskedAttentionGuidance(layout, step_range=(0, 1), gradient_checkpointing=checkpointing)
         sampler = Sampler(sdxl_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag])
         t = sampler.scheduler.timesteps[0]
         with cross_attention_hooks(sdxl_pipe.unet, sampler.hooks) as controller:
             state = StepState(sdxl_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                               controller, sampler.timesteps)
-            grads.append(mag.loss_and_grad(state, sampler.latents)[1])
+            grads.append(guidance_step(state, sampler.latents, mag.hook, 1.0, checkpointing=checkpointing)[2])
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["mag", "pww", "lg"])
 def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
-    controls = {"mag": lambda: MaskedAttentionGuidance(layout, alpha=2.0, steps=(0, 2)),
+    controls = {"mag": lambda: MaskedAttentionGuidance(layout, alpha=2.0, step_range=(0, 2)),
                 "pww": lambda: PaintWithWords(layout, weight=2.0),
-                "lg": lambda: LayoutGuidance(layout, steps=(0, 2))}
+                "lg": lambda: LayoutGuidance(layout, step_range=(0, 2))}
     plain = generate(sdxl_pipe, PROMPT, num_inference_steps=3, seed=0, progress=False).pixels
     control = controls[method]()
     steered = generate(sdxl_pipe, PROMPT, num_inference_steps=3, seed=0, controls=[control], progress=False)
@@ -333,7 +334,7 @@ def test_widgets_run_on_sdxl(sdxl_pipe, layout):
                       store=AttentionStore(heads="all", dtype=torch.float32))
     explorer = AttentionExplorer(result)
     assert explorer.selected_map().shape[-2:] in {(8, 8), (4, 4)}
-    playground = MagPlayground(sdxl_pipe, Layout(layout.regions, prompt=PROMPT), steps=2)
+    playground = MagPlayground(sdxl_pipe, Layout(layout.regions, prompt=PROMPT), num_inference_steps=2)
     ran = playground.run()
     assert ran.images[0].size == (128, 128)
 
@@ -347,7 +348,7 @@ def test_cli_generate_with_mag_on_an_sdxl_folder(sdxl_folder, tmp_path):
     command = [sys.executable, "-m", "mag_explore", "generate", "--model", str(sdxl_folder), "--prompt", PROMPT,
                "--layout", str(tmp_path / "layout.png"), "--regions",
                json.dumps({"#ff0000": "red circle", "#0000ff": "blue square"}), "--method", "mag",
-               "--steps", "5", "--out", str(out), "--save-attention", str(tmp_path / "maps.safetensors")]
+               "--num-inference-steps", "5", "--out", str(out), "--save-attention", str(tmp_path / "maps.safetensors")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
