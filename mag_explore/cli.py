@@ -43,7 +43,7 @@ def add_common_options(p: argparse.ArgumentParser, steps_help: str = "denoising 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of an SD 1.x/2.x pipeline, or 'shapes' (default: 'shapes' "
+                   help="hub id or local folder of an SD 1.x/2.x or SDXL pipeline, or 'shapes' (default: 'shapes' "
                         "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
     p.add_argument("--negative-prompt", default=None, help="default: the model's ('low quality', as the official MAG)")
     p.add_argument("--layout", help="color-label PNG of the regions")
@@ -51,7 +51,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--word-ids", help='official MAG format with --layout, e.g. "[[1,2,3,4],[6,7]]" (index 0 = BOS)')
     p.add_argument("--method", choices=["none", "swap", "mag", "pww", "lg"], default="mag",
                    help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
-    p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD)")
+    p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD, 0.01 on SDXL)")
     p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
     p.add_argument("--allow-negative-lambda", action="store_true",
                    help="experimental: accept --lmbda < 0 (it rewards attention outside the regions)")

@@ -41,8 +41,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .families import Conditioning, check_token_positions, denoise, encode_prompt, scale_latents, vae_in_working_dtype
 from .models import model_defaults
-from .sampling import Control, GenerationResult, encode_text, generate
+from .sampling import Control, GenerationResult, generate
 from .validation import check_count, check_number
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -126,11 +127,9 @@ def encode_image(pipe, image: Any) -> torch.Tensor:
         )
     vae = pipe.vae
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-    if getattr(vae.config, "shift_factor", None):
-        latents = latents - vae.config.shift_factor
-    return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+    with torch.no_grad(), vae_in_working_dtype(pipe) as dtype:  # SDXL's fp16 VAE encodes in fp32
+        latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean
+    return scale_latents(vae, latents).to(pipe.unet.dtype)
 
 
 # ----------------------------------------------------------------------------- the inverse step
@@ -204,8 +203,10 @@ def invert(
     scheduler.set_timesteps(steps, device=pipe.unet.device)
     timesteps = [int(t) for t in scheduler.timesteps]
 
-    cond = encode_text(pipe, [prompt])
-    uncond = encode_text(pipe, [negative_prompt]) if guidance_scale != 1 else None
+    check_token_positions(pipe, prompt)
+    size = (image.height, image.width)
+    cond = encode_prompt(pipe, prompt, 1, size)
+    uncond = encode_prompt(pipe, negative_prompt, 1, size) if guidance_scale != 1 else None
     latents = encode_image(pipe, image)
     step_latents = [latents.detach().cpu()]
     for t in tqdm(reversed(timesteps), total=steps, desc="inverting", disable=not progress):
@@ -228,9 +229,8 @@ def _predict(pipe, scheduler, latents, t, cond, uncond, guidance_scale) -> torch
     model_input = scheduler.scale_model_input(latents, timestep)
     with torch.no_grad():
         if uncond is None:
-            return pipe.unet(model_input, timestep, encoder_hidden_states=cond, return_dict=False)[0]
-        both = pipe.unet(torch.cat([model_input] * 2), timestep, encoder_hidden_states=torch.cat([uncond, cond]),
-                         return_dict=False)[0]
+            return denoise(pipe, model_input, timestep, cond)
+        both = denoise(pipe, torch.cat([model_input] * 2), timestep, Conditioning.cat([uncond, cond]))
     noise_uncond, noise_cond = both.chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 

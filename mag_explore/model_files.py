@@ -7,9 +7,11 @@ are accepted, and that is checked from the small ``model_index.json``:
 * supported: Stable Diffusion 1.x and 2.x in diffusers format
   (``StableDiffusionPipeline``-style: ``unet`` = UNet2DConditionModel with
   cross-attention blocks, ``text_encoder`` = CLIPTextModel, ``tokenizer`` =
-  CLIPTokenizer, ``vae`` = AutoencoderKL), from the Hugging Face hub or a local folder,
-  and ``"shapes"``, the small model shipped in the package;
-* refused with :class:`UnsupportedModelError`: SDXL (two text encoders), SD3, Flux,
+  CLIPTokenizer, ``vae`` = AutoencoderKL), SDXL base (``StableDiffusionXLPipeline``:
+  also ``text_encoder_2`` = CLIPTextModelWithProjection and ``tokenizer_2``; see
+  ``mag_explore.families``), from the Hugging Face hub or a local folder, and
+  ``"shapes"``, the small model shipped in the package;
+* refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder), SD3, Flux,
   PixArt (a transformer instead of a UNet), Kandinsky (image-embedding conditioning),
   DeepFloyd IF (T5), inpainting and upscaling UNets (extra input channels), ...
 
@@ -23,6 +25,7 @@ import re
 from pathlib import Path
 
 from .data import DATA_ENV, data_dir
+from .families import SDXL_COMPONENTS
 
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -35,7 +38,9 @@ SUPPORTED = (
     "Stable Diffusion 1.x/2.x pipelines in diffusers format (StableDiffusionPipeline-style: "
     "unet = UNet2DConditionModel with cross-attention, text_encoder = CLIPTextModel, "
     "tokenizer = CLIPTokenizer, vae = AutoencoderKL; 4 latent input channels), e.g. "
-    f"{DEFAULT_GPU_MODEL!r}, 'stabilityai/stable-diffusion-2-1', or {SHAPES!r}"
+    f"{DEFAULT_GPU_MODEL!r}, 'stabilityai/stable-diffusion-2-1', or {SHAPES!r}; and SDXL base pipelines "
+    "(StableDiffusionXLPipeline: also text_encoder_2 = CLIPTextModelWithProjection, tokenizer_2 = "
+    "CLIPTokenizer), e.g. 'stabilityai/stable-diffusion-xl-base-1.0'"
 )
 
 # Components an SD 1.x/2.x pipeline must have: name -> accepted (library, class) pairs.
@@ -54,7 +59,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Stable Diffusion 1.x/2.x pipeline with UNet cross-attention."""
+    """The model is not a Stable Diffusion 1.x/2.x or SDXL pipeline with UNet cross-attention."""
 
 
 def shapes_model_dir() -> Path:
@@ -123,7 +128,7 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def require_safetensors(folder: Path, index: dict) -> None:
     """Say clearly when a component only has pickle weights (diffusers' error is terse)."""
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         sub = folder / name
         if not sub.is_dir() or _component(index, name) is None:
             continue  # check_supported reports missing components
@@ -164,7 +169,7 @@ def _component(index: dict, name: str) -> tuple[str, str] | None:
 
 
 def check_supported(model_index: dict, unet_config: dict | None = None, name: str = "the model") -> None:
-    """Raise :class:`UnsupportedModelError` unless this is an SD 1.x/2.x-style pipeline.
+    """Raise :class:`UnsupportedModelError` unless this is an SD 1.x/2.x-style or SDXL base pipeline.
 
     ``model_index`` is the pipeline's ``model_index.json``; ``unet_config`` its
     ``unet/config.json`` if known (to refuse inpainting/upscaling UNets).
@@ -174,17 +179,18 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
     present = {k: v for k, v in components.items() if v is not None}
 
     reason = None
+    sdxl = "text_encoder_2" in components or "tokenizer_2" in components
+    required = {**_REQUIRED_COMPONENTS, **SDXL_COMPONENTS} if sdxl else _REQUIRED_COMPONENTS
     if "unet" not in present:
         denoiser = present.get("transformer") or present.get("prior") or present.get("decoder")
         what = f"its denoiser is {denoiser[1]}" if denoiser else f"its components are {sorted(present)}"
         reason = f"it has no UNet ({what}), so there is no UNet cross-attention to work on"
-    elif "text_encoder_2" in present or "tokenizer_2" in present:
-        reason = "it has two text encoders (SDXL-style), not one CLIP text encoder"
     else:
-        for comp, accepted in _REQUIRED_COMPONENTS.items():
+        for comp, accepted in required.items():
             found = present.get(comp)
             if found is None:
-                reason = f"it has no {comp!r} component (SD 1.x/2.x needs {sorted(c for _, c in accepted)})"
+                what = "SDXL base" if sdxl else "SD 1.x/2.x"
+                reason = f"it has no {comp!r} component ({what} needs {sorted(c for _, c in accepted)})"
                 break
             if found not in accepted:
                 reason = (
@@ -209,8 +215,9 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
             )
         elif blocks and not any("CrossAttn" in b for b in blocks):
             reason = f"its UNet has no cross-attention blocks ({blocks})"
-        elif unet_config.get("addition_embed_type") is not None:
-            reason = f"its UNet has extra conditioning ({unet_config['addition_embed_type']!r}, SDXL-style)"
+        elif unet_config.get("addition_embed_type") != ("text_time" if sdxl else None):
+            reason = (f"its UNet's extra conditioning is {unet_config.get('addition_embed_type')!r}; "
+                      f"{'SDXL needs text_time' if sdxl else 'SD 1.x/2.x has none (text_time is SDXL)'}")
     if reason is not None:
         raise UnsupportedModelError(f"{name} is a {cls}, which mag-explore does not support: {reason}. "
                                     f"Supported: {SUPPORTED}.")

@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x pipelines, and their generation defaults.
+"""Loading Stable Diffusion 1.x / 2.x and SDXL pipelines, and their generation defaults.
 
 Which models are accepted, and how that is checked before any weight is loaded, is
 :mod:`mag_explore.model_files`. Only ``.safetensors`` weights are read, and no code shipped
@@ -21,6 +21,7 @@ from .model_files import (  # noqa: F401
     DEFAULT_GPU_MODEL, SHAPES, SUPPORTED, UnsupportedModelError, check_supported, locate, require_safetensors,
     shapes_model_dir,
 )
+from .families import FAMILY_DEFAULTS, family
 
 #: Environment variable: the model to load when none is named.
 MODEL_ENV = "MAG_EXPLORE_MODEL"
@@ -142,7 +143,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     verbose: bool = False,
 ):
-    """Load a Stable Diffusion 1.x/2.x pipeline, ready to sample on ``device``.
+    """Load a Stable Diffusion 1.x/2.x or SDXL base pipeline, ready to sample on ``device``.
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
@@ -156,10 +157,12 @@ def load_pipeline(
             default; the sampler's own progress bar is ``generate(..., progress=)``).
 
     Returns:
-        A ``diffusers.StableDiffusionPipeline`` with the safety checker off.
+        A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
+        ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
+        the sampler's own pixels).
 
     Raises:
-        UnsupportedModelError: the model has no UNet cross-attention (SDXL, SD3, Flux,
+        UnsupportedModelError: the model has no UNet cross-attention (SD3, Flux,
             PixArt, Kandinsky, inpainting, ...). Checked before any weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` before the
             embedded model is built.
@@ -174,15 +177,18 @@ def load_pipeline(
         require_safetensors(Path(source), index)
 
     with library_output(verbose):  # the import warns, from_pretrained shows loading bars
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import is_accelerate_available
 
-        pipe = StableDiffusionPipeline.from_pretrained(
+        if "text_encoder_2" in index:
+            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
+        else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
+            cls, options = StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
+                                                         requires_safety_checker=False)
+        pipe = cls.from_pretrained(
             source,
             use_safetensors=True,  # never unpickle: a .bin/.ckpt file can run code
-            safety_checker=None,  # research on attention: the checker only blacks images out
-            feature_extractor=None,  # used only by the safety checker
-            requires_safety_checker=False,
+            **options,
             # Low-memory loading needs the optional `accelerate` package; without it
             # diffusers falls back to normal loading anyway, after a long warning.
             low_cpu_mem_usage=is_accelerate_available(),
@@ -211,7 +217,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``num_inference_steps`` (50): DDIM steps.
         ``negative_prompt`` (``"low quality"``): the unconditional half's prompt.
         ``mag_alpha`` (0.08), ``mag_lambda`` (0.5): Masked-Attention Guidance step size
-        and mask weight, from the official MAG code.
+        and mask weight, from the official MAG code. SDXL: ``mag_alpha`` 0.01, scaled
+        down for its ~7.6x larger loss sum and not calibrated on real weights
+        (``families.FAMILY_DEFAULTS``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps).
 
@@ -223,7 +231,8 @@ def model_defaults(pipe) -> dict[str, Any]:
     sample = pipe.unet.config.sample_size
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     factor = pipe.vae_scale_factor
-    defaults: dict[str, Any] = {"height": h * factor, "width": w * factor, **_GENERATION_DEFAULTS}
+    defaults: dict[str, Any] = {"height": h * factor, "width": w * factor, **_GENERATION_DEFAULTS,
+                                **FAMILY_DEFAULTS[family(pipe)]}
 
     folder = _pipeline_folder(pipe)
     file = folder / DEFAULTS_FILE if folder is not None else None

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, cross_attention_hooks
+from .families import Conditioning, check_token_positions, denoise, encode_prompt, unscale_latents, vae_in_working_dtype
 from .models import model_defaults
 from .schedule import ddim_scheduler
 from .tokens import prompt_tokens, token_indices
@@ -43,10 +44,24 @@ class StepState:
     step_index: int
     timestep: torch.Tensor
     latents: torch.Tensor
-    cond_embeddings: torch.Tensor
-    uncond_embeddings: torch.Tensor
+    cond: Conditioning  # the prompt's conditioning (SDXL: with pooled embeddings and time ids)
+    uncond: Conditioning  # the negative prompt's
     attention: Any  # the AttentionController of this step (phase switching for extra passes)
     timesteps: list[int]
+
+    def __post_init__(self):
+        # plain embeddings tensors (SD 1.x/2.x) are accepted too
+        for name in ("cond", "uncond"):
+            if isinstance(getattr(self, name), torch.Tensor):
+                setattr(self, name, Conditioning(getattr(self, name)))
+
+    @property
+    def cond_embeddings(self) -> torch.Tensor:
+        return self.cond.embeddings
+
+    @property
+    def uncond_embeddings(self) -> torch.Tensor:
+        return self.uncond.embeddings
 
 
 class Control:
@@ -142,26 +157,16 @@ class GenerationResult:
 
 
 def encode_text(pipe, texts: list[str]) -> torch.Tensor:
-    """Text embeddings (batch, tokens, features): the texts tokenized, padded to the
-    tokenizer's length and run through the text encoder."""
-    tokens = pipe.tokenizer(
-        texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    device = pipe.text_encoder.device
-    mask = tokens.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
-    with torch.no_grad():
-        embeddings = pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-    return embeddings.to(dtype=pipe.unet.dtype)
+    """Text embeddings (batch, tokens, features): what cross-attention attends to, for each
+    text (``families.encode_prompt`` also gives SDXL's pooled embeddings and time ids)."""
+    return torch.cat([encode_prompt(pipe, text).embeddings for text in texts])
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> tuple[np.ndarray, list[Image.Image]]:
     """VAE decode -> float pixels in [0, 1] and 8-bit PIL images (as diffusers rounds them)."""
     vae = pipe.vae
-    latents = latents / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        latents = latents + vae.config.shift_factor
-    with torch.no_grad():
-        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    with torch.no_grad(), vae_in_working_dtype(pipe) as dtype:  # SDXL's fp16 VAE decodes in fp32
+        decoded = vae.decode(unscale_latents(vae, latents.to(dtype)), return_dict=False)[0]
     pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return pixels, [Image.fromarray((p * 255).round().astype("uint8")) for p in pixels]
 
@@ -223,8 +228,10 @@ class Sampler:
         self.generator, self.seed = generator, seed
 
         # 1. the prompt -> embeddings for both halves of classifier-free guidance
-        self.cond_embeddings = encode_text(pipe, [prompt] * num_images)
-        self.uncond_embeddings = encode_text(pipe, [self.negative_prompt] * num_images)
+        check_token_positions(pipe, prompt)  # SDXL: both tokenizers must agree on word positions
+        self.cond = encode_prompt(pipe, prompt, num_images, (height, width))
+        self.uncond = encode_prompt(pipe, self.negative_prompt, num_images, (height, width))
+        self.cond_embeddings, self.uncond_embeddings = self.cond.embeddings, self.uncond.embeddings
         self.num_prompt_tokens = len(pipe.tokenizer(prompt, truncation=True).input_ids)
         # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was)
         if scheduler is None:
@@ -269,8 +276,8 @@ class Sampler:
             if attention is not None:
                 attention.set_step(i, t)
                 attention.num_prompt_tokens = self.num_prompt_tokens
-            state = StepState(self.pipe, self.scheduler, i, t, self.latents, self.cond_embeddings,
-                              self.uncond_embeddings, attention, self.timesteps)
+            state = StepState(self.pipe, self.scheduler, i, t, self.latents, self.cond, self.uncond,
+                              attention, self.timesteps)
             for control in self.controls:  # e.g. MAG moves x_t before the ordinary step
                 state.latents = control.before_step(state)
             noise = self.predict_noise(state.latents, t)
@@ -301,9 +308,8 @@ class Sampler:
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """UNet on the batch [uncond, cond] (in the UNet's dtype), then classifier-free guidance (fp32)."""
         model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.pipe.unet.dtype)
-        embeddings = torch.cat([self.uncond_embeddings, self.cond_embeddings])
         with torch.no_grad():
-            noise = self.pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            noise = denoise(self.pipe, model_input, t, Conditioning.cat([self.uncond, self.cond]))
         noise_uncond, noise_cond = noise.float().chunk(2)
         return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
 

@@ -28,6 +28,16 @@ prediction         epsilon                      v_prediction, upcast_attention
 Both have seven cross-attention (``attn2``) layers: one per down block with
 attention, one in the mid block and two per up block with attention, as in SD
 (which has 6 + 1 + 9 = 16 of them).
+
+:func:`tiny_sdxl_pipeline` is a ``StableDiffusionXLPipeline`` with SDXL base's structure:
+no attention in the first (finest) block, cross-attention at 1/2 and 1/4 of the latent
+only, several transformer blocks per attention at the coarse level (SDXL: 1, 2, 10 per
+down level; here 1, 1, 2), so most layers sit at the coarse resolution (SDXL: 60 of 70 at
+32², 10 at 64²; here 8 of 11 at 4², 3 at 8², for 128² images). Two CLIP text encoders
+(quick-GELU width 32, then GELU width 64 with a 32-wide projection: ViT-L, then OpenCLIP
+bigG), keys of width 32 + 64 = 96, the "text_time" added conditioning, pad token "!" in
+the second tokenizer, an EulerDiscreteScheduler with SDXL's config (the sampler turns it
+into DDIM), and a VAE with SDXL's scaling factor 0.13025 and ``force_upcast``.
 """
 from __future__ import annotations
 
@@ -64,6 +74,9 @@ TINY_WORDS: list[str] = [
 #: (height, width) of the latent at each attention layer for the default image size.
 SD15_ATTENTION_RESOLUTIONS = ((8, 8), (4, 4), (2, 2))
 SD21_ATTENTION_RESOLUTIONS = ((12, 12), (6, 6), (3, 3))
+SDXL_ATTENTION_RESOLUTIONS = ((8, 8), (4, 4))
+#: Cross-attention layers of the tiny SDXL per resolution (SDXL base at 1024²: 10 at 64², 60 at 32²).
+SDXL_LAYERS_PER_RESOLUTION = {(8, 8): 3, (4, 4): 8}
 
 # With the default random init the cross-attention logits q.k/sqrt(d) are tiny, so
 # every map is nearly uniform: the largest of the 77 token probabilities at a pixel
@@ -227,3 +240,76 @@ def tiny_sd21_pipeline(folder: str | Path | None = None, seed: int = 0):
     96x96 default images. Otherwise as :func:`tiny_sd15_pipeline`.
     """
     return _build(sd2=True, folder=folder, seed=seed)
+
+
+# --------------------------------------------------------------------------- SDXL
+
+def _sdxl_unet_config() -> dict:
+    return dict(
+        sample_size=16,  # 128² images (SDXL: 128 -> 1024²)
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),  # SDXL: 320, 640, 1280
+        layers_per_block=1,  # SDXL: 2
+        transformer_layers_per_block=(1, 1, 2),  # SDXL: 1, 2, 10
+        attention_head_dim=(2, 4, 4),  # number of heads (diffusers' naming); SDXL 5, 10, 20 of size 64
+        use_linear_projection=True,
+        norm_num_groups=8,
+        cross_attention_dim=32 + 64,  # both text encoders' widths (SDXL: 768 + 1280)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,  # SDXL: 256
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # text_encoder_2's projection + 6 time ids
+    )
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SDXL base's scheduler_config.json (the sampler builds a DDIMScheduler from it)
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def tiny_sdxl_pipeline(folder: str | Path | None = None, seed: int = 0):
+    """A tiny random-weight ``StableDiffusionXLPipeline`` with SDXL base's structure.
+
+    Deterministic for a given ``seed``; on CPU in fp32; 128x128 default images. If
+    ``folder`` is given the pipeline is also saved there (safetensors) for ``load_pipeline``.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as scratch:
+        where = Path(folder) if folder is not None else Path(scratch)
+        tokenizer = tiny_tokenizer(where / "tokenizer")
+        tokenizer_2 = tiny_tokenizer(where / "tokenizer_2", pad_token="!")  # as SDXL's OpenCLIP tokenizer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(**_sdxl_unet_config())
+            _sharpen_cross_attention(unet)
+            torch.manual_seed(seed + 1)
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                latent_channels=4, norm_num_groups=4, sample_size=128, scaling_factor=0.13025, force_upcast=True,
+            )
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer, sd2=False)))
+            torch.manual_seed(seed + 3)
+            config_2 = {**_text_config(tokenizer_2, sd2=True), "hidden_size": 64, "intermediate_size": 128}
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config_2))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        with library_output(verbose=False):
+            pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

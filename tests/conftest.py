@@ -62,3 +62,17 @@ def tiny_pipe(request):
 def tiny_tokenizer(tmp_path_factory):
     """The tiny CLIP-style tokenizer (vocabulary ``mag_explore.testing.TINY_WORDS``)."""
     return testing.tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory) -> Path:
+    """Folder of the tiny SDXL-like pipeline (diffusers format, safetensors)."""
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    testing.tiny_sdxl_pipeline(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(sdxl_folder):
+    """Tiny SDXL-like ``StableDiffusionXLPipeline`` (CPU, fp32), loaded with load_pipeline."""
+    return load_pipeline(sdxl_folder, device="cpu", dtype=torch.float32)

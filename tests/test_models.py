@@ -131,10 +131,18 @@ UNSUPPORTED = {
         "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
         "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
     }, None, "PixArtTransformer2DModel"),
-    "sdxl": ("StableDiffusionXLPipeline", {
+    "sdxl-refiner": ("StableDiffusionXLImg2ImgPipeline", {
+        **_SD_COMPONENTS, "text_encoder": [None, None], "tokenizer": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }, None, "no 'text_encoder' component (SDXL base needs"),
+    "sdxl-without-text-time": ("StableDiffusionXLPipeline", {
         **_SD_COMPONENTS, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    }, None, "two text encoders"),
+    }, {"in_channels": 4, "down_block_types": ["CrossAttnDownBlock2D"]}, "SDXL needs text_time"),
+    "sd-with-text-time": ("StableDiffusionPipeline", _SD_COMPONENTS,
+                          {"in_channels": 4, "down_block_types": ["CrossAttnDownBlock2D"],
+                           "addition_embed_type": "text_time"}, "text_time is SDXL"),
     "kandinsky": ("KandinskyV22Pipeline", {
         "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
         "movq": ["diffusers", "VQModel"],
@@ -155,7 +163,7 @@ def test_unsupported_architectures_are_refused_before_loading(case, tmp_path):
         load_pipeline(folder, device="cpu")
     message = str(info.value)
     assert class_name in message and reason in message
-    assert "UNet2DConditionModel" in message and "Stable Diffusion 1.x/2.x" in message
+    assert "UNet2DConditionModel" in message and "Stable Diffusion 1.x/2.x" in message and "SDXL" in message
     assert isinstance(info.value, ValueError)
 
 

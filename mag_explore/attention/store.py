@@ -24,6 +24,7 @@ class AttentionStore(AttentionHook):
             padded position) or a list of token indices.
         heads: "mean" (average over heads, the default) or "all".
         resolutions: keep only layers whose side is in this set, e.g. ``{16, 32}``; None = all.
+        places: keep only layers in these UNet halves, e.g. ``("mid", "up")``; None = all.
         steps: keep only these step indices; None = all.
         roles: which CFG halves to keep; ("cond",) by default.
         device, dtype: where and how the maps are kept (CPU, float16 by default).
@@ -40,6 +41,7 @@ class AttentionStore(AttentionHook):
         roles: Sequence[str] = ("cond",),
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float16,
+        places: Iterable[str] | None = None,
     ):
         if heads not in ("mean", "all"):
             raise ValueError(f"heads={heads!r}; use 'mean' or 'all'")
@@ -48,6 +50,11 @@ class AttentionStore(AttentionHook):
         self.tokens = tokens if isinstance(tokens, str) else [int(i) for i in tokens]
         self.heads = heads
         self.resolutions = None if resolutions is None else {int(r) for r in resolutions}
+        if isinstance(places, str):
+            places = [places]
+        self.places = None if places is None else set(places)
+        if self.places is not None and not self.places <= {"down", "mid", "up"}:
+            raise ValueError(f"places={sorted(self.places)}; use some of 'down', 'mid', 'up'")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.roles = tuple(roles)
         self.device, self.dtype = torch.device(device), dtype
@@ -61,6 +68,8 @@ class AttentionStore(AttentionHook):
         if ctx.phase != "denoise":
             return False
         if self.steps is not None and ctx.step_index not in self.steps:
+            return False
+        if self.places is not None and ctx.place not in self.places:
             return False
         return self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions
 

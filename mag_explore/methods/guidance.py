@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from ..families import denoise
+
 
 def guidance_step(state, latents: torch.Tensor, loss_hook, step_size: float, *,
                   checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -31,13 +33,18 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size: float, *,
             state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
         # 2. a conditional-only UNet pass; the loss hook adds up its loss layer by layer
         model_input = state.scheduler.scale_model_input(latents, state.timestep).to(unet.dtype)
-        unet(model_input, state.timestep, encoder_hidden_states=state.cond_embeddings, return_dict=False)
-        if loss_hook.loss is None:
+        denoise(state.pipe, model_input, state.timestep, state.cond)  # SDXL: with pooled embeddings, time ids
+        loss = loss_hook.loss
+        if loss is None:
             raise ValueError(f"no cross-attention layer matched {loss_hook.layers_wanted}")
-        # 3. autograd: the gradient of the loss with respect to x_t
-        (grad,) = torch.autograd.grad(loss_hook.loss, latents)
+        # 3. autograd: the gradient of the loss with respect to x_t. With gradient checkpointing the
+        # backward pass runs the forward again, hooks included (it must, to rebuild the loss's own
+        # graph), so the hook would count every layer twice: keep what it held after the forward.
+        forward_records = {k: list(v) if isinstance(v, list) else v for k, v in vars(loss_hook).items()}
+        (grad,) = torch.autograd.grad(loss, latents)
+        vars(loss_hook).update(forward_records)
     # 4. one gradient step on the latent
-    return (latents - step_size * grad).detach(), loss_hook.loss.detach(), grad
+    return (latents - step_size * grad).detach(), loss.detach(), grad
 
 
 @contextmanager

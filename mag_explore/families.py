@@ -1,0 +1,199 @@
+"""Model families: how each one encodes a prompt and calls its denoiser, and nothing else.
+
+Everything above this module (the sampler, the methods, inversion) works the same for
+every family; only these few functions know the difference.
+
+* **SD 1.x/2.x**: one CLIP text encoder; the UNet attends to its last hidden states
+  ``(batch, 77, 768 | 1024)``.
+* **SDXL**: two CLIP text encoders (ViT-L, then OpenCLIP bigG with a projection). The UNet
+  attends to the *penultimate* hidden states of both, concatenated along the feature axis
+  ``(batch, 77, 768 + 1280 = 2048)``, so key ``i`` of every cross-attention layer is token
+  ``i`` of *both* tokenizers (checked: :func:`check_token_positions`). It also gets two
+  extra vectors through ``added_cond_kwargs``: the second encoder's pooled, projected
+  embedding (``text_embeds``, 1280) and six "micro-conditioning" numbers (``time_ids``:
+  original size, crop top-left, target size). With ``force_zeros_for_empty_prompt`` (SDXL
+  base: true) a missing negative prompt is all zeros, not the encoding of "". Its VAE
+  overflows in fp16, so it decodes in fp32 (``force_upcast``), as diffusers does.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .tokens import prompt_tokens
+
+SD, SDXL = "sd", "sdxl"
+
+# Components an SDXL base pipeline must have, beside SD's unet and vae: name -> accepted
+# (library, class) pairs. The refiner (no first text encoder) and other variants are refused.
+SDXL_COMPONENTS: dict[str, set[tuple[str, str]]] = {
+    "text_encoder": {("transformers", "CLIPTextModel")},
+    "text_encoder_2": {("transformers", "CLIPTextModelWithProjection")},
+    "tokenizer": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
+    "tokenizer_2": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
+}
+
+#: Defaults that differ by family (see ``models.model_defaults``). SDXL's MAG step size:
+#: the loss sums over every cross-attention layer, head and pixel, and SDXL base at 1024²
+#: has about 7.6x as many of those terms as SD 1.5 at 512² (70 layers of 10-20 heads at
+#: 64² and 32², against 16 layers of 8 heads at 64² ... 8²: 1.64 M vs 0.22 M), so the
+#: official 0.08 is divided by 7.6 to keep the step on x_t of a similar size. NOT calibrated
+#: on real SDXL weights: a first guess until someone measures it on a GPU.
+FAMILY_DEFAULTS: dict[str, dict] = {SD: {}, SDXL: {"mag_alpha": 0.01}}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on, for one batch of rows.
+
+    ``embeddings`` (batch, tokens, dim) are what cross-attention attends to; SDXL adds
+    ``pooled`` (batch, dim2) and ``time_ids`` (batch, 6); both are None for SD 1.x/2.x.
+    """
+
+    embeddings: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @staticmethod
+    def cat(parts: "list[Conditioning]") -> "Conditioning":
+        """Rows of several conditionings stacked, e.g. ``cat([uncond, cond])`` for CFG."""
+        def stack(name):
+            tensors = [getattr(p, name) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+        return Conditioning(stack("embeddings"), stack("pooled"), stack("time_ids"))
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments of ``UNet2DConditionModel.forward`` besides sample and timestep."""
+        kwargs = {"encoder_hidden_states": self.embeddings}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+def family(pipe) -> str:
+    """``"sdxl"`` for a pipeline with a second text encoder, else ``"sd"``."""
+    return SDXL if getattr(pipe, "text_encoder_2", None) is not None else SD
+
+
+def denoise(pipe, model_input: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
+    """The UNet's prediction for ``model_input`` (one row per row of ``cond``)."""
+    return pipe.unet(model_input, timestep, **cond.unet_kwargs(), return_dict=False)[0]
+
+
+def encode_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] | None = None) -> Conditioning:
+    """``text`` through the pipeline's text encoder(s), ``batch`` identical rows.
+
+    ``text=None`` is a missing negative prompt: "" for SD, zeros for SDXL when its
+    ``force_zeros_for_empty_prompt`` is set (as diffusers). ``size`` (height, width) is
+    SDXL's original and target size in ``time_ids`` (default: the model's native size).
+    """
+    if family(pipe) == SD:
+        return Conditioning(_clip_hidden_states(pipe.tokenizer, pipe.text_encoder, text or "", -1)[0]
+                            .to(pipe.unet.dtype).repeat(batch, 1, 1))
+    dtype = pipe.text_encoder_2.dtype
+    if text is None and pipe.config.force_zeros_for_empty_prompt:
+        like = encode_prompt(pipe, "", 1, size)
+        embeddings, pooled = torch.zeros_like(like.embeddings), torch.zeros_like(like.pooled)
+    else:
+        first, _ = _clip_hidden_states(pipe.tokenizer, pipe.text_encoder, text or "", -2)
+        second, pooled = _clip_hidden_states(pipe.tokenizer_2, pipe.text_encoder_2, text or "", -2)
+        embeddings = torch.cat([first, second], dim=-1).to(dtype)
+        pooled = pooled.to(dtype)
+    return Conditioning(embeddings.repeat(batch, 1, 1), pooled.repeat(batch, 1),
+                        time_ids(pipe, size, dtype).to(embeddings.device).repeat(batch, 1))
+
+
+def _clip_hidden_states(tokenizer, text_encoder, text: str, layer: int):
+    """Hidden states of ``layer`` (-1: the last, after the final layer norm) and the encoder's first output."""
+    tokens = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    device = text_encoder.device
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        if layer == -1:  # SD 1.x/2.x: the last hidden state, final layer norm applied
+            return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], None
+        output = text_encoder(tokens.input_ids.to(device), output_hidden_states=True)
+    # CLIPTextModelWithProjection's first output is the pooled, projected text embedding
+    pooled = output[0] if output[0].ndim == 2 else None
+    return output.hidden_states[layer], pooled
+
+
+def time_ids(pipe, size: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), shape (1, 6)."""
+    if size is None:
+        sample = pipe.unet.config.sample_size
+        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        size = (sample[0] * pipe.vae_scale_factor, sample[1] * pipe.vae_scale_factor)
+    ids = [*size, 0, 0, *size]
+    expected = pipe.unet.add_embedding.linear_1.in_features
+    given = pipe.unet.config.addition_time_embed_dim * len(ids) + pipe.text_encoder_2.config.projection_dim
+    if given != expected:
+        raise ValueError(f"this SDXL UNet expects {expected} added-conditioning features, but 6 time ids and "
+                         f"text_encoder_2's projection_dim give {given}: the model's configs do not fit together")
+    return torch.tensor([ids], dtype=dtype)
+
+
+def check_token_positions(pipe, prompt: str) -> None:
+    """SDXL: both tokenizers must split ``prompt`` into the same tokens (key i = token i in both halves)."""
+    if family(pipe) != SDXL:
+        return
+    first, second = prompt_tokens(pipe.tokenizer, prompt), prompt_tokens(pipe.tokenizer_2, prompt)
+    if first != second:
+        differ = next(i for i, (a, b) in enumerate(zip(first + [None], second + [None])) if a != b)
+        raise ValueError(
+            f"the two tokenizers of this SDXL model split {prompt!r} differently from token {differ} on: "
+            f"tokenizer gives {first}, tokenizer_2 gives {second}. Each cross-attention key joins token i of "
+            f"both encoders, so word positions would be ambiguous; use tokenizers with the same vocabulary."
+        )
+
+
+@contextmanager
+def vae_in_working_dtype(pipe) -> Iterator[torch.dtype]:
+    """The VAE in the dtype it can decode in: fp32 for an fp16 VAE with ``force_upcast``
+    (SDXL's VAE overflows in fp16), put back afterwards. Yields that dtype."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield vae.dtype
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """UNet latents -> what the VAE decodes (scaling factor; shift, or SDXL-style mean and std)."""
+    statistics = _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
+        return latents * std / vae.config.scaling_factor + mean
+    latents = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        latents = latents + vae.config.shift_factor
+    return latents
+
+
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`unscale_latents` (VAE encoder output -> UNet latents)."""
+    statistics = _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
+        return (latents - mean) * vae.config.scaling_factor / std
+    if getattr(vae.config, "shift_factor", None):
+        latents = latents - vae.config.shift_factor
+    return latents * vae.config.scaling_factor
+
+
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel latents_mean and latents_std of the VAE's config (shaped like ``like``), if it has both."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
