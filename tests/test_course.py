@@ -8,7 +8,7 @@ from PIL import Image
 from mag_explore import course
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
-from mag_explore.sampling import generate
+from mag_explore.sampling import Hooks, generate
 from mag_explore.shapes.world import COLORS
 
 PROMPT = "a red circle and a blue square"
@@ -43,11 +43,11 @@ def test_hooks_control_and_runs(sd15_pipe):
 
         def observe(self, probs, ctx):
             Count.calls += 1
-    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[course.Hooks(Count())], progress=False)
+    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[Hooks(Count())], progress=False)
     assert Count.calls == 2 * 7  # 2 steps x 7 cross-attention layers
     layout = course.example_layout("left_right", sd15_pipe)
-    runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], steps=4)  # 4 steps: t=751 > 700
-    assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["MaskedAttentionSwap"]["swapped_steps"]
+    runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], num_inference_steps=4)  # 4 steps: t=751 > 700
+    assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["swap"]["swapped_steps"]
 
 
 def test_method_images_titles_name_method_and_iou():
@@ -63,7 +63,7 @@ def test_method_images_titles_name_method_and_iou():
 
 def test_first_step_and_x0(sd15_pipe):
     layout = course.example_layout("left_right", sd15_pipe).resolve(sd15_pipe.tokenizer)
-    first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, steps=4)
+    first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, num_inference_steps=4)
     assert first["loss_after"] < first["loss_before"]
     assert first["plain_store"].step_indices == first["guided_store"].step_indices == [0]
     result = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, keep_x0=True, progress=False)
