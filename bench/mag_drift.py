@@ -164,7 +164,7 @@ def main(argv=None) -> None:
                         help="step rule:alpha, rules as in bench/mag_steps.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
+    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     d = model_defaults(pipe)
     suite = load_suite(SUITE, d["height"], d["width"])
     items = [suite[int(i)] for i in args.layouts.split(",")]

@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         "normalized:alpha=0.06"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
+    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     d = model_defaults(pipe)
     suite = load_suite(SUITE, d["height"], d["width"])
     items = suite if args.layouts == "all" else [suite[int(i)] for i in args.layouts.split(",")]
