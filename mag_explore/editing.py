@@ -180,6 +180,7 @@ def edit_image(
     guidance_scale: float = 1.0,
     alpha: float | None = None,
     lmbda: float | None = None,
+    mag_step: str | None = None,
     while_t_above: int | StepRange | None = None,
     step_range: tuple | StepRange | None = None,
     inversion: InversionResult | None = None,
@@ -202,7 +203,8 @@ def edit_image(
             these step indices ``(start, stop)``, e.g. ``(0, 10)``; None: no injection.
         num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
             see ``mag_explore.inversion`` for why); taken from ``inversion`` when it is given.
-        alpha, lmbda: MAG's step size and outside weight (None: the model's).
+        alpha, lmbda, mag_step: MAG's step size, outside weight and step rule ("official" or
+            "normalized"; None: the model's).
         while_t_above, step_range: when MAG (or swap) acts, as in ``MaskedAttentionGuidance``
             (None: the model's threshold).
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
@@ -258,7 +260,7 @@ def edit_image(
         else:
             latents = move_latents(latents, was, target, seed)
     experimental = {"allow_negative_lambda": True} if allow_negative_lambda and method == "mag" else {}
-    controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, while_t_above=while_t_above,
+    controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, step=mag_step, while_t_above=while_t_above,
                              step_range=step_range, **experimental)  # None: the model's defaults, resolved at the start
     if source_maps is not None:
         controls.append(AttentionInjection(source_maps, kept_tokens, step_range=inject_step_range))

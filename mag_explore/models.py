@@ -36,6 +36,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "low quality",
     "mag_alpha": 0.08,
     "mag_lambda": 0.5,
+    "mag_step": "official",
     "guide_until": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
@@ -48,6 +49,7 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "negative_prompt": (str, type(None)),
     "mag_alpha": (int, float),
     "mag_lambda": (int, float),
+    "mag_step": (str,),
     "guide_until": (int, float),
 }
 
@@ -220,6 +222,8 @@ def model_defaults(pipe) -> dict[str, Any]:
         and mask weight, from the official MAG code. SDXL: ``mag_alpha`` 0.01, scaled
         down for its ~7.6x larger loss sum and not calibrated on real weights
         (``families.FAMILY_DEFAULTS``).
+        ``mag_step`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
+        "normalized" (ours: α noise-stds per step, see ``MaskedAttentionGuidance``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps).
 

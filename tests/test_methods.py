@@ -159,6 +159,30 @@ def test_mag_on_an_fp16_model_updates_x_t_in_fp32(sd15_folder, layout):
     assert all(p.requires_grad for p in pipe.unet.parameters())
 
 
+def test_normalized_step_is_alpha_noise_stds_long_in_the_gradient_direction(sd15_pipe, layout):
+    # Ours, not the paper's: x_t - alpha * sigma_t * grad / rms(grad), sigma_t = sqrt(1 - abar_t).
+    # The official step of the same state gives the gradient: (x_t - moved) / alpha.
+    alpha = 0.05
+    moves = {}
+    for rule in ("official", "normalized"):
+        mag = MaskedAttentionGuidance(layout, alpha=alpha, step=rule, step_range=(0, 1))
+        sampler, hooks = first_state(sd15_pipe, layout, mag)
+        t = sampler.scheduler.timesteps[0]
+        with hooks as controller:
+            controller.set_step(0, t)
+            state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
+                              sampler.uncond_embeddings, controller, sampler.timesteps)
+            moves[rule] = sampler.latents - mag.before_step(state)
+        assert mag.settings["step"] == rule
+    grad = moves["official"] / alpha
+    sigma = float(1 - sd15_pipe.scheduler.alphas_cumprod[int(t)]) ** 0.5
+    rms = float(grad.pow(2).mean().sqrt())
+    torch.testing.assert_close(moves["normalized"], alpha * sigma * grad / rms, rtol=1e-4, atol=1e-6)
+    assert float(moves["normalized"].pow(2).mean().sqrt()) == pytest.approx(alpha * sigma, rel=1e-4)
+    with pytest.raises(ValueError, match=r"step='adam': use one of 'official', 'normalized'"):
+        MaskedAttentionGuidance(layout, step="adam")
+
+
 def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
     mag = MaskedAttentionGuidance(layout, alpha=0.0, step_range=(0, 2))

@@ -17,12 +17,14 @@ import torch
 from ..families import denoise
 
 
-def guidance_step(state, latents: torch.Tensor, loss_hook, step_size: float, *,
+def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
                   checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_t ← x_t − step_size · ∇ₓ L; returns (the new x_t, L at the old x_t, ∇ₓ L).
 
     L is what ``loss_hook`` adds up in one UNet pass on x_t with the conditional prompt
     only (marked as phase "guidance", so stores and edit hooks stay out of it).
+    ``step_size`` is a number, or a function of the gradient that returns one (per image,
+    broadcastable), for steps scaled by the gradient's size.
     """
     unet = state.pipe.unet
     # 1. only the latent requires grad; it stays float32 on an fp16 UNet (the cast is part of
@@ -44,7 +46,8 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size: float, *,
         (grad,) = torch.autograd.grad(loss, latents)
         vars(loss_hook).update(forward_records)
     # 4. one gradient step on the latent
-    return (latents - step_size * grad).detach(), loss.detach(), grad
+    size = step_size(grad) if callable(step_size) else step_size
+    return (latents - size * grad).detach(), loss.detach(), grad
 
 
 @contextmanager

@@ -9,6 +9,14 @@ Before each denoising step in range:
 3. one SGD step on the latent: x_t ← x_t − α ∇ₓ L;
 4. the ordinary classifier-free-guidance step continues from the new x_t.
 
+``step="normalized"`` is a variant of ours, not the paper's: x_t ← x_t − α σ_t ∇L / rms(∇L),
+σ_t = √(1 − ᾱ_t) the noise level of x_t, so every guided step moves x_t by α noise-stds
+whatever the gradient's size. On the embedded shapes model the official step follows the
+gradient, which is 10× larger at t = 981 than at t = 701 while the signal scale √ᾱ_t is 4×
+smaller: its first steps move the x_0 that x_t implies by several latent stds, objects come
+out with latents up to 2× their color's (the VAE decodes a red one yellow), and the prompt's
+colors go (``bench/mag_drift.py``; README, "MAG on the embedded model").
+
 α, λ and the threshold default to the model's (``model_defaults(pipe)``: ``mag_alpha``,
 ``mag_lambda``, ``guide_until``; on Stable Diffusion the official α = 0.08, λ = 0.5, guidance
 while t > 700), resolved when the run starts. Only the latent requires grad, the loss is
@@ -31,6 +39,14 @@ from .guidance import guidance_step
 from ..validation import check_choice, check_count, check_lambda, check_number
 
 PLACES = ("down", "mid", "up")
+
+STEP_RULES = ("official", "normalized")
+
+
+def normalized_step_size(grad: torch.Tensor, alpha: float, noise_std: float) -> torch.Tensor:
+    """Ours: α·σ_t / rms(∇L) per image, so that the step α·σ_t·∇L/rms(∇L) is α noise-stds long."""
+    rms = grad.float().pow(2).mean(dim=tuple(range(1, grad.ndim)), keepdim=True).sqrt()
+    return alpha * noise_std / rms.clamp_min(1e-12)
 
 
 def mag_loss_terms(
@@ -90,7 +106,9 @@ class MaskedAttentionGuidance(Control):
     Args:
         layout: regions tied to words of the prompt.
         alpha: step size α of the gradient step on x_t (None: the model's ``mag_alpha``;
-            official 0.08).
+            official 0.08). With ``step="normalized"``: the step's length in noise-stds.
+        step: "official" (x_t − α∇L, the paper) or "normalized" (ours, see above); None:
+            the model's ``mag_step`` ("official" on Stable Diffusion).
         lmbda: weight λ of the attention outside the masks (None: ``mag_lambda``; 0.5).
         while_t_above: guide while the timestep t > this (None: the model's ``guide_until``;
             official 700).
@@ -121,6 +139,7 @@ class MaskedAttentionGuidance(Control):
         *,
         alpha: float | None = None,
         lmbda: float | None = None,
+        step: str | None = None,
         while_t_above: int | StepRange | None = None,
         step_range: tuple | StepRange | None = None,
         iterations: int = 1,
@@ -143,6 +162,8 @@ class MaskedAttentionGuidance(Control):
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES)
+        check_choice("step", step, STEP_RULES) if step is not None else None
+        self.step = step
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
         self.hook: MagLossHook | None = None
         self.steps: StepRange | None = None  # the resolved range, after start
@@ -167,12 +188,13 @@ class MaskedAttentionGuidance(Control):
         defaults = model_defaults(sampler.pipe)
         alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
         lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
+        step = check_choice("mag_step", defaults["mag_step"] if self.step is None else self.step, STEP_RULES)
         self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
                                         default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
         self.hook = MagLossHook(run_layout, lmbda, mask_mode=self.mask_mode,
                                 loss_fn=self.loss_fn, resolutions=self.resolutions, places=self.places)
-        self._settings = {"alpha": alpha, "lmbda": lmbda, **self.steps.as_keywords(),
+        self._settings = {"alpha": alpha, "lmbda": lmbda, "step": step, **self.steps.as_keywords(),
                           "iterations": self.iterations, "mask_mode": self.mask_mode,
                           "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn))}
         self.history = []
@@ -185,8 +207,12 @@ class MaskedAttentionGuidance(Control):
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
         alpha, latents = self._settings["alpha"], state.latents.detach()
+        step_size = alpha
+        if self._settings["step"] == "normalized":
+            noise_std = float(1 - state.scheduler.alphas_cumprod[int(state.timestep)]) ** 0.5
+            step_size = lambda grad: normalized_step_size(grad, alpha, noise_std)  # noqa: E731
         for iteration in range(self.iterations):
-            moved, loss, grad = guidance_step(state, latents, self.hook, alpha, checkpointing=self.checkpointing)
+            moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
             check_finite("MAG", state, loss, grad, f"alpha={alpha}")
             self._record(state, iteration, loss, grad)
             latents = moved

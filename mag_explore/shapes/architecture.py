@@ -89,9 +89,9 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
     defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {
         "height": SIZE, "width": SIZE, "guidance_scale": 5.0, "num_inference_steps": 50,
-        # A starting point only: α depends on this model's loss scale. Measure it with
-        # `python -m mag_explore.shapes.check` (spatial control) and edit this file.
-        "mag_alpha": 0.3,
+        # A starting point only: the shipped model's calibration (README, "MAG on the embedded
+        # model"). Measure a new model with bench/mag_steps.py and bench/mag_suite.py, and edit this file.
+        "mag_step": "normalized", "mag_alpha": 0.03,
         "description": "Tiny Stable Diffusion trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles.",
         **defaults, "training": meta,
