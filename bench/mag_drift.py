@@ -37,7 +37,7 @@ from mag_explore.sampling import Sampler  # noqa: E402
 from mag_explore.inversion import encode_image  # noqa: E402
 from mag_explore.shapes.world import COLORS, mask_iou, render  # noqa: E402
 
-SUITE = ROOT / "data" / "suites" / "shapes.json"
+SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 BACKGROUND = np.array([240.0, 240.0, 240.0])
 
 

@@ -31,7 +31,7 @@ from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import generate  # noqa: E402
 from mag_explore.shapes.world import mask_iou  # noqa: E402
 
-SUITE = ROOT / "data" / "suites" / "shapes.json"
+SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 STEPS = ("official", "normalized", "signal", "clipped", "renormed")
 
 

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     d = model_defaults(pipe)
-    suite = load_suite(ROOT / "data" / "suites" / "shapes.json", d["height"], d["width"])
+    suite = load_suite(ROOT / "mag_explore" / "data" / "suites" / "shapes.json", d["height"], d["width"])
     options = {k: v for k, v in (("step", args.step), ("alpha", args.alpha)) if v is not None}
     rows, images = evaluate(pipe, suite, [args.method], list(range(args.seeds)), progress=False,
                             method_options={args.method: options}, image_dir=Path(args.out) / "images")
