@@ -20,16 +20,17 @@ import html
 import io
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as W
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionStore
+from .attention import AttentionStore, cross_attention_layer_names
 from .layouts import Layout, ellipse, rect
 from .methods import MaskedAttentionGuidance, MaskedAttentionSwap
-from .models import model_defaults
+from .models import model_defaults, shapes_model_dir
 from .plots import attention_overlay, figure_png, plot_run_summary, short_layer_name
 from .sampling import GenerationResult, Sampler
 from .schedule import StepRange
@@ -192,16 +193,39 @@ def schedule_timesteps(pipe, num_inference_steps: int) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
+def cross_attention_resolutions(pipe) -> list[int]:
+    """The larger side of each cross-attention resolution of ``pipe``'s UNet at its default size, finest first."""
+    defaults, unet = model_defaults(pipe), pipe.unet
+    side = max(defaults["height"], defaults["width"]) // pipe.vae_scale_factor
+    levels = len(unet.config.block_out_channels)
+    found = set()
+    for layer in cross_attention_layer_names(unet):
+        part, index = layer.split(".")[0], int(layer.split(".")[1]) if layer.split(".")[1].isdigit() else 0
+        level = {"down_blocks": index, "up_blocks": levels - 1 - index}.get(part, levels - 1)
+        found.add(-(-side // 2 ** level))  # each level halves the side (rounding up, as a stride-2 conv)
+    return sorted(found, reverse=True)
+
+
+def is_shapes_model(pipe) -> bool:
+    """Whether ``pipe`` is the embedded shapes model (whose images can be segmented by color)."""
+    name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    return bool(name) and Path(name).is_dir() and Path(name).resolve() == shapes_model_dir().resolve()
+
+
 class MagPlayground(W.VBox):
     """MAG (and masked-attention swapping) with sliders; runs only when Run is pressed.
 
     ``layout`` is a :class:`~mag_explore.layouts.Layout` or anything with a ``.layout``
-    (a :class:`LayoutBuilder`: its current layout is read at each run). Step ranges are
-    step indices ``[start, stop)``; an empty range (start = stop) switches that method off.
-    After a run: ``result`` (with its attention store), ``runs``, the summary ``image``.
+    (a :class:`LayoutBuilder` or a :class:`~mag_explore.painter.LayoutPainter`: its current
+    layout is read at each run; a painter gets the new image under its paint). Step ranges
+    are step indices ``[start, stop)``; an empty range (start = stop) switches that method
+    off; ``resolutions`` and ``places`` choose MAG's layers. After a run: ``result`` (with its
+    attention store), ``runs``, the summary ``image``, and ``history``: the last ``remember``
+    runs (settings, image, IoU in the shapes world), shown side by side.
     """
 
-    def __init__(self, pipe, layout: Any, prompt: str | None = None, steps: int | None = None, seed: int = 0):
+    def __init__(self, pipe, layout: Any, prompt: str | None = None, steps: int | None = None, seed: int = 0,
+                 remember: int = 4, score_iou: bool | None = None):
         defaults = model_defaults(pipe)
         self.pipe, self._layout_source = pipe, layout
         self._prompt = prompt
@@ -224,6 +248,15 @@ class MagPlayground(W.VBox):
         self.cfg = W.FloatSlider(value=defaults["guidance_scale"], min=1.0, max=15.0, step=0.5,
                                  description="CFG scale", style=style, layout=wide)
         self.seed = W.IntSlider(value=seed, min=0, max=1000, description="seed", style=style, layout=wide)
+        self.resolutions = W.SelectMultiple(options=[(f"side {r}", r) for r in cross_attention_resolutions(pipe)],
+                                            description="MAG layers at", style=style, rows=3)
+        self.resolutions.value = tuple(v for _, v in self.resolutions.options)  # all
+        self.places = W.SelectMultiple(options=["down", "mid", "up"], value=("down", "mid", "up"),
+                                       description="MAG in UNet half", style=style, rows=3)
+        self.remember = int(remember)
+        self.score_iou = is_shapes_model(pipe) if score_iou is None else score_iou
+        self.history: list[dict] = []
+        self.memory = W.HBox()
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.progress = W.IntProgress(value=0, min=0, max=n, description="steps")
         self.status = W.HTML()
@@ -232,14 +265,18 @@ class MagPlayground(W.VBox):
         self.error: BaseException | None = None
         self.runs = 0
         self.run_button.on_click(self._on_click)
-        for control in (self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed):
+        for control in (self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed,
+                        self.resolutions, self.places):
             control.observe(self._on_setting, names="value")
         for name, control in (("alpha", self.alpha), ("lambda", self.lmbda), ("guide", self.guide_steps),
                               ("swap", self.swap_steps), ("cfg", self.cfg), ("seed", self.seed),
-                              ("run", self.run_button), ("progress", self.progress), ("image", self.image)):
+                              ("run", self.run_button), ("progress", self.progress), ("image", self.image),
+                              ("resolutions", self.resolutions), ("places", self.places), ("memory", self.memory)):
             control.add_class(f"mag-playground-{name}")
         sliders = W.VBox([self.alpha, self.lmbda, self.guide_steps, self.swap_steps, self.cfg, self.seed])
-        super().__init__([sliders, W.HBox([self.run_button, self.progress]), self.status, self.image])
+        layers = W.VBox([self.resolutions, self.places])
+        super().__init__([W.HBox([sliders, layers]), W.HBox([self.run_button, self.progress]), self.status,
+                          self.image, W.HTML("<b>last runs</b> (newest first)"), self.memory])
         self.add_class("mag-playground")
         self._on_setting()
         try:
@@ -273,8 +310,18 @@ class MagPlayground(W.VBox):
         if swap is not None:
             made.append(MaskedAttentionSwap(layout, steps=swap))
         if guide is not None:
-            made.append(MaskedAttentionGuidance(layout, alpha=self.alpha.value, lmbda=self.lmbda.value, steps=guide))
+            made.append(MaskedAttentionGuidance(layout, alpha=self.alpha.value, lmbda=self.lmbda.value, steps=guide,
+                                                **self._layer_choice()))
         return made
+
+    def _layer_choice(self) -> dict:
+        """MAG's ``resolutions`` / ``places``: None where everything is selected (the official setting)."""
+        chosen = {}
+        if set(self.resolutions.value) != {v for _, v in self.resolutions.options}:
+            chosen["resolutions"] = set(self.resolutions.value)
+        if set(self.places.value) != {"down", "mid", "up"}:
+            chosen["places"] = set(self.places.value)
+        return chosen
 
     def _describe_range(self, slider, name: str) -> str:
         chosen = self._range(slider)
@@ -296,6 +343,7 @@ class MagPlayground(W.VBox):
         """Generate with the current settings (what the Run button does, errors included)."""
         self.progress.value, self.progress.bar_style = 0, ""
         controls = self.controls()
+        self.last_controls = controls  # the method objects of the latest run, with their history
         sampler = Sampler(self.pipe, self.prompt, num_inference_steps=self.num_steps,
                           guidance_scale=self.cfg.value, seed=self.seed.value, controls=controls,
                           store=AttentionStore(), callbacks=[self._on_step])
@@ -307,7 +355,37 @@ class MagPlayground(W.VBox):
         self.image.value = figure_png(plot_run_summary(result, self.layout.resolve(self.pipe.tokenizer, self.prompt),
                                                        title=self._title()))
         self.status.value = self._summary(result)
+        self._remember(result)
+        if hasattr(self._layout_source, "set_background"):  # a painter: paint over the new image
+            self._layout_source.set_background(result.images[0])
         return result
+
+    def settings(self) -> dict:
+        """The current settings, as recorded in ``history``."""
+        return {"alpha": self.alpha.value, "lambda": self.lmbda.value, "mag_steps": tuple(self.guide_steps.value),
+                "swap_steps": tuple(self.swap_steps.value), "cfg": self.cfg.value, "seed": self.seed.value,
+                **{k: sorted(v) for k, v in self._layer_choice().items()}}
+
+    def _remember(self, result: GenerationResult) -> None:
+        from .course import region_iou  # the shapes world's color segmentation
+
+        iou = region_iou(result.images[0], self.layout) if self.score_iou else None
+        self.history.insert(0, {"run": self.runs, "settings": self.settings(), "image": result.images[0], "iou": iou})
+        del self.history[self.remember:]
+        self.memory.children = [self._memory_card(entry) for entry in self.history]
+
+    def _memory_card(self, entry: dict) -> W.VBox:
+        s = entry["settings"]
+        lines = [f"run {entry['run']} · seed {s['seed']} · CFG {s['cfg']}",
+                 f"MAG {s['mag_steps'][0]}–{s['mag_steps'][1]} α {s['alpha']} λ {s['lambda']}",
+                 f"swap {s['swap_steps'][0]}–{s['swap_steps'][1]}"]
+        if "resolutions" in s or "places" in s:
+            lines.append(f"layers {s.get('resolutions', 'all')} {s.get('places', '')}")
+        if entry["iou"] is not None:
+            lines.append("IoU " + ", ".join(f"{label} {v:.2f}" for label, v in entry["iou"].items()))
+        image = W.Image(value=png_bytes(entry["image"]), format="png", width=128, height=128)
+        return W.VBox([image, W.HTML("<br>".join(html.escape(line) for line in lines))],
+                      layout=W.Layout(width="190px"))
 
     def _title(self) -> str:
         return (f'"{self.prompt}" · seed {self.seed.value} · CFG {self.cfg.value} · '
@@ -360,6 +438,39 @@ def prompt_words(prompt: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", prompt.lower())
 
 
+def word_options(words: list[str]) -> list[tuple[str, int]]:
+    """``(label, position)`` per word for a picker; a repeated word is labelled by occurrence, "red (2)"."""
+    counts = {w: words.count(w) for w in words}
+    seen: dict[str, int] = {}
+    options = []
+    for i, word in enumerate(words):
+        seen[word] = seen.get(word, 0) + 1
+        options.append((word if counts[word] == 1 else f"{word} ({seen[word]})", i))
+    return options
+
+
+def positions_of(words: list[str], phrase: str, occurrence: int = 1) -> tuple[int, ...]:
+    """Word positions of the ``occurrence``-th ``phrase`` in ``words`` (the inverse of :func:`phrase_at`)."""
+    query = prompt_words(phrase)
+    starts = [i for i in range(len(words) - len(query) + 1) if words[i:i + len(query)] == query]
+    if not query or len(starts) < occurrence:
+        raise ValueError(f"{phrase!r} (occurrence {occurrence}) is not in the prompt's words {words}")
+    start = starts[occurrence - 1]
+    return tuple(range(start, start + len(query)))
+
+
+def phrase_at(words: list[str], positions) -> tuple[str, int]:
+    """(phrase, occurrence) of consecutive word positions: (3, 4) of "a red circle and a red square" -> ("a red", 2)."""
+    positions = sorted(positions)
+    if not positions:
+        raise ValueError("pick one or more words of the prompt")
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise ValueError(f"the words {[words[i] for i in positions]} are not consecutive in the prompt")
+    query = words[positions[0]:positions[-1] + 1]
+    earlier = [i for i in range(positions[0]) if words[i:i + len(query)] == query]
+    return " ".join(query), len(earlier) + 1
+
+
 class LayoutBuilder(W.VBox):
     """Build a :class:`Layout` with buttons and sliders; ``.layout`` is the current one.
 
@@ -378,12 +489,7 @@ class LayoutBuilder(W.VBox):
         self.region = W.Dropdown(options=[], description="region")
         self.add_button = W.Button(description="add region", icon="plus")
         self.remove_button = W.Button(description="remove", icon="trash")
-        counts = {w: self.words.count(w) for w in self.words}
-        seen: dict[str, int] = {}
-        options = []
-        for i, word in enumerate(self.words):
-            seen[word] = seen.get(word, 0) + 1
-            options.append((word if counts[word] == 1 else f"{word} ({seen[word]})", i))
+        options = word_options(self.words)
         self.phrase = W.SelectMultiple(options=options, rows=min(8, len(options)), description="words")
         self.kind = W.ToggleButtons(options=["rectangle", "ellipse"], description="shape")
         slider = dict(min=0.0, max=1.0, step=0.01, continuous_update=False)
@@ -425,23 +531,11 @@ class LayoutBuilder(W.VBox):
         self._sync_regions(select=min(index, len(self.specs) - 1) if self.specs else None)
 
     def _positions(self, phrase: str, occurrence: int) -> tuple[int, ...]:
-        query = prompt_words(phrase)
-        starts = [i for i in range(len(self.words) - len(query) + 1) if self.words[i:i + len(query)] == query]
-        if not query or len(starts) < occurrence:
-            raise ValueError(f"{phrase!r} (occurrence {occurrence}) is not in the prompt's words {self.words}")
-        start = starts[occurrence - 1]
-        return tuple(range(start, start + len(query)))
+        return positions_of(self.words, phrase, occurrence)
 
     def phrase_of(self, spec: RegionSpec) -> tuple[str, int]:
         """(phrase, occurrence) of a region's words; the words must be consecutive."""
-        positions = sorted(spec.words)
-        if not positions:
-            raise ValueError("pick one or more words of the prompt")
-        if positions != list(range(positions[0], positions[-1] + 1)):
-            raise ValueError(f"the words {[self.words[i] for i in positions]} are not consecutive in the prompt")
-        query = self.words[positions[0]:positions[-1] + 1]
-        earlier = [i for i in range(positions[0]) if self.words[i:i + len(query)] == query]
-        return " ".join(query), len(earlier) + 1
+        return phrase_at(self.words, spec.words)
 
     def shape_of(self, spec: RegionSpec):
         """The :func:`rect` or :func:`ellipse` a region stands for (clipped to the image)."""
