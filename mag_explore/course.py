@@ -145,3 +145,21 @@ def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed:
         "labels": [layout.label(i) for i in range(len(layout))],
         "plain_store": plain_store, "guided_store": guided_store, "alpha": alpha,
     }
+
+
+def attention_inside_outside(result: GenerationResult, layout: Layout) -> dict[str, dict[str, float]]:
+    """Per region: its words' mean attention per pixel inside and outside its mask (all steps and layers).
+
+    ``ratio`` > 1 means the words attend more inside their region than outside, per pixel:
+    the test of whether a run followed a painted stroke. Needs a result with a store.
+    """
+    if result.store is None or not result.store.maps:
+        raise ValueError("this result has no attention maps: run with store=AttentionStore()")
+    resolved = layout.resolve(result.tokenizer, result.prompt)
+    scores = {}
+    for i, region in enumerate(resolved.regions):
+        heat = result.store.aggregate(tokens=list(region.token_indices)).sum(0)  # (h, w) at the finest layer
+        mask = resolved.masks_at(*heat.shape)[i] > 0.5
+        inside, outside = float(heat[mask].mean()), float(heat[~mask].mean()) if (~mask).any() else float("nan")
+        scores[resolved.label(i)] = {"inside": inside, "outside": outside, "ratio": inside / max(outside, 1e-12)}
+    return scores

@@ -32,6 +32,10 @@ __all__ = ["LayoutPainter"]
 # Brush colors: distinct, saturated, never white or black (the background of a label PNG).
 BRUSH_COLORS = ((230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
                 (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128))
+# A brush whose phrase names one of these colors is painted in it (when no other brush has it),
+# so "blue square" is not painted red.
+NAMED_COLORS = {"red": (230, 25, 75), "blue": (0, 130, 200), "green": (60, 180, 75), "orange": (245, 130, 48),
+                "purple": (145, 30, 180), "yellow": (225, 200, 20), "pink": (240, 50, 230), "cyan": (70, 240, 240)}
 OPACITY = 0.55  # of the paint over the preview
 
 
@@ -125,6 +129,15 @@ class LayoutPainter(W.VBox):
         except ValueError as error:
             raise ValueError(f"brush {number}: {error}") from None
 
+    def color_of(self, number: int) -> tuple[int, int, int]:
+        """A brush's color: the color its phrase names, if free, else a distinct one from the palette."""
+        colors: list[tuple[int, int, int]] = []
+        for positions in self.brushes[:number]:
+            named = [NAMED_COLORS[self.words[i]] for i in positions if self.words[i] in NAMED_COLORS]
+            free = [c for c in named + list(BRUSH_COLORS) if c not in colors]
+            colors.append(free[0])
+        return colors[number - 1]
+
     def _brush_label(self, number: int) -> str:
         words = " ".join(self.words[i] for i in sorted(self.brushes[number - 1])) or "(pick its words)"
         return f"{number}: {words}"
@@ -157,6 +170,7 @@ class LayoutPainter(W.VBox):
         number = self.brush.value
         self.brushes[number - 1] = tuple(sorted(self.phrase.value))
         self._sync_brushes(select=number)
+        self.redraw()  # the brush's color may follow its new words
 
     # -- painting ----------------------------------------------------------------------------
     def paint_disc(self, row: float, col: float, number: int | None = None) -> None:
@@ -218,7 +232,7 @@ class LayoutPainter(W.VBox):
             self.redraw()
         else:  # while the mouse moves, draw only the new disc (cheap); mouse up redraws exactly
             with hold_canvas():
-                self.canvas.fill_style = to_hex(BRUSH_COLORS[number - 1])
+                self.canvas.fill_style = to_hex(self.color_of(number))
                 self.canvas.global_alpha = OPACITY
                 self.canvas.fill_circle(cell[1] * self.scale, cell[0] * self.scale, self.radius.value * self.scale)
                 self.canvas.global_alpha = 1.0
@@ -236,7 +250,7 @@ class LayoutPainter(W.VBox):
         picture = base.astype(np.float32)
         for number in range(1, len(self.brushes) + 1):
             where = self.labels == number
-            picture[where] = (1 - OPACITY) * picture[where] + OPACITY * np.array(BRUSH_COLORS[number - 1])
+            picture[where] = (1 - OPACITY) * picture[where] + OPACITY * np.array(self.color_of(number))
         return picture.round().astype(np.uint8)
 
     def redraw(self) -> None:
@@ -268,7 +282,7 @@ class LayoutPainter(W.VBox):
             masks.append(mask)
             phrases.append(phrase)
             occurrences.append(occurrence)
-            colors.append(BRUSH_COLORS[number - 1])
+            colors.append(self.color_of(number))
         if not masks:
             raise ValueError("no brush yet: press 'new brush'")
         return Layout.from_arrays(masks, phrases, occurrences, colors=colors, prompt=self.prompt)

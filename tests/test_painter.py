@@ -47,6 +47,7 @@ def test_a_mouse_stroke_paints_the_selected_brush_and_binds_its_phrase():
     assert "1 region(s): red circle" in painter.status.value
 
     painter.add_brush("blue square")
+    assert painter.color_of(2) == (0, 130, 200)  # painted in the color its phrase names
     drag(painter, [(200, 128)])  # a dot
     np.testing.assert_array_equal(painter.labels == 2, disc(64, 64, 32, 50, 3))
     assert [r.phrase for r in painter.layout.regions] == ["red circle", "blue square"]
@@ -67,6 +68,11 @@ def test_repeated_words_by_occurrence_and_tokens(sd15_pipe):
     region = painter.layout.regions[0]
     assert (region.phrase, region.occurrence) == ("red", 2)
     assert painter.layout.resolve(sd15_pipe.tokenizer).regions[0].token_indices == (6,)
+    painter.add_brush("red square")
+    painter.paint_stroke([(0.2, 0.5)])
+    assert painter.color_of(1) == (230, 25, 75)  # the color "red" names...
+    assert painter.color_of(2) not in {painter.color_of(1), (255, 255, 255), (0, 0, 0)}  # ...once: PNG colors differ
+    painter.remove_brush()
     painter.remove_brush()
     assert painter.brushes == [] and not painter.labels.any()
     with pytest.raises(ValueError, match="no brush"):
