@@ -163,3 +163,40 @@ def attention_inside_outside(result: GenerationResult, layout: Layout) -> dict[s
         inside, outside = float(heat[mask].mean()), float(heat[~mask].mean()) if (~mask).any() else float("nan")
         scores[resolved.label(i)] = {"inside": inside, "outside": outside, "ratio": inside / max(outside, 1e-12)}
     return scores
+
+
+def guidance_cost(pipe, layout: Layout, seed: int = 0, steps: int | None = None, repeats: int = 2) -> dict:
+    """What MAG adds per guided step, measured: seconds of a plain step and of a guided one.
+
+    Runs the sampler with and without MAG (the model's defaults) ``repeats`` times, times each
+    step, and compares the guided steps with the same steps of the plain run (best of the
+    repeats, so a busy machine inflates it less). A guided step adds one conditional UNet
+    pass with explicit attention, and its backward pass.
+    """
+    import time
+
+    def timed(controls) -> list[float]:
+        sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, controls=controls)
+        seconds = []
+        while not sampler.done:
+            start = time.perf_counter()
+            sampler.step()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain, guided, mag = None, None, None
+        for _ in range(repeats):
+            mag = method_controls(pipe, "mag", layout)[0]
+            p, g = timed([]), timed([mag])
+            plain = p if plain is None else [min(a, b) for a, b in zip(plain, p)]
+            guided = g if guided is None else [min(a, b) for a, b in zip(guided, g)]
+    steps_guided = sorted({h["step"] for h in mag.history})
+    if not steps_guided:
+        raise ValueError("MAG guided no step with these settings: nothing to measure")
+    plain_s = float(np.mean([plain[i] for i in steps_guided]))
+    guided_s = float(np.mean([guided[i] for i in steps_guided]))
+    return {"guided_steps": steps_guided, "plain_step_s": plain_s, "guided_step_s": guided_s,
+            "added_s": guided_s - plain_s, "ratio": guided_s / plain_s,
+            "run_plain_s": float(sum(plain)), "run_mag_s": float(sum(guided))}

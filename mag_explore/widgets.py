@@ -31,7 +31,7 @@ from .attention import AttentionStore, cross_attention_layer_names
 from .layouts import Layout, ellipse, rect
 from .methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from .models import model_defaults, shapes_model_dir
-from .plots import attention_overlay, figure_png, plot_run_summary, short_layer_name
+from .plots import CMAP, attention_overlay, figure_png, plot_run_summary, short_layer_name
 from .sampling import GenerationResult, Sampler
 from .schedule import StepRange
 
@@ -63,7 +63,7 @@ class AttentionExplorer(W.VBox):
     """
 
     def __init__(self, result: GenerationResult, token: str | int | None = None, size: int = 256,
-                 cmap: str = "jet", interval_ms: int = 400):
+                 cmap: str = CMAP, interval_ms: int = 400):
         store = result.store
         if store is None or not store.maps:
             raise ValueError("this result has no attention maps: pass store=AttentionStore() to generate()")

@@ -71,3 +71,30 @@ def test_first_step_and_x0(sd15_pipe):
     assert list(pictures) == [f"step {i} (t={result.timesteps[i]})" for i in (0, 2, 3)]
     with pytest.raises(ValueError, match="keep_x0"):
         course.x0_images(sd15_pipe, generate(sd15_pipe, PROMPT, num_inference_steps=2, progress=False))
+
+
+def test_attention_inside_outside_per_pixel(sd15_pipe):
+    from mag_explore.attention import AttentionStore
+
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.25, 1), rect("blue square", 0.5, 0, 1, 1)],
+                                prompt=PROMPT)
+    result = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False, store=AttentionStore())
+    scores = course.attention_inside_outside(result, layout)
+    # written out: the finest (8×8) aggregate of the words' tokens, mean over the mask's cells and the rest
+    heat = result.store.aggregate(tokens=result.token_indices("red circle")).sum(0).numpy()
+    mask = np.zeros((8, 8), bool)
+    mask[:, :2] = True  # the left quarter of 8 columns
+    assert scores["red circle"]["inside"] == pytest.approx(heat[mask].mean(), rel=1e-5)
+    assert scores["red circle"]["outside"] == pytest.approx(heat[~mask].mean(), rel=1e-5)
+    assert scores["red circle"]["ratio"] == pytest.approx(heat[mask].mean() / heat[~mask].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="no attention maps"):
+        course.attention_inside_outside(generate(sd15_pipe, PROMPT, num_inference_steps=1, progress=False), layout)
+
+
+def test_guidance_cost_times_the_guided_steps(sd15_pipe):
+    layout = course.example_layout("left_right", sd15_pipe)
+    cost = course.guidance_cost(sd15_pipe, layout, steps=4, repeats=1)
+    # the tiny model's default: guide while t > 700; with 4 DDIM steps (t 751, 501, 251, 1) that is step 0
+    assert cost["guided_steps"] == [0]
+    assert cost["plain_step_s"] > 0 and cost["guided_step_s"] > 0
+    assert cost["ratio"] == pytest.approx(cost["guided_step_s"] / cost["plain_step_s"])
