@@ -5,7 +5,9 @@
 * :func:`region_iou` - how well each region's object landed where it was asked, in the
   shapes world (segmentation by color, so no segmentation model is needed);
   ``mag_explore.evaluate`` does the same over a whole suite;
-* :func:`first_step_attention` - MAG's first guided step, before and after.
+* :func:`first_step_attention` - MAG's first guided step (one update), before and after;
+* :func:`attention_inside_outside` - did the words attend inside their regions;
+* :func:`guidance_cost` - what MAG adds per guided step, measured.
 """
 from __future__ import annotations
 
@@ -120,30 +122,37 @@ def method_images(item, methods: Sequence[str], images: dict, rows: Sequence[dic
 
 
 def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed: int = 0,
-                         steps: int | None = None) -> dict:
-    """MAG's first step up close: the first denoising step without and with one guided update.
+                         steps: int | None = None, step_fn=None) -> dict:
+    """MAG's first step up close: the first denoising step without and with *one* update of x_T.
 
-    Returns the loss and each region's share of attention inside its mask before and
-    after one update of x_T (MAG runs two iterations at step 0: the second one measures
-    the effect of the first), and the step-0 attention of the denoising pass without
-    guidance (``plain_store``) and after the updates (``guided_store``).
+    Returns the loss and each region's share of attention inside its mask before the update
+    and after it, and the step-0 attention of the denoising pass without guidance
+    (``plain_store``) and after the update (``guided_store``). The "after" figures come from
+    a probe: a second MAG with α = 0, which measures the loss at the updated latent and
+    moves nothing. ``step_fn``: your own ``mag_step(step, alpha, lmbda)`` instead of the
+    package's (notebook 04).
     """
-    alpha = model_defaults(pipe)["mag_alpha"] if alpha is None else alpha
+    from .learner import LearnerMAG
+
+    defaults = model_defaults(pipe)
+    alpha = defaults["mag_alpha"] if alpha is None else alpha
+    lmbda = defaults["mag_lambda"]
     plain_store, guided_store = AttentionStore(), AttentionStore()
-    # iterations=2: the second entry of the history is measured after the first update
-    mag = MaskedAttentionGuidance(layout, alpha=alpha, steps=(0, 1), iterations=2)
+    update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, steps=(0, 1)) if step_fn is None
+              else LearnerMAG(layout, step_fn, alpha, lmbda, steps=(0, 1)))
+    before = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, steps=(0, 1))  # measures x_T, moves nothing
+    after = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, steps=(0, 1))  # measures the updated x_T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, store=plain_store).step()
-        guided = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, store=guided_store,
-                         controls=[mag])
-        guided.step()
-    before, after = mag.history[0], mag.history[1]
+        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, store=guided_store,
+                controls=[before, update, after]).step()
+    first, second = before.history[0], after.history[0]
     return {
-        "loss_before": before["loss"], "loss_after": after["loss"],
-        "inside_before": before["inside_share"], "inside_after": after["inside_share"],
+        "loss_before": first["loss"], "loss_after": second["loss"],
+        "inside_before": first["inside_share"], "inside_after": second["inside_share"],
         "labels": [layout.label(i) for i in range(len(layout))],
-        "plain_store": plain_store, "guided_store": guided_store, "alpha": alpha,
+        "plain_store": plain_store, "guided_store": guided_store, "alpha": alpha, "updates": 1,
     }
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mag_explore import course
+from mag_explore import course, solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
 from mag_explore.sampling import generate
@@ -66,6 +66,19 @@ def test_first_step_and_x0(sd15_pipe):
     first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, steps=4)
     assert first["loss_after"] < first["loss_before"]
     assert first["plain_store"].step_indices == first["guided_store"].step_indices == [0]
+    # exactly one update at the stated alpha: the probes move nothing, so the denoising pass after them
+    # sees what one MAG update of x_T at 0.3 gives
+    from mag_explore.attention import AttentionStore
+    from mag_explore.methods import MaskedAttentionGuidance
+    from mag_explore.sampling import Sampler
+
+    one = AttentionStore()
+    Sampler(sd15_pipe, layout.prompt, seed=0, num_inference_steps=4, store=one,
+            controls=[MaskedAttentionGuidance(layout, alpha=0.3, steps=(0, 1))]).step()
+    layer = one.layers[0]
+    assert np.allclose(one.get(0, layer), first["guided_store"].get(0, layer))
+    mine = course.first_step_attention(sd15_pipe, layout, alpha=0.3, steps=4, step_fn=solutions.mag_step)
+    assert mine["loss_after"] == pytest.approx(first["loss_after"], rel=1e-4)
     result = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, keep_x0=True, progress=False)
     pictures = course.x0_images(sd15_pipe, result, count=3)
     assert list(pictures) == [f"step {i} (t={result.timesteps[i]})" for i in (0, 2, 3)]
