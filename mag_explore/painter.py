@@ -25,7 +25,7 @@ from ipycanvas import Canvas, hold_canvas
 from PIL import Image
 
 from .layouts import Layout, to_hex
-from .widgets import phrase_at, positions_of, prompt_words, word_options
+from .widgets import phrase_at, positions_of, prompt_words, quiet_updates, word_options
 
 __all__ = ["LayoutPainter"]
 
@@ -143,12 +143,9 @@ class LayoutPainter(W.VBox):
         return f"{number}: {words}"
 
     def _sync_brushes(self, select: int | None) -> None:
-        self._loading = True
-        try:
+        with quiet_updates(self):
             self.brush.options = [(self._brush_label(n), n) for n in range(1, len(self.brushes) + 1)]
             self.brush.value = select
-        finally:
-            self._loading = False
         self._on_select()
 
     def _on_select(self, change=None) -> None:
@@ -157,11 +154,8 @@ class LayoutPainter(W.VBox):
         number = self.brush.value
         self.phrase.disabled = self.remove_button.disabled = number is None
         if number is not None:
-            self._loading = True
-            try:
+            with quiet_updates(self):
                 self.phrase.value = tuple(self.brushes[number - 1])
-            finally:
-                self._loading = False
         self._describe()
 
     def _on_words(self, change=None) -> None:

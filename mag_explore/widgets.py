@@ -19,9 +19,10 @@ from __future__ import annotations
 import html
 import io
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ipywidgets as W
 import torch
@@ -438,6 +439,16 @@ def prompt_words(prompt: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", prompt.lower())
 
 
+@contextmanager
+def quiet_updates(owner) -> Iterator[None]:
+    """Set controls without their observers acting (``owner._loading`` tells them to wait)."""
+    owner._loading = True
+    try:
+        yield
+    finally:
+        owner._loading = False
+
+
 def word_options(words: list[str]) -> list[tuple[str, int]]:
     """``(label, position)`` per word for a picker; a repeated word is labelled by occurrence, "red (2)"."""
     counts = {w: words.count(w) for w in words}
@@ -577,12 +588,9 @@ class LayoutBuilder(W.VBox):
         return f"{index + 1}: {words} ({spec.kind})"
 
     def _sync_regions(self, select: int | None) -> None:
-        self._loading = True
-        try:
+        with quiet_updates(self):
             self.region.options = [(self._label(i), i) for i in range(len(self.specs))]
             self.region.value = select
-        finally:
-            self._loading = False
         self._on_select()
 
     def _on_select(self, change=None) -> None:
@@ -594,13 +602,10 @@ class LayoutBuilder(W.VBox):
             control.disabled = index is None
         if index is not None:
             spec = self.specs[index]
-            self._loading = True
-            try:
+            with quiet_updates(self):
                 self.phrase.value = tuple(spec.words)
                 self.kind.value, self.x.value, self.y.value = spec.kind, spec.x, spec.y
                 self.w.value, self.h.value = spec.width, spec.height
-            finally:
-                self._loading = False
         self._refresh()
 
     def _on_edit(self, change=None) -> None:
@@ -609,12 +614,9 @@ class LayoutBuilder(W.VBox):
         index = self.region.value
         self.specs[index] = replace(self.specs[index], words=tuple(self.phrase.value), kind=self.kind.value,
                                     x=self.x.value, y=self.y.value, width=self.w.value, height=self.h.value)
-        self._loading = True
-        try:  # relabel the region (its words or shape may have changed), keeping it selected
+        with quiet_updates(self):  # relabel the region (its words or shape may have changed), keeping it selected
             self.region.options = [(self._label(i), i) for i in range(len(self.specs))]
             self.region.value = index
-        finally:
-            self._loading = False
         self._refresh()
 
     def _refresh(self) -> None:
