@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mag_explore import (  # noqa: E402
-    AttentionStore, Layout, MaskedAttentionGuidance, MaskedAttentionSwap, Sampler, generate, rect,
+    AttentionStore, Layout, MaskedAttentionGuidance, MaskedAttentionSwap, Sampler, StepRange, generate, rect,
 )
 from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
     base = seconds["diffusers StableDiffusionPipeline"]
     for name, s in seconds.items():
         print(f"  {name:<36} {s:8.2f} s   {s / base:5.2f}×")
-    guided = MaskedAttentionGuidance(layout).steps.selected(_timesteps(steps))
+    guided = StepRange(while_t_above=700).selected(_timesteps(steps))  # MAG's default on SD
     extra = timed(lambda: guided_forward_backward(pipe, size, args.device), args.device)
     expected = seconds["ours, no controls"] + len(guided) * extra
     print(f"  MAG analytical: plain + {len(guided)} guided steps × {extra:.2f} s (batch-1 forward+backward) "

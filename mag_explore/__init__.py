@@ -3,7 +3,7 @@
     >>> import mag_explore as mx
     >>> pipe = mx.load_pipeline()                      # the embedded "shapes" model on a CPU
     >>> layout = mx.Layout.from_json("data/layouts/left_right.json")
-    >>> mag = mx.MaskedAttentionGuidance(layout)       # official defaults: α 0.08, λ 0.5, t > 700
+    >>> mag = mx.MaskedAttentionGuidance(layout)       # α, λ, "while t > 700": the model's defaults
     >>> result = mx.generate(pipe, layout.prompt, controls=[mag], store=mx.AttentionStore())
     >>> result.images[0]
 """
@@ -17,25 +17,30 @@ from .attention import (
 )
 from .layouts import Layout, Region, ellipse, polygon, rect
 from .methods import (
+    LayoutGuidance,
     MaskedAttentionGuidance,
     MaskedAttentionSwap,
     NonFiniteGuidanceError,
+    PaintWithWords,
+    guidance_step,
     make_controls,
     mag_loss_terms,
+    run_methods_on,
 )
-from .models import load_pipeline, model_defaults
-from .sampling import Control, GenerationResult, Hooks, Sampler, StepState, generate
+from .models import data_path, load_pipeline, model_defaults
+from .sampling import Control, GenerationResult, Hooks, Sampler, StepState, decode_latents, encode_text, generate
 from .schedule import StepRange
-from .tokens import show_tokens, token_indices, token_table
+from .tokens import show_tokens, token_indices, token_table, words_of
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionContext", "AttentionHook", "AttentionStore", "Control", "GenerationResult", "Hooks", "Layout",
-    "MaskedAttentionGuidance", "MaskedAttentionSwap", "NonFiniteGuidanceError", "Region", "Sampler",
-    "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names", "ellipse", "generate",
-    "load_pipeline", "mag_loss_terms", "make_controls", "model_defaults", "polygon", "rect",
-    "remove_cross_attention_hooks", "show_tokens", "token_indices", "token_table",
+    "LayoutGuidance", "MaskedAttentionGuidance", "MaskedAttentionSwap", "NonFiniteGuidanceError", "PaintWithWords",
+    "Region", "Sampler", "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names",
+    "data_path", "decode_latents", "ellipse", "encode_text", "generate", "guidance_step", "load_pipeline", "mag_loss_terms",
+    "make_controls", "model_defaults", "polygon", "rect", "remove_cross_attention_hooks", "run_methods_on",
+    "show_tokens", "token_indices", "token_table", "words_of",
 ]
 
 # Real-image editing (DDIM inversion + MAG), kept in its own block.

@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+from .models import data_dir
+
+DATA = data_dir()
 
 
 def _json_arg(text: str):
@@ -21,6 +23,14 @@ def _json_arg(text: str):
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON: {text!r} ({error.msg})") from None
+
+
+def add_common_options(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default: the model's)") -> None:
+    """Options every command has: the step count and --verbose."""
+    p.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                   metavar="N", help=steps_help)
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' loading bars and warnings while the model loads")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -35,9 +45,11 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
     p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD)")
     p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
-    p.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default 700)")
-    p.add_argument("--swap-until", type=int, default=700, help="swap while timestep t > T (default 700)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50)")
+    p.add_argument("--guide-until", type=int, default=None,
+                   help="MAG guides while timestep t > T (default: the model's; 700 as the official code)")
+    p.add_argument("--swap-until", type=int, default=None,
+                   help="swap while timestep t > T (default: the model's guide_until; 700)")
+    add_common_options(p, "denoising steps (default: the model's; 50)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD)")
     p.add_argument("--seed", type=int, default=42, help="default 42 (the official script's)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="default: the embedded 'shapes' model without a GPU")
     demo.add_argument("--layout", default=str(DATA / "layouts" / "bottom_half.json"),
                       help="layout JSON (default: two objects low, where the shapes model would not put them)")
-    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    add_common_options(demo)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to write the figure")
     demo.add_argument("--device", default=None)
@@ -73,7 +85,7 @@ def add_evaluate_parser(commands) -> None:
     ev.add_argument("--suite", default=str(DATA / "suites" / "shapes.json"), help="suite JSON of layouts")
     ev.add_argument("--methods", default="none,swap,mag,pww,lg", help="comma-separated methods")
     ev.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per layout and method")
-    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    add_common_options(ev)
     ev.add_argument("--segmenter", default=None,
                     help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
     ev.add_argument("--out", default="outputs/eval", help="folder for results.csv, summary.md, grid.png")
@@ -101,7 +113,7 @@ def add_edit_parser(commands) -> None:
     ed.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's)")
     ed.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks")
     ed.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default: the model's)")
-    ed.add_argument("--steps", type=int, default=None, help="inversion and sampling steps (default: the model's)")
+    add_common_options(ed, "inversion and sampling steps (default: the model's)")
     ed.add_argument("--cfg", type=float, default=1.0, help="guidance scale of inversion and sampling (1: faithful)")
     ed.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
     ed.add_argument("--out", required=True, help="where to write the edited PNG")
@@ -130,21 +142,20 @@ def load_layout(args, prompt: str | None = None):
 def run_generate(args) -> str:
     from .attention import AttentionStore
     from .methods import make_controls
-    from .models import load_pipeline, model_defaults
+    from .models import load_pipeline
     from .sampling import generate
 
     layout = load_layout(args, args.prompt)
-    pipe = load_pipeline(args.model, device=args.device)
-    d = model_defaults(pipe)
-    controls = make_controls(
-        args.method, layout,
-        alpha=d["mag_alpha"] if args.alpha is None else args.alpha,
-        lmbda=d["mag_lambda"] if args.lmbda is None else args.lmbda,
-        guide_steps=d["guide_until"] if args.guide_until is None else args.guide_until,
-        swap_steps=args.swap_until,
-    )
+    pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
+    threshold = {"mag": args.guide_until, "swap": args.swap_until}.get(args.method)
+    for flag, value, method in (("--alpha", args.alpha, "mag"), ("--lmbda", args.lmbda, "mag"),
+                                ("--guide-until", args.guide_until, "mag"), ("--swap-until", args.swap_until, "swap")):
+        if value is not None and args.method != method:
+            raise ValueError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
+    # settings left as None are resolved from the model's defaults when the run starts
+    controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, while_t_above=threshold)
     store = AttentionStore() if args.save_attention else None
-    result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+    result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.cfg, seed=args.seed, height=args.height, width=args.width,
                       controls=controls, store=store)
     out = Path(args.out)
@@ -160,8 +171,8 @@ def run_generate(args) -> str:
 def run_demo(args) -> str:
     from .demo import demo_figure
 
-    out = demo_figure(model=args.model, layout_path=args.layout, steps=args.steps, seed=args.seed,
-                      out=args.out, device=args.device)
+    out = demo_figure(model=args.model, layout_path=args.layout, num_inference_steps=args.num_inference_steps,
+                      seed=args.seed, out=args.out, device=args.device, verbose=args.verbose)
     return f"wrote {out}"
 
 
@@ -169,7 +180,7 @@ def run_evaluate(args) -> str:
     from .evaluate import run_evaluation
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.steps,
+    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, steps=args.num_inference_steps,
                           device=args.device, segmenter=args.segmenter)
 
 
@@ -183,12 +194,12 @@ def run_edit(args) -> str:
     source = Layout.from_json(args.source_layout) if args.source_layout else None
     if args.inject_steps < 0:
         raise ValueError(f"--inject-steps {args.inject_steps}: give 0 (no injection) or a number of steps")
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
     result = edit_image(pipe, args.image, args.prompt, layout, source_layout=source, start=args.start,
                         method=args.method, keep=args.keep,
-                        inject_steps=(0, args.inject_steps) if args.inject_steps else None,
-                        threshold=args.threshold, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                        alpha=args.alpha, lmbda=args.lmbda, guide_steps=args.guide_until)
+                        inject_step_range=(0, args.inject_steps) if args.inject_steps else None,
+                        threshold=args.threshold, num_inference_steps=args.num_inference_steps,
+                        guidance_scale=args.cfg, alpha=args.alpha, lmbda=args.lmbda, while_t_above=args.guide_until)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)

@@ -1,10 +1,10 @@
 """Small helpers the notebooks share, so that their cells stay short.
 
-* :func:`example_layout` - an example layout of ``data/layouts`` at the model's size;
+* :func:`example_layout` - an example layout shipped with the package, at the model's size;
 * :func:`run_methods_on` - none / swap / MAG (or any method) with the same seed;
-* :func:`region_iou` - how well each region's object landed where it was asked, in the
-  shapes world (segmentation by color, so no segmentation model is needed);
-  ``mag_explore.evaluate`` does the same over a whole suite;
+* :func:`region_iou`, :func:`iou_text`, :func:`color_ious` - how well each region's object
+  landed where it was asked, in the shapes world (segmentation by color, so no segmentation
+  model is needed); ``mag_explore.evaluate`` does the same over a whole suite;
 * :func:`first_step_attention` - MAG's first guided step (one update), before and after;
 * :func:`attention_inside_outside` - did the words attend inside their regions;
 * :func:`guidance_cost` - what MAG adds per guided step, measured.
@@ -12,16 +12,19 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .attention import AttentionStore
 from .layouts import Layout
-from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, make_controls
+from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
 from .models import data_dir, model_defaults
-from .sampling import Control, GenerationResult, Hooks, Sampler, decode_latents, generate  # noqa: F401 (Hooks: course.Hooks)
-from .shapes.world import COLORS, mask_iou, segment_by_color
+from .sampling import GenerationResult, Sampler, decode_latents, generate
+from .shapes.scoring import color_ious, color_of, iou_text, region_iou
+
+__all__ = ["EXAMPLE_LAYOUTS", "color_ious", "color_of", "example_layout", "first_step_attention", "iou_text",
+           "method_images", "region_iou", "run_methods_on", "swap_sweep", "x0_images"]
 
 EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
 
@@ -35,13 +38,15 @@ def x0_images(pipe, result: GenerationResult, count: int = 6) -> dict:
             for i in dict.fromkeys(picks.tolist())}
 
 
-def swap_sweep(pipe, layout: Layout, stops: Sequence[int], seed: int = 0, steps: int | None = None) -> dict:
+def swap_sweep(pipe, layout: Layout, stops: Sequence[int], seed: int = 0,
+               num_inference_steps: int | None = None) -> dict:
     """Masked-attention swapping during the first ``k`` steps, for each ``k`` in ``stops`` (0: no swap)."""
     runs = {}
     for stop in stops:
-        controls = [MaskedAttentionSwap(layout, steps=(0, stop))] if stop > 0 else []
+        controls = [MaskedAttentionSwap(layout, step_range=(0, stop))] if stop > 0 else []
         runs[f"swap steps 0–{stop - 1}" if stop else "no swap"] = generate(
-            pipe, layout.prompt, num_inference_steps=steps, seed=seed, controls=controls, progress=False)
+            pipe, layout.prompt, num_inference_steps=num_inference_steps, seed=seed, controls=controls,
+            progress=False)
     return runs
 
 
@@ -61,60 +66,6 @@ def example_layout(name: str, pipe=None, size: int | tuple[int, int] | None = No
     return layout
 
 
-def method_controls(pipe, method: str, layout: Layout, **options) -> list:
-    """``make_controls`` with the model's MAG defaults (α, λ, timestep threshold)."""
-    d = model_defaults(pipe)
-    settings = dict(alpha=d["mag_alpha"], lmbda=d["mag_lambda"], guide_steps=d["guide_until"],
-                    swap_steps=d["guide_until"])
-    settings.update(options)
-    return make_controls(method, layout, **settings)
-
-
-def run_methods_on(pipe, layout: Layout, methods: Sequence[str] = ("none", "swap", "mag"), seed: int = 0,
-                   steps: int | None = None, store: bool = True, progress: bool = False,
-                   **options) -> dict[str, GenerationResult]:
-    """The layout's prompt once per method, same seed; attention recorded (head mean) if ``store``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a layout resized to the image size: expected here
-        return {
-            method: generate(pipe, layout.prompt, num_inference_steps=steps, seed=seed, progress=progress,
-                             controls=method_controls(pipe, method, layout, **options),
-                             store=AttentionStore() if store else None)
-            for method in methods
-        }
-
-
-def color_of(phrase: str) -> str | None:
-    """The shapes-world color a phrase names ("red circle" -> "red"), or None."""
-    return next((word for word in phrase.lower().split() if word in COLORS), None)
-
-
-def region_iou(image, layout: Layout) -> dict[str, float]:
-    """Per region: IoU between its mask and the pixels of its color in ``image``.
-
-    Works in the shapes world, where a color names exactly one object; a region whose
-    phrase names no known color gets NaN. The mask is resized to the image first.
-    """
-    picture = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    height, width = picture.shape[:2]
-    masks = layout.masks_at(height, width).numpy() > 0.5
-    segments = segment_by_color(picture)
-    scores = {}
-    for i, mask in enumerate(masks):
-        label = layout.label(i)
-        color = color_of(label)
-        if color is None:
-            scores[label] = float("nan")
-        else:
-            scores[label] = mask_iou(segments.get(color, np.zeros_like(mask)), mask)
-    return scores
-
-
-def iou_text(image, layout: Layout) -> str:
-    """``"IoU red circle 0.62 · blue square 0.48"``: :func:`region_iou` for a title or a print."""
-    return "IoU " + " · ".join(f"{label} {iou:.2f}" for label, iou in region_iou(image, layout).items())
-
-
 def method_images(item, methods: Sequence[str], images: dict, rows: Sequence[dict], seed: int) -> dict:
     """``{"mag · IoU 0.42": image, ...}`` for one layout of an ``evaluate`` run (its first seed)."""
     iou = {r["method"]: r["iou"] for r in rows if r["layout"] == item.name and r["seed"] == seed}
@@ -122,7 +73,7 @@ def method_images(item, methods: Sequence[str], images: dict, rows: Sequence[dic
 
 
 def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed: int = 0,
-                         steps: int | None = None, step_fn=None) -> dict:
+                         num_inference_steps: int | None = None, step_fn=None) -> dict:
     """MAG's first step up close: the first denoising step without and with *one* update of x_T.
 
     Returns the loss and each region's share of attention inside its mask before the update
@@ -138,20 +89,20 @@ def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed:
     alpha = defaults["mag_alpha"] if alpha is None else alpha
     lmbda = defaults["mag_lambda"]
     plain_store, guided_store = AttentionStore(), AttentionStore()
-    update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, steps=(0, 1)) if step_fn is None
-              else LearnerMAG(layout, step_fn, alpha, lmbda, steps=(0, 1)))
-    before = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, steps=(0, 1))  # measures x_T, moves nothing
-    after = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, steps=(0, 1))  # measures the updated x_T
+    update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 1)) if step_fn is None
+              else LearnerMAG(layout, step_fn, alpha, lmbda, step_range=(0, 1)))
+    before = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, step_range=(0, 1))  # measures x_T, moves nothing
+    after = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, step_range=(0, 1))  # measures the updated x_T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, store=plain_store).step()
-        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, store=guided_store,
+        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, store=plain_store).step()
+        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, store=guided_store,
                 controls=[before, update, after]).step()
     first, second = before.history[0], after.history[0]
     return {
         "loss_before": first["loss"], "loss_after": second["loss"],
         "inside_before": first["inside_share"], "inside_after": second["inside_share"],
-        "labels": [layout.label(i) for i in range(len(layout))],
+        "labels": layout.labels,
         "plain_store": plain_store, "guided_store": guided_store, "alpha": alpha, "updates": 1,
     }
 
@@ -174,7 +125,8 @@ def attention_inside_outside(result: GenerationResult, layout: Layout) -> dict[s
     return scores
 
 
-def guidance_cost(pipe, layout: Layout, seed: int = 0, steps: int | None = None, repeats: int = 2) -> dict:
+def guidance_cost(pipe, layout: Layout, seed: int = 0, num_inference_steps: int | None = None,
+                  repeats: int = 2) -> dict:
     """What MAG adds per guided step, measured: seconds of a plain step and of a guided one.
 
     Runs the sampler with and without MAG (the model's defaults) ``repeats`` times, times each
@@ -185,7 +137,7 @@ def guidance_cost(pipe, layout: Layout, seed: int = 0, steps: int | None = None,
     import time
 
     def timed(controls) -> list[float]:
-        sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=steps, controls=controls)
+        sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, controls=controls)
         seconds = []
         while not sampler.done:
             start = time.perf_counter()
@@ -197,7 +149,7 @@ def guidance_cost(pipe, layout: Layout, seed: int = 0, steps: int | None = None,
         warnings.simplefilter("ignore", UserWarning)
         plain, guided, mag = None, None, None
         for _ in range(repeats):
-            mag = method_controls(pipe, "mag", layout)[0]
+            mag = MaskedAttentionGuidance(layout)  # the model's defaults
             p, g = timed([]), timed([mag])
             plain = p if plain is None else [min(a, b) for a, b in zip(plain, p)]
             guided = g if guided is None else [min(a, b) for a, b in zip(guided, g)]

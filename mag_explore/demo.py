@@ -6,18 +6,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .course import iou_text, region_iou, run_methods_on
 from .layouts import Layout
+from .methods import run_methods_on
 from .models import load_pipeline, model_defaults
 from .plots import upsample_map
+from .schedule import resolve_step_range
+from .shapes.scoring import iou_text, region_iou
 
 
-def demo_figure(model=None, layout_path=None, steps=None, seed=0, out="outputs/demo.png", device=None) -> Path:
-    pipe = load_pipeline(model, device=device)
+def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=0, out="outputs/demo.png",
+                device=None, verbose: bool = False) -> Path:
+    pipe = load_pipeline(model, device=device, verbose=verbose)
     d = model_defaults(pipe)
     layout = Layout.from_json(layout_path).for_generation(d["height"], d["width"])
-    results = run_methods_on(pipe, layout, steps=steps, seed=seed, progress=True)
-    phrases = [layout.label(i) for i in range(len(layout.regions))]
+    results = run_methods_on(pipe, layout, num_inference_steps=num_inference_steps, seed=seed, progress=True)
+    phrases = layout.labels
     names = {"none": "no control", "swap": "masked-attention swap", "mag": "MAG"}
     fig, axes = plt.subplots(len(results), 2 + len(phrases), figsize=(2.3 * (2 + len(phrases)), 2.4 * len(results)))
     for row, (method, result) in zip(axes, results.items()):
@@ -35,9 +38,10 @@ def demo_figure(model=None, layout_path=None, steps=None, seed=0, out="outputs/d
             ax.set_title(f'"{phrase}" attention', fontsize=8)
         for ax in row:
             ax.axis("off")
-    n = len(results["none"].timesteps)
-    fig.suptitle(f'"{layout.prompt}" — {n} DDIM steps, CFG {d["guidance_scale"]}, seed {seed}; '
-                 f'MAG α={d["mag_alpha"]}, λ={d["mag_lambda"]}, while t > {d["guide_until"]}; '
+    used = results["mag"].settings  # what the run really used, not what the defaults say
+    mag = used["mag"]
+    fig.suptitle(f'"{layout.prompt}" — {used["num_inference_steps"]} DDIM steps, CFG {used["guidance_scale"]}, '
+                 f'seed {seed}; MAG α={mag["alpha"]}, λ={mag["lmbda"]}, while {resolve_step_range(mag.get("while_t_above"), mag.get("step_range"))}; '
                  "maps: all steps and layers, head mean", fontsize=8)
     fig.tight_layout()
     out = Path(out)
@@ -45,3 +49,4 @@ def demo_figure(model=None, layout_path=None, steps=None, seed=0, out="outputs/d
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+

@@ -14,29 +14,27 @@ An inverted x_T still holds every object where it was, and a nudge to the attent
 first steps rarely undoes that. So by default (``start="move"``) the moved words' latent
 cells are first carried into their target regions (``move_latents``) and MAG then holds every
 word in its region. On the embedded shapes model, moving one of two objects to the other half
-(``tests/test_inversion.py``): moved object vs its target 0.63-0.82, kept object vs its old
-place 0.51-0.81; MAG alone from the inverted x_T moved it in one scene of four, and the moved
-x_T without MAG often swapped the two objects' identities.
+(measured in the README, kept as floors by ``tests/test_inversion.py``), MAG alone from the
+inverted x_T rarely moves it, and the moved x_T without MAG often swaps the two objects' identities.
 Both runs start from the same x_T with the inversion's guidance scale (1 by default, see
 ``mag_explore.inversion``), so without controls the edited run is the source run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .attention import AttentionStore
-from .inversion import InversionResult, as_pil_image, invert, psnr, reconstruct
+from .inversion import InversionResult, invert, psnr, reconstruct
 from .layouts import Layout
 from .methods import METHOD_NAMES, make_controls
 from .methods.inject import AttentionInjection, injection_store
-from .models import model_defaults
-from .sampling import Control, GenerationResult, Hooks, generate
-from .schedule import StepsLike, as_step_range
+from .sampling import GenerationResult, Hooks, generate
+from .schedule import StepRange, resolve_step_range
 from .tokens import token_indices
 
 
@@ -89,10 +87,6 @@ class EditResult:
         return psnr(self.inversion.image, self.source.image)
 
 
-def _phrases(layout: Layout) -> list[str]:
-    return [layout.label(i) for i in range(len(layout))]
-
-
 def _regions_of(words: Sequence[str], source_layout: Layout, tokenizer, prompt: str) -> list:
     """The regions of ``source_layout`` whose words are ``words`` (matched by token indices)."""
     resolved = source_layout.resolve(tokenizer, prompt)
@@ -102,20 +96,21 @@ def _regions_of(words: Sequence[str], source_layout: Layout, tokenizer, prompt: 
         found = by_tokens.get(tuple(token_indices(tokenizer, prompt, word)))
         if found is None:
             raise ValueError(f"{word!r} has no region in the source layout; its regions are "
-                             f"{_phrases(source_layout)}")
+                             f"{source_layout.labels}")
         regions.append(found)
     return regions
 
 
-def _kept_tokens(target: Layout, keep: Sequence[str], inject_steps, tokenizer, prompt: str) -> list[int]:
+def _kept_tokens(target: Layout, keep: Sequence[str], inject_step_range, tokenizer, prompt: str) -> list[int]:
     """Token indices of the kept words, after checking that no word both moves and stays."""
     moved = {i for r in target.regions for i in r.token_indices}
     both = [word for word in keep if moved & set(token_indices(tokenizer, prompt, word))]
     if both:
         raise ValueError(f"kept words {both} also have a region in the target layout; a word either "
-                         f"moves (target layout: {_phrases(target)}) or stays (keep)")
-    if inject_steps is not None and not keep:
-        raise ValueError(f"inject_steps={inject_steps!r} injects the maps of the kept words, but keep is empty")
+                         f"moves (target layout: {target.labels}) or stays (keep)")
+    if inject_step_range is not None and not keep:
+        raise ValueError(f"inject_step_range={inject_step_range!r} injects the maps of the kept words, "
+                         "but keep is empty")
     return [i for word in keep for i in token_indices(tokenizer, prompt, word)]
 
 
@@ -136,7 +131,7 @@ def move_latents(latents: torch.Tensor, source: Layout, target: Layout, seed: in
         index = by_tokens.get(tuple(region.token_indices))
         if index is None:
             raise ValueError(f"{target.label(target.regions.index(region))!r} has no region in the source "
-                             f"layout; its regions are {_phrases(source)}")
+                             f"layout; its regions are {source.labels}")
         dy, dx = (_centre(box) - _centre(src_cells[index])).round().long().tolist()
         moves.append((src_cells[index], dy, dx))
     moved = _fresh_noise(latents, torch.stack([cells for cells, _, _ in moves]).any(0), seed)
@@ -178,13 +173,14 @@ def edit_image(
     source_layout: Layout | None = None,
     method: str = "mag",
     keep: Sequence[str] = (),
-    inject_steps: StepsLike | None = None,
+    inject_step_range: tuple | StepRange | None = None,
     threshold: float = 0.5,
     num_inference_steps: int | None = None,
     guidance_scale: float = 1.0,
     alpha: float | None = None,
     lmbda: float | None = None,
-    guide_steps: StepsLike | None = None,
+    while_t_above: int | StepRange | None = None,
+    step_range: tuple | StepRange | None = None,
     inversion: InversionResult | None = None,
     start: str = "move",
     seed: int = 0,
@@ -200,12 +196,13 @@ def edit_image(
             regions, which come from ``source_layout`` or, when it is None, from the
             source run's attention (``layout_from_attention`` with ``threshold``).
         method: a name of ``METHOD_NAMES``: "mag" (default), "swap", "none" (no control), ...
-        inject_steps: also inject the kept words' source-run attention maps during
-            these steps, e.g. ``(0, 10)`` or ``700`` (while t > 700); None: no injection.
+        inject_step_range: also inject the kept words' source-run attention maps during
+            these step indices ``(start, stop)``, e.g. ``(0, 10)``; None: no injection.
         num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
             see ``mag_explore.inversion`` for why); taken from ``inversion`` when it is given.
-        alpha, lmbda, guide_steps: MAG's step size, outside weight and steps (default:
-            the model's); ``guide_steps`` is also swap's range.
+        alpha, lmbda: MAG's step size and outside weight (None: the model's).
+        while_t_above, step_range: when MAG (or swap) acts, as in ``MaskedAttentionGuidance``
+            (None: the model's threshold).
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
         start: the edited run's x_T: "move" (default: the moved words' inverted cells
             carried into the target regions, ``move_latents``), "inverted" (as inverted) or
@@ -218,7 +215,6 @@ def edit_image(
         raise ValueError(f"start={start!r}; use one of {STARTS}")
     if isinstance(keep, str):
         keep = [keep]
-    d = model_defaults(pipe)
     tokenizer = pipe.tokenizer
     if inversion is None:
         inversion = invert(pipe, image, prompt, num_inference_steps=num_inference_steps,
@@ -227,17 +223,18 @@ def edit_image(
         raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
     size = (inversion.height, inversion.width)
     target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
-    kept_tokens = _kept_tokens(target, keep, inject_steps, tokenizer, prompt)
+    kept_tokens = _kept_tokens(target, keep, inject_step_range, tokenizer, prompt)
 
     # 1. the source run: redraws the input, and records where each word is
     store = AttentionStore()
     source_maps = None  # the kept words' maps, to inject into the edit
-    if inject_steps is not None:
-        injected = as_step_range(inject_steps).selected(inversion.timesteps)
+    if inject_step_range is not None:
+        injected = resolve_step_range(step_range=inject_step_range, what="inject_step_range").selected(
+            inversion.timesteps)
         source_maps = injection_store(kept_tokens, steps=injected)
     source = reconstruct(pipe, inversion, store=store, controls=[] if source_maps is None else [Hooks(source_maps)],
                          progress=progress)
-    moved_words = _phrases(target)
+    moved_words = target.labels
     located = list(keep) + (moved_words if start != "inverted" else [])
     if located and source_layout is None:
         source_layout = layout_from_attention(store, tokenizer, prompt, located, threshold=threshold, size=size)
@@ -254,12 +251,10 @@ def edit_image(
             latents = renoise(latents, Layout(list(target.regions) + list(was.regions)), seed)
         else:
             latents = move_latents(latents, was, target, seed)
-    guide_steps = d["guide_until"] if guide_steps is None else guide_steps
-    controls = make_controls(method, layout, alpha=d["mag_alpha"] if alpha is None else alpha,
-                             lmbda=d["mag_lambda"] if lmbda is None else lmbda,
-                             guide_steps=guide_steps, swap_steps=guide_steps)
+    controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, while_t_above=while_t_above,
+                             step_range=step_range)  # None: the model's defaults, resolved at the start
     if source_maps is not None:
-        controls.append(AttentionInjection(source_maps, kept_tokens, steps=inject_steps))
+        controls.append(AttentionInjection(source_maps, kept_tokens, step_range=inject_step_range))
     s = inversion.settings
     edited = generate(pipe, prompt, latents=latents, controls=controls, store=AttentionStore(),
                       num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
@@ -267,17 +262,3 @@ def edit_image(
                       progress=progress)
     return EditResult(edited=edited, source=source, inversion=inversion, layout=layout,
                       source_layout=source_layout)
-
-
-def color_ious(image: Any, expected: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Shapes world: IoU of each color's pixels in ``image`` with the mask where it should be.
-
-    ``expected`` maps a color name ("red") to a bool (H, W) mask, e.g. a target region or
-    the object's mask in the input. Pixels are read with ``segment_by_color``; a color
-    absent from the image scores 0.
-    """
-    from .shapes.world import mask_iou, segment_by_color
-
-    found = segment_by_color(np.asarray(as_pil_image(image)))
-    return {color: mask_iou(found.get(color, np.zeros_like(mask, dtype=bool)), np.asarray(mask, bool))
-            for color, mask in expected.items()}

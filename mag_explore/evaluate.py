@@ -149,11 +149,8 @@ def check_methods(methods: Sequence[str]) -> None:
 def _controls(method: str, layout: Layout, defaults: dict, options: dict) -> list:
     from .methods import make_controls
 
-    # the model's defaults first; method_options (e.g. {"mag": {"alpha": 0.1}}) override them
-    settings = dict(alpha=defaults["mag_alpha"], lmbda=defaults["mag_lambda"],
-                    guide_steps=defaults["guide_until"], swap_steps=defaults["guide_until"])
-    settings.update(options.get(method, {}))
-    return make_controls(method, layout, **settings)
+    # method_options (e.g. {"mag": {"alpha": 0.1}}); the rest are the model's defaults, resolved at the start
+    return make_controls(method, layout, **options.get(method, {}))
 
 
 def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: Sequence[int], *,
@@ -177,7 +174,7 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
     rows, images = [], {}
     bar = tqdm(total=len(suite) * len(methods) * len(seeds), desc="evaluate", unit="image", disable=not progress)
     for index, item in enumerate(suite):
-        phrases = [item.layout.label(i) for i in range(len(item.layout))]
+        phrases = item.layout.labels
         for method in methods:
             for seed in seeds:
                 controls = _controls(method, item.layout, defaults, options)

@@ -120,8 +120,8 @@ def check_swap_edit(fn: Callable, pipe=None, layout=None, num_inference_steps: i
             from .methods import MaskedAttentionSwap
 
             case = f"{num_inference_steps} steps through the engine, swap in steps 0-1"
-            ours = _final_latents(pipe, layout, [SwapHook(layout, f, steps=(0, 2))], num_inference_steps)
-            ref = _final_latents(pipe, layout, [MaskedAttentionSwap(layout, steps=(0, 2))], num_inference_steps)
+            ours = _final_latents(pipe, layout, [SwapHook(layout, f, step_range=(0, 2))], num_inference_steps)
+            ref = _final_latents(pipe, layout, [MaskedAttentionSwap(layout, step_range=(0, 2))], num_inference_steps)
             _compare(ours, ref, case, atol=1e-4, dims="(image, channel, y, x) of the final latent")
             return len(cases) + 1
         return len(cases)
@@ -239,12 +239,13 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
     def run(f):
         case = f"{num_inference_steps} steps, MAG in steps 0-1, α {alpha}, λ {lmbda}"
         try:
-            ours = run_learner_mag(pipe, layout, f, alpha, lmbda, steps=(0, 2), num_inference_steps=num_inference_steps)
+            ours = run_learner_mag(pipe, layout, f, alpha, lmbda, step_range=(0, 2),
+                                   num_inference_steps=num_inference_steps)
         except NotImplementedError:
             raise
         except Exception as error:
             raise _Failed(f"on case '{case}' the run stopped: {type(error).__name__}: {error}") from None
-        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, steps=(0, 2))
+        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2))
         want = _final_latents(pipe, layout, [reference], num_inference_steps)
         _compare(ours, want, case, atol=1e-4, rtol=1e-3, dims="(image, channel, y, x) of the final latent")
         return 1
@@ -350,19 +351,19 @@ def check_guidance_loss(fn: Callable, pipe=None, layout=None, alpha: float = 0.3
                 raise _Failed(f"on case '{case}' return (loss, inside, outside), as mag_loss_terms does")
             loss = _scalar(out, case)
             if not torch.isfinite(loss):
-                raise _Failed(f"on case '{case}' the loss is {float(loss)}: guard divisions (e.g. clamp_min(1e-12))")
+                raise _Failed(f"on case '{case}' the loss is {float(loss.detach())}: guard divisions (e.g. clamp_min(1e-12))")
             if not loss.requires_grad:
                 raise _Failed(f"on case '{case}' the loss has no gradient with respect to probs")
             for name, part in zip(("inside", "outside"), out[1:]):
                 if not isinstance(part, torch.Tensor) or part.numel() != len(groups):
                     raise _Failed(f"on case '{case}' {name} must hold one value per region ({len(groups)})")
-            values[case] = float(loss)
+            values[case] = float(loss.detach())
         if not values["words inside their masks"] < values["words outside their masks"]:
             raise _Failed(f"the loss is {values['words inside their masks']:.4g} with the words inside their masks "
                           f"and {values['words outside their masks']:.4g} outside: it must be lower inside, or "
                           "the gradient step pushes the words out")
         if pipe is not None and layout is not None:
-            mag = MaskedAttentionGuidance(layout, alpha=alpha, steps=(0, 2), loss_fn=f)
+            mag = MaskedAttentionGuidance(layout, alpha=alpha, step_range=(0, 2), loss_fn=f)
             try:
                 _final_latents(pipe, layout, [mag], num_inference_steps)
             except Exception as error:

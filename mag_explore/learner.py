@@ -6,20 +6,33 @@
   sampler control (notebook 03);
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
   control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
-  (notebook 04). Its pass mirrors the engine's guidance pass (``methods.common``): the
+  (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_step``: the
   UNet on x_t with the conditional prompt only, phase "guidance", weights frozen.
+
+Both act like the package's methods: ``while_t_above=T`` (active while t > T) or
+``step_range=(start, stop)`` (step indices); neither: the model's ``guide_until``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from .attention import AttentionContext, AttentionHook
-from .methods.common import check_finite, frozen_weights, layout_for_run
+from .methods.common import check_finite, layout_for_run
+from .methods.guidance import frozen_weights
+from .models import model_defaults
 from .sampling import Control, Hooks, Sampler, StepState
-from .schedule import StepsLike, as_step_range
+from .schedule import StepRange, resolve_step_range
+
+
+def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
+    """The step range of a learner's control: the keywords, else the model's "guide while t > ..."."""
+    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+    steps = resolve_step_range(while_t_above, step_range, default=default, what=what)
+    steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, f"{what} steps")
+    return steps
 
 
 # ---------------------------------------------------------------------------- 01: q and k
@@ -76,12 +89,17 @@ def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
 class SwapHook(Control, AttentionHook):
     """A learner's swap edit as a sampler control: ``fn(probs, masks, token_groups, cond_rows)``.
 
-    Acts in the denoising passes during ``steps`` (700: while t > 700), like
-    ``MaskedAttentionSwap``; masks are resized to each layer (nearest).
+    Acts in the denoising passes of its step range, like ``MaskedAttentionSwap``; masks are
+    resized to each layer (nearest).
     """
 
-    def __init__(self, layout, fn: Callable, steps: StepsLike = 700):
-        self.layout, self.fn, self.steps = layout, fn, as_step_range(steps)
+    name = "my_swap"
+
+    def __init__(self, layout, fn: Callable, *, while_t_above: int | None = None, step_range: tuple | None = None):
+        resolve_step_range(while_t_above, step_range, what="SwapHook")  # type errors now
+        self.layout, self.fn = layout, fn
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.steps: StepRange | None = None
         self.run_layout = None
 
     def attention_hooks(self) -> list:
@@ -89,7 +107,11 @@ class SwapHook(Control, AttentionHook):
 
     def start(self, sampler) -> None:
         self.run_layout = layout_for_run(self.layout, sampler)
-        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "swap steps")
+        self.steps = _resolve("SwapHook", sampler, self.while_t_above, self.step_range)
+
+    @property
+    def settings(self) -> dict:
+        return self.steps.as_keywords() if self.steps is not None else {}
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)
@@ -133,12 +155,18 @@ class LearnerMAG(Control):
     """MAG with a learner's step: before each guided step, ``x_t = step_fn(inputs, alpha, lmbda)``.
 
     ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
-    finite and shaped like x_t. ``steps``: 700 (while t > 700) or step indices (start, stop).
+    finite and shaped like x_t.
     """
 
-    def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, steps: StepsLike = 700):
+    name = "my_mag"
+
+    def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
+                 while_t_above: int | None = None, step_range: tuple | None = None):
+        resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
         self.layout, self.step_fn = layout, step_fn
-        self.alpha, self.lmbda, self.steps = float(alpha), float(lmbda), as_step_range(steps)
+        self.alpha, self.lmbda = float(alpha), float(lmbda)
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.steps: StepRange | None = None
         self.collector = _LayerCollector()
         self.guided_steps: list[int] = []
 
@@ -147,8 +175,12 @@ class LearnerMAG(Control):
 
     def start(self, sampler) -> None:
         self.collector.layout = layout_for_run(self.layout, sampler)
-        self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
+        self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
         self.guided_steps = []
+
+    @property
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "lmbda": self.lmbda, **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:
         unet, collector = state.pipe.unet, self.collector
@@ -179,11 +211,11 @@ class LearnerMAG(Control):
         return {"guided_steps": list(self.guided_steps)}
 
 
-def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, steps: Sequence[int] | int,
+def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, step_range: tuple,
                     seed: int = 0, num_inference_steps: int | None = None) -> torch.Tensor:
     """The final latent of a run with :class:`LearnerMAG` (used by ``check_full_mag``)."""
     sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps,
-                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, steps)])
+                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range)])
     while not sampler.done:
         sampler.step()
     return sampler.latents

@@ -99,6 +99,11 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "data"
 
 
+def data_path(*parts: str) -> Path:
+    """A file or folder of the data shipped with the package, e.g. ``data_path("suites", "shapes.json")``."""
+    return data_dir().joinpath(*parts)
+
+
 def shapes_model_dir() -> Path:
     """Where the embedded ``"shapes"`` model lives: ``<data>/models/shapes``."""
     return data_dir() / "models" / SHAPES
@@ -317,26 +322,36 @@ def _dtype_keyword() -> str:
 
 
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn diffusers' and transformers' loading/saving progress bars on or off, then restore."""
+def library_output(verbose: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars and warnings on (verbose) or off, then restored.
+
+    Importing ``StableDiffusionPipeline`` makes transformers warn that image processors
+    (used only by the safety checker, which is never loaded) "require torchvision"; with
+    the loading bars that reads like an error to a newcomer. Both libraries' own logging
+    controls are set for the load only, and put back afterwards.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    before = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in before:
-        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
+    libraries = (diffusers_logging, transformers_logging)
+    before = [(lib, lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in libraries]
+    for lib in libraries:
+        (lib.enable_progress_bar if verbose else lib.disable_progress_bar)()
+        if not verbose:
+            lib.set_verbosity(max(lib.get_verbosity(), lib.ERROR))
     try:
         yield
     finally:
-        for lib, was_on in before:
-            (lib.enable_progress_bar if was_on else lib.disable_progress_bar)()
+        for lib, bars_on, verbosity in before:
+            (lib.enable_progress_bar if bars_on else lib.disable_progress_bar)()
+            lib.set_verbosity(verbosity)
 
 
 def load_pipeline(
     model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    progress: bool = True,
+    verbose: bool = False,
 ):
     """Load a Stable Diffusion 1.x/2.x pipeline, ready to sample on ``device``.
 
@@ -348,7 +363,8 @@ def load_pipeline(
         device: where to run; default :func:`default_device` (cuda, mps, cpu).
         dtype: default fp16 on a GPU, fp32 on the CPU. A ``torch.dtype`` or a name
             such as ``"fp16"``.
-        progress: show progress bars (loading and sampling).
+        verbose: show diffusers' and transformers' loading bars and warnings (quiet by
+            default; the sampler's own progress bar is ``generate(..., progress=)``).
 
     Returns:
         A ``diffusers.StableDiffusionPipeline`` with the safety checker off.
@@ -360,9 +376,6 @@ def load_pipeline(
             embedded model is built.
         OSError: the hub could not be reached or has no such model.
     """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import is_accelerate_available
-
     device = torch.device(device) if device is not None else default_device()
     dtype = _as_dtype(dtype) if dtype is not None else default_dtype(device)
     name = resolve_model_name(model, device)
@@ -371,7 +384,10 @@ def load_pipeline(
     if Path(source).is_dir():
         _require_safetensors(Path(source), index)
 
-    with _progress_bars(progress):  # also the "Loading pipeline components" bars
+    with library_output(verbose):  # the import warns, from_pretrained shows loading bars
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import is_accelerate_available
+
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
             use_safetensors=True,  # never unpickle: a .bin/.ckpt file can run code
@@ -383,9 +399,7 @@ def load_pipeline(
             low_cpu_mem_usage=is_accelerate_available(),
             **{_dtype_keyword(): dtype},
         )
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=not progress)
-    return pipe
+    return pipe.to(device)
 
 
 # --------------------------------------------------------------------------- defaults

@@ -4,6 +4,7 @@ words, the steps and the layers shown. Plots only read results; they never run t
 from __future__ import annotations
 
 import functools
+import io
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionStore
+from .tokens import token_text
 
 #: Perceptually uniform (brightness rises evenly with the value, readable in grey and by
 #: color-blind viewers): what every attention map uses unless a caller asks for another.
@@ -29,10 +31,6 @@ def legible(plot):
         with plt.rc_context(_LEGIBLE):
             return plot(*args, **kwargs)
     return wrapper
-
-
-def _word(token: str) -> str:
-    return token.replace("</w>", "")
 
 
 def _as_array(image) -> np.ndarray:
@@ -54,11 +52,11 @@ def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
     names = result.tokens
     if tokens is None:
         last = len(names) - 1
-        return [(_word(names[i]), [i]) for i in store_tokens if 0 < i < last]
+        return [(token_text(names[i]), [i]) for i in store_tokens if 0 < i < last]
     pairs = []
     for token in tokens:
         if isinstance(token, int):
-            pairs.append((_word(names[token]) if token < len(names) else f"#{token}", [token]))
+            pairs.append((token_text(names[token]) if token < len(names) else f"#{token}", [token]))
         else:
             pairs.append((token, result.token_indices(token)))
     return pairs
@@ -185,10 +183,15 @@ def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt
 # (widgets and notebooks; the figures above are unchanged)
 
 
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes (what an ``ipywidgets.Image`` shows)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def figure_png(fig, dpi: int = 100) -> bytes:
     """A figure as PNG bytes; the figure is closed, so a notebook does not show it twice."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
@@ -226,7 +229,7 @@ def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = 
     store = result.store
     image = _as_array(result.images[0])
     size = image.shape[:2]
-    labels = [layout.label(i) for i in range(len(layout))]
+    labels = layout.labels
     fig, axes = plt.subplots(1, 2 + len(labels), figsize=(3.0 * (2 + len(labels)), 3.5), squeeze=False)
     axes = axes[0]
     axes[0].imshow(layout.color_image())
@@ -278,7 +281,7 @@ def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = CMAP)
     Each panel is a region's words' attention at ``step``, all layers (resampled, head
     mean), with the region outlined; the title gives the share of the map inside the mask.
     """
-    labels = [layout.label(i) for i in range(len(layout))]
+    labels = layout.labels
     fig, axes = plt.subplots(len(stores), len(labels), figsize=(3.2 * len(labels), 3.2 * len(stores)), squeeze=False)
     for row, (name, store) in zip(axes, stores.items()):
         for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):
@@ -292,3 +295,47 @@ def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = CMAP)
     fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=TITLE)
     fig.tight_layout()
     return fig
+
+
+@legible
+def plot_layout(layout, ax=None, image=None, alpha: float = 0.5):
+    """A matplotlib Figure of ``layout`` with each region's phrase at its centre.
+
+    With ``image`` (e.g. a generated PIL image) the layout is laid over it with
+    opacity ``alpha``, stretched to the image's size. Draws into ``ax`` if given.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    if ax is None:
+        ax = Figure(figsize=(4, 4)).add_subplot()
+    picture = layout.color_image()
+    if image is None:
+        height, width = layout.height, layout.width
+        ax.imshow(picture, extent=(0, width, height, 0), interpolation="nearest")
+    else:
+        background = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        height, width = background.shape[:2]
+        covered = layout.masks.any(axis=0)
+        overlay = np.dstack([picture, np.where(covered, round(255 * alpha), 0).astype(np.uint8)])
+        ax.imshow(background, extent=(0, width, height, 0))
+        ax.imshow(overlay, extent=(0, width, height, 0), interpolation="nearest")
+    sy, sx = height / layout.height, width / layout.width
+    for i, region in enumerate(layout.regions):
+        y, x = _label_point(region.mask)
+        ax.text((x + 0.5) * sx, (y + 0.5) * sy, layout.label(i), ha="center", va="center",
+                fontsize=FONT, bbox=dict(facecolor="white", alpha=0.7, edgecolor="none", pad=1))
+    ax.set_title(" | ".join(layout.labels), fontsize=TITLE)
+    ax.set_xticks([])  # keep the frame: it shows the image border on a white background
+    ax.set_yticks([])
+    return ax.figure
+
+
+def _label_point(mask: np.ndarray) -> tuple[float, float]:
+    """The region's centroid, or its pixel nearest to the centroid if that lies outside
+    (a ring or a C shape), so the label always sits on the region."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    if mask[int(round(cy)), int(round(cx))]:
+        return cy, cx
+    nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
+    return float(ys[nearest]), float(xs[nearest])

@@ -22,13 +22,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, cross_attention_hooks
 from .models import model_defaults
+from .schedule import ddim_scheduler
 from .tokens import prompt_tokens, token_indices
 
 
@@ -50,11 +50,16 @@ class StepState:
 class Control:
     """A method plugged into the sampler (swap, MAG, your own idea).
 
-    ``attention_hooks()`` lists hooks to run in the cross-attention layers;
-    ``before_step(state)`` may return new latents (MAG's gradient step does);
-    ``start(sampler)`` is called once before the first step, to check settings against
-    the schedule and to reset per-run diagnostics.
+    ``name`` is a short key ("mag", "swap", ...): the result's ``diagnostics`` and
+    ``settings`` list each control under it. ``attention_hooks()`` lists hooks to run in
+    the cross-attention layers; ``before_step(state)`` may return new latents (MAG's
+    gradient step does); ``start(sampler)`` is called once before the first step: it
+    resolves settings left as None from ``model_defaults(sampler.pipe)``, checks them
+    against the schedule and resets per-run diagnostics. ``settings`` are the values the
+    run used (after ``start``).
     """
+
+    name = "control"
 
     def attention_hooks(self) -> list:
         return []
@@ -64,6 +69,10 @@ class Control:
 
     def before_step(self, state: StepState) -> torch.Tensor:
         return state.latents
+
+    @property
+    def settings(self) -> dict:
+        return {}
 
     @property
     def diagnostics(self) -> dict:
@@ -77,11 +86,23 @@ class Hooks(Control):
     need no step of their own.
     """
 
+    name = "hooks"
+
     def __init__(self, *hooks):
         self.hooks = list(hooks)
 
     def attention_hooks(self) -> list:
         return self.hooks
+
+
+def control_names(controls: Sequence[Control]) -> list[str]:
+    """Each control's ``name``, made unique with a suffix ("mag", "mag_2") when one repeats."""
+    names, seen = [], {}
+    for control in controls:
+        name = getattr(control, "name", None) or type(control).__name__
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
 
 
 @dataclass
@@ -115,7 +136,8 @@ class GenerationResult:
 
 
 def encode_text(pipe, texts: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length, through the text encoder."""
+    """Text embeddings (batch, tokens, features): the texts tokenized, padded to the
+    tokenizer's length and run through the text encoder."""
     tokens = pipe.tokenizer(
         texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
@@ -190,8 +212,11 @@ class Sampler:
         self.uncond_embeddings = encode_text(pipe, [self.negative_prompt] * num_images)
         self.num_prompt_tokens = len(pipe.tokenizer(prompt, truncation=True).input_ids)
         # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was)
-        self.scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if scheduler is None:
+            scheduler = ddim_scheduler(pipe, num_inference_steps, device=self.device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler = scheduler
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         # 3. the initial noise x_T, scaled as the scheduler expects
         shape = (num_images, pipe.unet.config.in_channels, height // factor, width // factor)
@@ -275,7 +300,12 @@ class Sampler:
             guidance_scale=self.guidance_scale, seed=self.seed, height=self.height, width=self.width,
             eta=self.eta, scheduler=type(self.scheduler).__name__,
         )
-        diagnostics = {type(c).__name__: c.diagnostics for c in self.controls if c.diagnostics}
+        # each control's resolved settings and diagnostics, under its short name ("mag", ...)
+        for name, control in zip(control_names(self.controls), self.controls):
+            if control.settings:
+                settings[name] = dict(control.settings)
+        diagnostics = {name: c.diagnostics for name, c in zip(control_names(self.controls), self.controls)
+                       if c.diagnostics}
         return GenerationResult(
             images=images, pixels=pixels, latents=self.latents.detach().cpu(), timesteps=self.timesteps,
             prompt=self.prompt, settings=settings, store=self.store,
@@ -284,10 +314,24 @@ class Sampler:
         )
 
 
-def generate(pipe, prompt: str, *, progress: bool = True, **kwargs) -> GenerationResult:
-    """Sample an image for ``prompt``; see ``Sampler`` for every option.
+def generate(pipe, prompt: str, *, progress: bool = True, **options) -> GenerationResult:
+    """Sample an image for ``prompt``: ``Sampler(pipe, prompt, **options).run(progress)``.
 
-    Settings left out come from ``model_defaults(pipe)`` (size, steps, CFG scale,
-    negative prompt). ``controls`` plug methods into the loop, ``store`` records attention.
+    The options are ``Sampler``'s (``help(generate)`` and Shift-Tab list them): settings
+    left as None come from ``model_defaults(pipe)`` (size, steps, CFG scale, negative
+    prompt); each control resolves its own (MAG's α, λ, threshold) the same way.
+    ``controls`` plug methods into the loop, ``store`` records attention, ``callbacks`` run
+    after every step, ``keep_latents``/``keep_x0`` keep each step's x_t / predicted x_0,
+    ``latents`` replaces the initial noise (e.g. an inverted x_T).
     """
-    return Sampler(pipe, prompt, **kwargs).run(progress=progress)
+    return Sampler(pipe, prompt, **options).run(progress=progress)
+
+
+def _signature_of_generate() -> inspect.Signature:
+    """``generate(pipe, prompt, *, <every Sampler option>, progress=True)``: one list of options, shown twice."""
+    sampler = list(inspect.signature(Sampler.__init__).parameters.values())[1:]  # without self
+    progress = inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
+    return inspect.signature(generate).replace(parameters=[*sampler, progress])
+
+
+generate.__signature__ = _signature_of_generate()

@@ -1,37 +1,43 @@
-"""Which denoising steps a method acts on.
+"""Which denoising steps a method acts on, and the DDIM schedule those steps come from.
 
 The official MAG code says "while the timestep t > 700"; a course often says "the first
-ten steps". ``StepRange`` holds either form and checks it against the actual schedule,
-so a range that selects nothing, or lies outside the schedule, is an error - not a
-silent no-op.
+ten steps". The two are different numbers, so they have different names everywhere:
+
+* ``while_t_above=700`` - a timestep threshold: active while t > 700 (official style);
+* ``step_range=(0, 10)`` - step indices ``[start, stop)``: steps 0..9.
+
+``StepRange`` holds either form and checks it against the actual schedule, so a range
+that selects nothing, or lies outside the schedule, is an error - not a silent no-op.
+A bare int or tuple, whose meaning a reader has to guess, is a ``TypeError`` that says
+which of the two to write.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 
 @dataclass(frozen=True)
 class StepRange:
-    """Either ``above_timestep`` (active while t > it) or step indices ``[start, stop)``."""
+    """Either ``while_t_above`` (active while t > it) or step indices ``[start, stop)``."""
 
-    above_timestep: int | None = None
+    while_t_above: int | None = None
     start: int | None = None
     stop: int | None = None
 
     def __post_init__(self):
-        by_t = self.above_timestep is not None
+        by_t = self.while_t_above is not None
         by_index = self.start is not None or self.stop is not None
         if by_t == by_index:
-            raise ValueError("give either above_timestep=T or start/stop step indices, not both or neither")
+            raise ValueError("give either while_t_above=T or start/stop step indices, not both or neither")
 
     @classmethod
     def all(cls) -> "StepRange":
         return cls(start=0, stop=None)
 
     def contains(self, step_index: int, timestep: int) -> bool:
-        if self.above_timestep is not None:
-            return int(timestep) > self.above_timestep
+        if self.while_t_above is not None:
+            return int(timestep) > self.while_t_above
         stop = self.stop if self.stop is not None else step_index + 1
         return (self.start or 0) <= step_index < stop
 
@@ -42,9 +48,9 @@ class StepRange:
     def validate(self, timesteps: Sequence[int], num_train_timesteps: int = 1000, what: str = "step range") -> list[int]:
         """The selected step indices; a clear error if the range does not fit the schedule."""
         n = len(timesteps)
-        if self.above_timestep is not None and not 0 <= self.above_timestep < num_train_timesteps:
+        if self.while_t_above is not None and not 0 <= self.while_t_above < num_train_timesteps:
             raise ValueError(
-                f"{what}: timestep threshold {self.above_timestep} is outside 0..{num_train_timesteps - 1}"
+                f"{what}: timestep threshold {self.while_t_above} is outside 0..{num_train_timesteps - 1}"
             )
         if self.start is not None and not 0 <= self.start < n:
             raise ValueError(f"{what}: start step {self.start} is outside the schedule's steps 0..{n - 1}")
@@ -56,25 +62,76 @@ class StepRange:
             raise ValueError(f"{what} {self} selects no step of this schedule (timesteps {ts[0]} … {ts[-1]})")
         return chosen
 
+    def as_keywords(self) -> dict:
+        """``{"while_t_above": 700}`` or ``{"step_range": (0, 10)}``: how to write this range."""
+        if self.while_t_above is not None:
+            return {"while_t_above": self.while_t_above}
+        return {"step_range": (self.start or 0, self.stop)}
+
     def __str__(self) -> str:
-        if self.above_timestep is not None:
-            return f"t > {self.above_timestep}"
+        if self.while_t_above is not None:
+            return f"t > {self.while_t_above}"
         return f"steps {self.start or 0}..{'end' if self.stop is None else self.stop - 1}"
 
 
-StepsLike = Union[StepRange, int, tuple, None]
+def _fix_hint(value) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = int(value)
+        return (f"write while_t_above={v} (a timestep threshold: active while t > {v}) or "
+                f"step_range=(0, {v}) (step indices 0..{v - 1})")
+    if isinstance(value, (tuple, list)):
+        return f"for step indices write step_range={tuple(value)!r} ([start, stop))"
+    return "write while_t_above=T (active while t > T) or step_range=(start, stop) (step indices [start, stop))"
 
 
-def as_step_range(value: StepsLike) -> StepRange:
-    """``700`` -> while t > 700 (official style); ``(0, 10)`` -> steps 0..9; None -> every step."""
-    if value is None:
-        return StepRange.all()
-    if isinstance(value, StepRange):
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"step range {value!r}: give a timestep threshold (int), (start, stop) or a StepRange")
-    if isinstance(value, (int, float)):
-        return StepRange(above_timestep=int(value))
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return StepRange(start=int(value[0]), stop=None if value[1] is None else int(value[1]))
-    raise TypeError(f"step range {value!r}: give a timestep threshold (int), (start, stop) or a StepRange")
+def resolve_step_range(while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+               *, default: StepRange | None = None, what: str = "step range") -> StepRange:
+    """The ``StepRange`` that the two keywords stand for; ``default`` when both are None.
+
+    ``while_t_above`` must be an int (a timestep), ``step_range`` a ``(start, stop)`` pair of
+    step indices (``stop`` None: to the end); either may also be a ``StepRange``. Anything
+    else, or both at once, is a ``TypeError`` that says what to write instead.
+    """
+    if while_t_above is not None and step_range is not None:
+        raise TypeError(f"{what}: give while_t_above or step_range, not both")
+    for value in (while_t_above, step_range):
+        if isinstance(value, StepRange):
+            return value
+    if while_t_above is not None:
+        if isinstance(while_t_above, bool) or not isinstance(while_t_above, int):
+            raise TypeError(f"{what}: while_t_above={while_t_above!r} must be an int timestep; "
+                            "for step indices write step_range=(start, stop)")
+        return StepRange(while_t_above=while_t_above)
+    if step_range is not None:
+        if not (isinstance(step_range, (tuple, list)) and len(step_range) == 2
+                and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in step_range)):
+            raise TypeError(f"{what}: step_range={step_range!r} is not a (start, stop) pair of step indices; "
+                            + _fix_hint(step_range))
+        start, stop = step_range
+        return StepRange(start=0 if start is None else start, stop=stop)
+    return StepRange.all() if default is None else default
+
+
+def reject_old_keywords(owner: str, given: dict) -> None:
+    """A ``TypeError`` for keywords that were removed, saying what to write instead.
+
+    ``steps=`` once meant a timestep threshold (an int), step indices (a tuple) or a
+    count, depending on where it was written; it is gone everywhere.
+    """
+    if "steps" in given:
+        raise TypeError(f"{owner}(steps={given['steps']!r}): 'steps' is ambiguous and was removed; "
+                        + _fix_hint(given["steps"]))
+    if given:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {sorted(given)}")
+
+
+def ddim_scheduler(pipe, num_inference_steps: int, device=None):
+    """A fresh DDIM scheduler from the pipeline's config, set to ``num_inference_steps``.
+
+    Never the pipeline's own scheduler object, so the pipeline is left as it was.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler

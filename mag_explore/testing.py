@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from mag_explore.bpe import build_clip_tokenizer
-from mag_explore.models import _progress_bars
+from mag_explore.models import library_output
 
 #: Words that are single tokens in the tiny vocabulary. A word that is *not* here
 #: ("purple", "astronaut", "bears") is split into several sub-word tokens, exactly
@@ -195,7 +195,7 @@ def _build(sd2: bool, folder: str | Path | None, seed: int):
     )
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
-        with _progress_bars(False):  # no "Writing model shards" bar in test logs
+        with library_output(verbose=False):  # no "Writing model shards" bar in test logs
             pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

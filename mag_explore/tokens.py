@@ -40,7 +40,7 @@ def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
         current.append(index)
         if token.endswith(_END_OF_WORD):
             pieces = tuple(tokens[i] for i in current)
-            text = "".join(p.replace(_END_OF_WORD, "") for p in pieces)
+            text = "".join(token_text(p) for p in pieces)
             words.append(TokenizedWord(text, tuple(current), pieces))
             current = []
     if current:  # truncated in the middle of a word
@@ -49,9 +49,18 @@ def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
     return words
 
 
-def _normalise(text: str) -> list[str]:
-    # CLIP lower-cases and splits punctuation off words; do the same to the query.
+def words_of(text: str) -> list[str]:
+    """The words of a text as CLIP's tokenizer sees them: lower case, punctuation split off.
+
+    ``words_of("A red circle, and...") == ["a", "red", "circle", ",", "and", ".", ".", "."]``;
+    the one word splitter of the package (phrases, prompts, the layout builder).
+    """
     return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def token_text(token: str) -> str:
+    """A token string without the end-of-word marker: ``"circle</w>"`` -> ``"circle"``."""
+    return token.replace(_END_OF_WORD, "")
 
 
 def token_indices(tokenizer, prompt: str, phrase: str, occurrence: int = 1) -> list[int]:
@@ -64,7 +73,7 @@ def token_indices(tokenizer, prompt: str, phrase: str, occurrence: int = 1) -> l
     [6]
     """
     words = split_words(tokenizer, prompt)
-    query = _normalise(phrase)
+    query = words_of(phrase)
     if not query:
         raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
     texts = [w.word for w in words]

@@ -43,13 +43,13 @@ def sd21_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd15_pipe(sd15_folder):
     """Tiny SD1.5-like ``StableDiffusionPipeline`` (CPU, fp32), loaded with load_pipeline."""
-    return load_pipeline(sd15_folder, device="cpu", dtype=torch.float32, progress=False)
+    return load_pipeline(sd15_folder, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
 def sd21_pipe(sd21_folder):
     """Tiny SD2.1-like ``StableDiffusionPipeline`` (CPU, fp32), loaded with load_pipeline."""
-    return load_pipeline(sd21_folder, device="cpu", dtype=torch.float32, progress=False)
+    return load_pipeline(sd21_folder, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(params=["sd15", "sd21"])

@@ -207,7 +207,7 @@ def test_edit_hooks_change_what_the_layer_uses(sd15_pipe):
 def test_fp16_model_gives_fp32_probabilities(sd15_folder):
     from mag_explore.models import load_pipeline
 
-    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16, progress=False)
+    pipe = load_pipeline(sd15_folder, device="cpu", dtype=torch.float16)
     latents, text = unet_inputs(pipe)
     recorder = Recorder()
     with torch.no_grad(), cross_attention_hooks(pipe.unet, [recorder]):

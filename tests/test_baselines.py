@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import (LayoutGuidance, PaintWithWords, layout_loss_terms, make_controls, noise_level,
+from mag_explore.methods import (LayoutGuidance, PaintWithWords, guidance_step, layout_loss_terms, make_controls,
+                                 noise_level,
                                  pww_bonus)
 from mag_explore.methods.layout_guidance import official_layers
 from mag_explore.sampling import Control, Sampler, StepState, generate
@@ -85,7 +86,7 @@ def test_pww_probabilities_are_the_softmax_of_the_edited_logits(sd15_pipe, layou
         probs = store.get(step, layer).flatten(2, 3)  # (batch, heads, pixels, tokens)
         assert torch.allclose(probs[1:], (cond + bonus).softmax(-1), atol=1e-5)
         assert torch.allclose(probs[:1], scores[:1].softmax(-1), atol=1e-6)  # unconditional half untouched
-    assert result.diagnostics["PaintWithWords"]["step"] == [0, 1, 2]
+    assert result.diagnostics["pww"]["step"] == [0, 1, 2]
 
 
 def test_pww_changes_the_image_restores_processors_and_zero_weight_is_plain(sd15_pipe, layout):
@@ -141,7 +142,7 @@ def test_official_layers_are_mid_and_the_first_up_block(sd15_pipe):
 
 
 def test_one_layout_guidance_step_lowers_the_loss(sd15_pipe, layout):
-    lg = LayoutGuidance(layout, steps=(0, 1))
+    lg = LayoutGuidance(layout, step_range=(0, 1))
     sampler = Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[lg])
     from mag_explore.attention import cross_attention_hooks
 
@@ -150,8 +151,8 @@ def test_one_layout_guidance_step_lowers_the_loss(sd15_pipe, layout):
         controller.set_step(0, t)
         state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
                           sampler.uncond_embeddings, controller, sampler.timesteps)
-        before, grad = lg.loss_and_grad(state, sampler.latents)
-        after, _ = lg.loss_and_grad(state, sampler.latents - 50 * grad)
+        moved, before, grad = guidance_step(state, sampler.latents, lg.hook, 50.0)
+        _, after, _ = guidance_step(state, moved, lg.hook, 50.0)
     assert len(lg.hook.layers) == 3
     assert 0 < float(after) < float(before) <= 1
     assert lg.step_size(int(t)) == pytest.approx(1 - float(sampler.scheduler.alphas_cumprod[int(t)]))
@@ -205,7 +206,7 @@ def test_layout_guidance_iterates_until_the_threshold(sd15_pipe, layout):
     calls, guided = count_unet_calls(sd15_pipe, [lg])
     assert calls == [1, 1, 1, 2, 2, 2, 2, 2]
     assert np.abs(plain.pixels - guided.pixels).max() > 1e-3
-    d = guided.diagnostics["LayoutGuidance"]
+    d = guided.diagnostics["lg"]
     assert d["iteration"] == [0, 1, 2] and d["loss"][2] < d["loss"][0]
     # A threshold the loss is always under ((1 - ratio)² <= 1): one look, no move, plain pixels.
     calls, same = count_unet_calls(sd15_pipe, [LayoutGuidance(layout, loss_threshold=1.0)])
@@ -247,7 +248,7 @@ def test_layout_guidance_stops_on_a_non_finite_loss_and_restores(sd15_pipe, layo
                                                       real(probs, masks, groups)[1]))
     before = sd15_pipe.unet.attn_processors
     with pytest.raises(NonFiniteGuidanceError, match=r"layout guidance at step 0 .*loss_scale=30.*smaller loss_scale"):
-        generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, controls=[LayoutGuidance(layout, steps=(0, 1))],
+        generate(sd15_pipe, PROMPT, num_inference_steps=3, seed=0, controls=[LayoutGuidance(layout, step_range=(0, 1))],
                  progress=False)
     after = sd15_pipe.unet.attn_processors
     assert all(after[n] is before[n] for n in before)

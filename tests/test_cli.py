@@ -45,9 +45,12 @@ def test_generate_writes_the_image_and_the_maps(mag_run):
 
 def test_mag_changes_the_image_against_none(mag_run, sd15_folder):
     done, out = mag_run
-    plain = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none", "--steps", "4",
-                "--out", out / "none.png", "--device", "cpu")
+    plain = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none",
+                "--num-inference-steps", "4", "--out", out / "none.png", "--device", "cpu")
     assert plain.returncode == 0, plain.stderr
+    # quiet by default: no third-party warnings or loading bars, only our denoising bar
+    assert "torchvision" not in plain.stderr and "Loading" not in plain.stderr, plain.stderr
+    assert "denoising" in plain.stderr
     a = np.asarray(Image.open(out / "none.png"), dtype=float)
     b = np.asarray(Image.open(out / "mag.png"), dtype=float)
     assert np.abs(a - b).max() > 0
@@ -75,6 +78,13 @@ def test_bad_input_is_one_line_and_non_zero(sd15_folder, tmp_path, capfd, args, 
     assert not (tmp_path / "x.png").exists()
 
 
+def test_verbose_shows_the_libraries_loading_output(sd15_folder, tmp_path):
+    done = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none", "--steps", "1",
+               "--out", tmp_path / "x.png", "--device", "cpu", "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "Loading pipeline components" in done.stderr
+
+
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
     done = cli("generate", "--model", tmp_path / "nope", "--prompt", PROMPT, "--method", "none", "--out",
                tmp_path / "x.png")
@@ -87,7 +97,8 @@ def test_help_names_every_option_with_its_default():
     for option in ["--alpha", "--lmbda", "--guide-until", "--swap-until", "--word-ids", "--save-attention", "--cfg"]:
         assert option in done.stdout
     text = " ".join(done.stdout.split())  # argparse wraps lines
-    assert "(default 0.5)" in text and "t > T (default 700)" in text and "default 42" in text
+    assert "(default 0.5)" in text and "700 as the official code" in text and "default 42" in text
+    assert "--num-inference-steps" in text and "--verbose" in text
 
 
 def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp_path, capsys):

@@ -8,7 +8,7 @@ from PIL import Image
 from mag_explore import course, solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
-from mag_explore.sampling import generate
+from mag_explore.sampling import Hooks, generate
 from mag_explore.shapes.world import COLORS
 
 PROMPT = "a red circle and a blue square"
@@ -43,11 +43,11 @@ def test_hooks_control_and_runs(sd15_pipe):
 
         def observe(self, probs, ctx):
             Count.calls += 1
-    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[course.Hooks(Count())], progress=False)
+    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[Hooks(Count())], progress=False)
     assert Count.calls == 2 * 7  # 2 steps x 7 cross-attention layers
     layout = course.example_layout("left_right", sd15_pipe)
-    runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], steps=4)  # 4 steps: t=751 > 700
-    assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["MaskedAttentionSwap"]["swapped_steps"]
+    runs = course.run_methods_on(sd15_pipe, layout, ["none", "swap"], num_inference_steps=4)  # 4 steps: t=751 > 700
+    assert set(runs) == {"none", "swap"} and runs["swap"].diagnostics["swap"]["swapped_steps"]
 
 
 def test_method_images_titles_name_method_and_iou():
@@ -63,7 +63,7 @@ def test_method_images_titles_name_method_and_iou():
 
 def test_first_step_and_x0(sd15_pipe):
     layout = course.example_layout("left_right", sd15_pipe).resolve(sd15_pipe.tokenizer)
-    first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, steps=4)
+    first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, num_inference_steps=4)
     assert first["loss_after"] < first["loss_before"]
     assert first["plain_store"].step_indices == first["guided_store"].step_indices == [0]
     # exactly one update at the stated alpha: the probes move nothing, so the denoising pass after them
@@ -74,10 +74,11 @@ def test_first_step_and_x0(sd15_pipe):
 
     one = AttentionStore()
     Sampler(sd15_pipe, layout.prompt, seed=0, num_inference_steps=4, store=one,
-            controls=[MaskedAttentionGuidance(layout, alpha=0.3, steps=(0, 1))]).step()
+            controls=[MaskedAttentionGuidance(layout, alpha=0.3, step_range=(0, 1))]).step()
     layer = one.layers[0]
     assert np.allclose(one.get(0, layer), first["guided_store"].get(0, layer))
-    mine = course.first_step_attention(sd15_pipe, layout, alpha=0.3, steps=4, step_fn=solutions.mag_step)
+    mine = course.first_step_attention(sd15_pipe, layout, alpha=0.3, num_inference_steps=4,
+                                       step_fn=solutions.mag_step)
     assert mine["loss_after"] == pytest.approx(first["loss_after"], rel=1e-4)
     result = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, keep_x0=True, progress=False)
     pictures = course.x0_images(sd15_pipe, result, count=3)
@@ -106,7 +107,7 @@ def test_attention_inside_outside_per_pixel(sd15_pipe):
 
 def test_guidance_cost_times_the_guided_steps(sd15_pipe):
     layout = course.example_layout("left_right", sd15_pipe)
-    cost = course.guidance_cost(sd15_pipe, layout, steps=4, repeats=1)
+    cost = course.guidance_cost(sd15_pipe, layout, num_inference_steps=4, repeats=1)
     # the tiny model's default: guide while t > 700; with 4 DDIM steps (t 751, 501, 251, 1) that is step 0
     assert cost["guided_steps"] == [0]
     assert cost["plain_step_s"] > 0 and cost["guided_step_s"] > 0

@@ -14,7 +14,8 @@ from PIL import Image
 
 from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
-from mag_explore.editing import color_ious, edit_image, layout_from_attention, move_latents, renoise
+from mag_explore.editing import edit_image, layout_from_attention, move_latents, renoise
+from mag_explore.shapes.scoring import color_ious
 from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods import NonFiniteGuidanceError
@@ -181,7 +182,7 @@ def test_injection_replaces_the_kept_maps_by_the_source_maps(sd15_pipe):
     other = "a red circle and a blue square on the grass"  # without injection, other maps
     plain, seen = injection_store(tokens), injection_store(tokens)
     generate(sd15_pipe, other, store=plain, **common)
-    injection = AttentionInjection(source, tokens, steps=(0, 2))
+    injection = AttentionInjection(source, tokens, step_range=(0, 2))
     generate(sd15_pipe, other, controls=[injection], store=seen, **common)
     for step in (0, 1):
         for layer in source.layers:
@@ -189,7 +190,7 @@ def test_injection_replaces_the_kept_maps_by_the_source_maps(sd15_pipe):
             assert not torch.allclose(plain.get(step, layer), source.get(step, layer), atol=1e-3)
     assert injection.diagnostics == {"injected_steps": [0, 1]}
     with pytest.raises(ValueError, match=r"no maps for injection steps \[2\]"):
-        generate(sd15_pipe, PROMPT, controls=[AttentionInjection(source, tokens, steps=(0, 3))], **common)
+        generate(sd15_pipe, PROMPT, controls=[AttentionInjection(source, tokens, step_range=(0, 3))], **common)
     with pytest.raises(ValueError, match=r"token indices \[2\] were not stored"):
         AttentionInjection(source, [2, 6])
     with pytest.raises(ValueError, match="heads='mean'"):
@@ -215,18 +216,18 @@ def test_edit_with_mag_keep_and_injection(sd15_pipe, target):
     image, _ = scene()
     before = pipeline_state(sd15_pipe)
     inversion = invert(sd15_pipe, image, PROMPT, num_inference_steps=4, progress=False)
-    result = edit_image(sd15_pipe, image, PROMPT, target, keep=["blue square"], inject_steps=(0, 2),
-                        start="inverted", inversion=inversion, guide_steps=(0, 2), progress=False)
+    result = edit_image(sd15_pipe, image, PROMPT, target, keep=["blue square"], inject_step_range=(0, 2),
+                        start="inverted", inversion=inversion, step_range=(0, 2), progress=False)
     assert pipeline_state(sd15_pipe) == before
-    assert [result.layout.label(i) for i in range(2)] == ["red circle", "blue square"]
+    assert result.layout.labels == ["red circle", "blue square"]
     assert np.array_equal(result.layout[1].mask, result.source_layout[0].mask)  # kept where the source had it
-    assert result.edited.diagnostics["AttentionInjection"] == {"injected_steps": [0, 1]}
-    assert result.edited.diagnostics["MaskedAttentionGuidance"]["step"] == [0, 1]
+    assert result.edited.diagnostics["inject"] == {"injected_steps": [0, 1]}
+    assert result.edited.diagnostics["mag"]["step"] == [0, 1]
     assert np.abs(result.edited.pixels - result.source.pixels).max() > 1e-3
     # a given source layout is used instead of the attention
     given = Layout.from_shapes(64, 64, [rect("blue square", 0.5, 0.5, 1, 1)])
     swapped = edit_image(sd15_pipe, image, PROMPT, target, source_layout=given, keep=["blue square"],
-                         method="swap", start="inverted", inversion=inversion, guide_steps=(0, 2), progress=False)
+                         method="swap", start="inverted", inversion=inversion, step_range=(0, 2), progress=False)
     assert np.array_equal(swapped.layout[1].mask, given[0].mask)
 
 
@@ -277,8 +278,8 @@ def test_edit_errors_name_the_bad_value(sd15_pipe, target):
         edit_image(sd15_pipe, image, "a red circle", target, inversion=inversion, progress=False)
     with pytest.raises(ValueError, match=r"kept words \['red circle'\] also have a region in the target layout"):
         edit_image(sd15_pipe, image, PROMPT, target, keep=["red circle"], inversion=inversion, progress=False)
-    with pytest.raises(ValueError, match=r"inject_steps=\(0, 1\) injects the maps of the kept words, but keep is empty"):
-        edit_image(sd15_pipe, image, PROMPT, target, inject_steps=(0, 1), inversion=inversion, progress=False)
+    with pytest.raises(ValueError, match=r"inject_step_range=\(0, 1\) injects the maps of the kept words, but keep is empty"):
+        edit_image(sd15_pipe, image, PROMPT, target, inject_step_range=(0, 1), inversion=inversion, progress=False)
     given = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 0.5)])
     with pytest.raises(ValueError, match=r"'blue square' has no region in the source layout; .*\['red circle'\]"):
         edit_image(sd15_pipe, image, PROMPT, target, source_layout=given, keep=["blue square"],
@@ -290,7 +291,7 @@ def test_hooks_are_restored_when_the_edit_fails(sd15_pipe, target):
     before = pipeline_state(sd15_pipe)
     with pytest.raises(NonFiniteGuidanceError):
         edit_image(sd15_pipe, image, PROMPT, target, alpha=float("inf"), keep=["blue square"],
-                   inject_steps=(0, 1), num_inference_steps=2, guide_steps=(0, 2), progress=False)
+                   inject_step_range=(0, 1), num_inference_steps=2, step_range=(0, 2), progress=False)
     assert pipeline_state(sd15_pipe) == before
 
 
@@ -340,7 +341,7 @@ EDITS = [
 @pytest.fixture(scope="module")
 def shapes_cases():
     """Per edit: the input image, the objects' true masks, the prompt and the 25-step inversion."""
-    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32, progress=False)
+    pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     cases = []
     for moved, kept, box in EDITS:
         image, masks = render([moved, kept], BACKGROUND)

@@ -16,6 +16,7 @@ from mag_explore.bpe import build_clip_tokenizer
 from mag_explore.layouts import (
     Layout, Region, ellipse, official_color_order, parse_word_ids, polygon, rect,
 )
+from mag_explore.plots import plot_layout
 from mag_explore.tokens import token_indices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "layouts"
@@ -295,11 +296,11 @@ def test_resolve_errors_name_region_and_tokens(tokenizer):
 def test_preview_and_repr(tokenizer):
     layout = Layout.from_shapes(16, 16, [rect("red circle", 0, 0, 0.5, 0.5, color="#ff0000"),
                                          ellipse("blue square", 0.7, 0.7, 0.2, 0.2)])
-    fig = layout.preview()
+    fig = plot_layout(layout)
     ax = fig.axes[0]
     assert "red circle" in ax.get_title() and "blue square" in ax.get_title()
     assert sorted(t.get_text() for t in ax.texts) == ["blue square", "red circle"]
-    fig = layout.preview(image=Image.new("RGB", (64, 64), "gray"), alpha=0.3)
+    fig = plot_layout(layout, image=Image.new("RGB", (64, 64), "gray"), alpha=0.3)
     assert fig.axes[0].texts[0].get_position() == (16.0, 16.0)  # centre of the 8x8 block, x4
     text = repr(layout.resolve(tokenizer, "a red circle and a blue square"))
     assert "'red circle'" in text and "[2, 3]" in text and "25.0%" in text

@@ -5,7 +5,8 @@ import torch
 
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap, NonFiniteGuidanceError, mag_loss_terms
+from mag_explore.methods import (LayoutGuidance, MaskedAttentionGuidance, MaskedAttentionSwap, NonFiniteGuidanceError,
+                                 PaintWithWords, guidance_step, mag_loss_terms, make_controls)
 from mag_explore.sampling import Sampler, StepState, generate
 
 PROMPT = "a red circle and a blue square"
@@ -16,6 +17,20 @@ def layout():
     return Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("blue square", 0.5, 0, 1, 1)])
 
 
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    from mag_explore.models import load_pipeline
+
+    return load_pipeline("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def layout_64():
+    from mag_explore.models import data_dir
+
+    return Layout.from_json(data_dir() / "layouts" / "left_right.json").resized(64, 64)
+
+
 def full_store():
     return AttentionStore(tokens="all", heads="all", roles=("uncond", "cond"), dtype=torch.float32)
 
@@ -23,7 +38,7 @@ def full_store():
 # ---------------------------------------------------------------- swapping
 def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
     swapped, plain = full_store(), full_store()
-    swap = MaskedAttentionSwap(layout, steps=(0, 2))
+    swap = MaskedAttentionSwap(layout, step_range=(0, 2))
     generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[swap], store=swapped, progress=False)
     generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, store=plain, progress=False)
     first = cross_attention_layer_names(sd15_pipe.unet)[0]  # same input in both runs at step 0
@@ -51,7 +66,7 @@ def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
 
 def test_swap_renormalized_rows_sum_to_one(sd15_pipe, layout):
     store = full_store()
-    swap = MaskedAttentionSwap(layout, steps=(0, 1), renormalize=True)
+    swap = MaskedAttentionSwap(layout, step_range=(0, 1), renormalize=True)
     generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[swap], store=store, progress=False)
     for layer in store.layers:
         assert torch.allclose(store.get(0, layer)[1].sum(-1), torch.ones(()), atol=1e-5)
@@ -89,15 +104,16 @@ def first_state(pipe, layout, mag, **kw):
 @pytest.mark.parametrize("pipe_name", ["sd15_pipe", "sd21_pipe"])
 def test_one_guidance_step_lowers_the_loss(request, pipe_name, layout):
     pipe = request.getfixturevalue(pipe_name)
-    mag = MaskedAttentionGuidance(layout, alpha=1.0, steps=(0, 1))
+    mag = MaskedAttentionGuidance(layout, alpha=1.0, step_range=(0, 1))
     sampler, hooks = first_state(pipe, layout, mag)
     with hooks as controller:
         controller.set_step(0, sampler.scheduler.timesteps[0])
         state = StepState(pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
                           sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
-        loss_before, grad = mag.loss_and_grad(state, sampler.latents)
-        moved = sampler.latents - mag.alpha * grad
-        loss_after, _ = mag.loss_and_grad(state, moved)
+        moved, loss_before, grad = guidance_step(state, sampler.latents, mag.hook, 1.0)
+        _, loss_after, _ = guidance_step(state, moved, mag.hook, 1.0)
+    # the step is x_t - alpha * grad, written out here
+    torch.testing.assert_close(moved, (sampler.latents - 1.0 * grad).detach())
     assert grad.abs().max() > 0
     assert loss_after < loss_before
     # only the latent required grad: weights untouched, no gradients left on them
@@ -107,7 +123,7 @@ def test_one_guidance_step_lowers_the_loss(request, pipe_name, layout):
 
 def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
-    mag = MaskedAttentionGuidance(layout, alpha=0.0, steps=(0, 2))
+    mag = MaskedAttentionGuidance(layout, alpha=0.0, step_range=(0, 2))
     guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag], progress=False)
     assert np.abs(plain.pixels - guided.pixels).max() <= 1e-4
     assert mag.diagnostics["step"] == [0, 1]
@@ -115,10 +131,10 @@ def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
 
 def test_guidance_changes_the_image_and_records_diagnostics(sd15_pipe, layout):
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False)
-    mag = MaskedAttentionGuidance(layout, alpha=5.0, steps=(0, 2), iterations=2)
+    mag = MaskedAttentionGuidance(layout, alpha=5.0, step_range=(0, 2), iterations=2)
     guided = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, controls=[mag], progress=False)
     assert np.abs(plain.pixels - guided.pixels).max() > 1e-3
-    d = guided.diagnostics["MaskedAttentionGuidance"]
+    d = guided.diagnostics["mag"]
     assert d["step"] == [0, 0, 1, 1] and d["iteration"] == [0, 1, 0, 1]
     assert d["loss"][1] < d["loss"][0]  # the second iteration starts from a better x_t
     assert all(len(s) == 2 and all(0 <= v <= 1 for v in s) for s in d["inside_share"])
@@ -136,7 +152,7 @@ def count_unet_calls(pipe, **kw):
 
 
 def test_steps_outside_the_range_run_no_guidance_pass(sd15_pipe, layout):
-    mag = MaskedAttentionGuidance(layout, alpha=0.1, steps=600, iterations=2)  # t = 801, 601 > 600 of 5 steps
+    mag = MaskedAttentionGuidance(layout, alpha=0.1, while_t_above=600, iterations=2)  # t = 801, 601 > 600 of 5 steps
     calls = count_unet_calls(sd15_pipe, controls=[mag])
     # guided steps: 2 conditional-only passes (batch 1) before the CFG pass (batch 2)
     assert calls == [1, 1, 2, 1, 1, 2, 2, 2, 2]
@@ -145,7 +161,7 @@ def test_steps_outside_the_range_run_no_guidance_pass(sd15_pipe, layout):
 def test_gradient_checkpointing_gives_the_same_update(sd15_pipe, layout):
     results = []
     for checkpointing in (False, True):
-        mag = MaskedAttentionGuidance(layout, alpha=2.0, steps=(0, 1), gradient_checkpointing=checkpointing)
+        mag = MaskedAttentionGuidance(layout, alpha=2.0, step_range=(0, 1), gradient_checkpointing=checkpointing)
         results.append(generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[mag], progress=False))
         assert not sd15_pipe.unet.is_gradient_checkpointing
     assert np.abs(results[0].pixels - results[1].pixels).max() <= 1e-4
@@ -158,7 +174,7 @@ def test_non_finite_loss_stops_with_a_clear_error(sd15_pipe, layout):
         loss, inside, outside = mag_loss_terms(probs, masks, groups, lmbda)
         return loss * float("nan"), inside, outside
 
-    mag = MaskedAttentionGuidance(layout, steps=(1, 2), loss_fn=broken_loss)
+    mag = MaskedAttentionGuidance(layout, step_range=(1, 2), loss_fn=broken_loss)
     with pytest.raises(NonFiniteGuidanceError, match=r"step 1 \(t=601\).*smaller alpha"):
         generate(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[mag], progress=False)
     after = sd15_pipe.unet.attn_processors
@@ -167,8 +183,8 @@ def test_non_finite_loss_stops_with_a_clear_error(sd15_pipe, layout):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda lay: MaskedAttentionGuidance(lay, steps=(0, 9)), "stop step 9"),
-    (lambda lay: MaskedAttentionSwap(lay, steps=990), "selects no step"),
+    (lambda lay: MaskedAttentionGuidance(lay, step_range=(0, 9)), "stop step 9"),
+    (lambda lay: MaskedAttentionSwap(lay, while_t_above=990), "selects no step"),
     (lambda lay: MaskedAttentionGuidance(lay, resolutions=[1024]), "no cross-attention layer matched"),
     (lambda lay: MaskedAttentionGuidance(Layout.from_shapes(64, 64, [rect("dog", 0, 0, 1, 1)])), "'dog' is not in the prompt"),
 ])
@@ -184,4 +200,77 @@ def test_layout_of_another_size_is_resized_with_a_warning(sd15_pipe):
     big = Layout.from_shapes(128, 128, [rect("red circle", 0, 0, 0.5, 1)])
     with pytest.warns(UserWarning, match="128x128"):
         generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False,
-                 controls=[MaskedAttentionGuidance(big, steps=(0, 1))])
+                 controls=[MaskedAttentionGuidance(big, step_range=(0, 1))])
+
+
+# ---------------------------------------------------------------- one meaning per name
+RANGE_CLASSES = [MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords, LayoutGuidance]
+
+
+@pytest.mark.parametrize("cls", RANGE_CLASSES)
+def test_a_bare_int_or_the_old_steps_keyword_raises_with_the_fix(cls, layout):
+    # steps=10 once meant "while t > 10" here and "10 steps" elsewhere: now it says what to write
+    with pytest.raises(TypeError, match=r"while_t_above=10 .*step_range=\(0, 10\)"):
+        cls(layout, steps=10)
+    with pytest.raises(TypeError, match=r"step_range=\(0, 10\)"):
+        cls(layout, steps=(0, 10))
+    with pytest.raises(TypeError, match=r"step_range=10 is not a \(start, stop\) pair.*while_t_above=10"):
+        cls(layout, step_range=10)
+    with pytest.raises(TypeError, match=r"while_t_above=\(0, 10\) must be an int timestep.*step_range"):
+        cls(layout, while_t_above=(0, 10))
+    with pytest.raises(TypeError, match="not both"):
+        cls(layout, while_t_above=700, step_range=(0, 10))
+    with pytest.raises(TypeError):  # positional settings are not accepted either: no guessing
+        cls(layout, 10)
+
+
+def test_make_controls_passes_the_same_keywords_and_refuses_others(layout):
+    (swap,) = make_controls("swap", layout, step_range=(0, 3))
+    assert isinstance(swap, MaskedAttentionSwap) and swap.step_range == (0, 3)
+    with pytest.raises(TypeError, match="while_t_above=700"):
+        make_controls("mag", layout, steps=700)
+    with pytest.raises(ValueError, match=r"'swap' has no options \['alpha'\]"):
+        make_controls("swap", layout, alpha=0.1)
+
+
+def test_settings_and_diagnostics_are_keyed_by_short_name(sd15_pipe, layout):
+    result = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, progress=False,
+                      controls=[MaskedAttentionSwap(layout, step_range=(0, 1)), MaskedAttentionGuidance(layout)])
+    assert set(result.diagnostics) == {"swap", "mag"}
+    # the tiny pipelines have no mag_explore.json: the official values, written out here
+    assert result.settings["mag"]["alpha"] == 0.08 and result.settings["mag"]["lmbda"] == 0.5
+    assert result.settings["mag"]["while_t_above"] == 700
+    assert result.settings["swap"]["step_range"] == (0, 1)
+    assert result.diagnostics["mag"]["timestep"] == [t for t in result.timesteps if t > 700]
+
+
+def test_mag_without_alpha_uses_the_models_alpha(shapes_pipe, layout_64):
+    """On the embedded model (its mag_explore.json sets mag_alpha), leaving alpha out is the model's alpha."""
+    import json
+
+    from mag_explore.models import shapes_model_dir
+
+    alpha = json.loads((shapes_model_dir() / "mag_explore.json").read_text())["mag_alpha"]
+    assert alpha != 0.08  # else this test could not tell the model's alpha from the official one
+    run = dict(num_inference_steps=4, seed=0, progress=False)
+    default = generate(shapes_pipe, layout_64.prompt, controls=[MaskedAttentionGuidance(layout_64)], **run)
+    explicit = generate(shapes_pipe, layout_64.prompt, controls=[MaskedAttentionGuidance(layout_64, alpha=alpha)],
+                        **run)
+    official = generate(shapes_pipe, layout_64.prompt, controls=[MaskedAttentionGuidance(layout_64, alpha=0.08)],
+                        **run)
+    np.testing.assert_array_equal(default.pixels, explicit.pixels)
+    assert not np.array_equal(default.pixels, official.pixels)
+    assert default.settings["mag"]["alpha"] == alpha
+
+
+def test_generate_shows_its_options():
+    import inspect
+
+    shown = inspect.signature(generate).parameters
+    sampler = inspect.signature(Sampler).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in shown.values())  # no **kwargs hiding them
+    assert set(sampler) <= set(shown) and "progress" in shown
+    for name in sampler:
+        assert shown[name].default == sampler[name].default, name
+    with pytest.raises(TypeError, match="steps"):  # an option it does not list is refused, not ignored
+        generate(None, "a red circle", steps=10)

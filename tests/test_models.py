@@ -59,7 +59,6 @@ def test_saved_pipeline_loads_back_identical(kind, request):
     assert loaded.device.type == "cpu"
     assert loaded.unet.dtype == loaded.text_encoder.dtype == torch.float32
     assert loaded.safety_checker is None and loaded.config.requires_safety_checker is False
-    assert loaded._progress_bar_config.get("disable") is True  # progress=False
 
     a, b = _generate(built), _generate(loaded)
     assert a.std() > 0.01, "images are flat: the comparison below would prove nothing"
@@ -78,7 +77,7 @@ def test_seed_changes_weights_and_build_leaves_global_rng_alone():
 
 
 def test_dtype_argument(sd15_folder):
-    pipe = load_pipeline(sd15_folder, device="cpu", dtype="bf16", progress=False)
+    pipe = load_pipeline(sd15_folder, device="cpu", dtype="bf16")
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         load_pipeline(sd15_folder, device="cpu", dtype="float64x")
@@ -92,7 +91,7 @@ def test_pickle_weights_are_refused(sd15_folder, sd15_pipe, tmp_path):
     sd15_pipe.unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert list((folder / "unet").glob("*.bin")), "expected a pickle file to refuse"
     with pytest.raises(FileNotFoundError, match="safetensors") as info:
-        load_pipeline(folder, device="cpu", progress=False)
+        load_pipeline(folder, device="cpu")
     assert "unet" in str(info.value)
 
 
@@ -153,7 +152,7 @@ def test_unsupported_architectures_are_refused_before_loading(case, tmp_path):
     folder = _write_pipeline_folder(tmp_path / case, {"_class_name": class_name, **index}, unet_config)
     # The folder holds no weights at all: only the model_index.json check can answer.
     with pytest.raises(UnsupportedModelError) as info:
-        load_pipeline(folder, device="cpu", progress=False)
+        load_pipeline(folder, device="cpu")
     message = str(info.value)
     assert class_name in message and reason in message
     assert "UNet2DConditionModel" in message and "Stable Diffusion 1.x/2.x" in message
@@ -204,7 +203,7 @@ def test_shapes_folder_and_defaults_file(sd15_folder, tmp_path, monkeypatch):
     shutil.copytree(sd15_folder, shapes)
     (shapes / "mag_explore.json").write_text(json.dumps({"num_inference_steps": 20, "negative_prompt": None}))
     monkeypatch.setenv("MAG_EXPLORE_DATA", str(tmp_path))
-    pipe = load_pipeline("shapes", device="cpu", progress=False)
+    pipe = load_pipeline("shapes", device="cpu")
     defaults = model_defaults(pipe)
     assert defaults["num_inference_steps"] == 20 and defaults["negative_prompt"] is None
     assert defaults["height"] == defaults["width"] == 64 and defaults["guidance_scale"] == 9.0
@@ -331,7 +330,7 @@ def test_documentation_keys_in_defaults_file_are_allowed(sd15_folder, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(sd15_folder, folder)
     (folder / "mag_explore.json").write_text('{"guidance_scale": 4.0, "description": "x", "training": {"steps": 1}}')
-    pipe = load_pipeline(folder, device="cpu", progress=False)
+    pipe = load_pipeline(folder, device="cpu")
     assert model_defaults(pipe)["guidance_scale"] == 4.0
     (folder / "mag_explore.json").write_text('{"guidance_scal": 4.0}')
     with pytest.raises(ValueError, match="unknown key 'guidance_scal'"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mag_explore.layouts import Layout
-from mag_explore.painter import LayoutPainter
+from mag_explore.widgets import LayoutPainter
 from mag_explore.widgets import MagPlayground
 
 PROMPT = "a red circle and a blue square"
@@ -116,7 +116,7 @@ def test_the_playground_runs_mag_on_the_painted_layout_and_paints_over_its_image
     painter = LayoutPainter(PROMPT, size=64)
     painter.phrase.value = (5, 6)
     painter.paint_stroke([(0.8, 0.1), (0.8, 0.9)])  # a vertical band on the right
-    playground = MagPlayground(sd15_pipe, painter, steps=3)
+    playground = MagPlayground(sd15_pipe, painter, num_inference_steps=3)
     mag = playground.controls()[0]
     np.testing.assert_array_equal(mag.layout.regions[0].mask, painter.labels == 1)
     before = painter.composite().copy()

@@ -15,7 +15,7 @@ PROMPT = "a red circle and a purple square"  # "purple" is several tokens in the
 def result(sd15_pipe):
     layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("purple square", 0.5, 0, 1, 1)])
     return generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, store=AttentionStore(),
-                    controls=[MaskedAttentionGuidance(layout, alpha=1.0, steps=(0, 2))], progress=False)
+                    controls=[MaskedAttentionGuidance(layout, alpha=1.0, step_range=(0, 2))], progress=False)
 
 
 def titles(fig):
@@ -49,7 +49,7 @@ def test_over_steps_and_layers(result):
 
 
 def test_guidance_plot_and_missing_attention(result, sd15_pipe):
-    fig = plots.plot_guidance(result.diagnostics["MaskedAttentionGuidance"], labels=["red circle", "purple square"])
+    fig = plots.plot_guidance(result.diagnostics["mag"], labels=["red circle", "purple square"])
     assert "MAG loss before each update" in titles(fig)
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False)
     with pytest.raises(ValueError, match="store=AttentionStore"):
@@ -63,7 +63,7 @@ def test_figures_are_legible_on_a_projector(result):
     layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("purple square", 0.5, 0, 1, 1)])
     figures = [plots.plot_token_maps(result), plots.plot_attention_over_steps(result, "red"),
                plots.plot_attention_over_layers(result, "circle", step=1), plots.plot_run_summary(result, layout),
-               plots.plot_guidance(result.diagnostics["MaskedAttentionGuidance"], labels=["red circle", "purple square"]),
+               plots.plot_guidance(result.diagnostics["mag"], labels=["red circle", "purple square"]),
                plots.plot_images({"a": result.images[0]}, title="one image")]
     uniform = {"viridis", "magma", "inferno", "plasma", "cividis"}
     for fig in figures:

@@ -26,8 +26,8 @@ def test_verdicts_compare_with_each_goal_in_its_direction():
 
 def test_the_check_runs_end_to_end_on_a_tiny_pipeline(sd15_pipe):
     # Random weights: the figures mean nothing, but every one is computed and in range.
-    figures = check.fidelity_and_localization(sd15_pipe, check.check_prompts(2), steps=3, progress=False)
-    figures.update(check.spatial_control(sd15_pipe, seeds=1, steps=5, max_layouts=1, progress=False))
+    figures = check.fidelity_and_localization(sd15_pipe, check.check_prompts(2), num_inference_steps=3, progress=False)
+    figures.update(check.spatial_control(sd15_pipe, seeds=1, num_inference_steps=5, max_layouts=1, progress=False))
     for name in ("colors_present", "no_extra_color", "shape_correct", "attention_iou", "none_iou", "mag_iou"):
         assert 0.0 <= figures[name] <= 1.0, name
     assert figures["layouts"] == 1 and figures["images"] == 2
@@ -41,7 +41,7 @@ needs_model = pytest.mark.skipif(not (shapes_model_dir() / "model_index.json").e
 def shapes_pipe():
     from mag_explore.models import load_pipeline
 
-    return load_pipeline("shapes", device="cpu", progress=False)
+    return load_pipeline("shapes", device="cpu")
 
 
 @needs_model

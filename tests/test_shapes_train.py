@@ -87,7 +87,7 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
                 "--unet-steps", "3", "--unet-batch", "4", "--pool", "8", "--threads", "1"])
     record = json.loads((out / "mag_explore.json").read_text())["training"]
     assert (record["unet_steps"], record["pool"], record["grounding"]) == (3, 8, 0.1)
-    pipe = load_pipeline(str(out), device="cpu", progress=False)
+    pipe = load_pipeline(str(out), device="cpu")
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     # The defaults file it writes is one the package accepts (it once wrote an unknown key).
     assert (model_defaults(pipe)["height"], model_defaults(pipe)["width"]) == (64, 64)
@@ -98,6 +98,6 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
     second = json.loads((again / "mag_explore.json").read_text())["training"]
     assert "_name_or_path" not in (again / "unet" / "config.json").read_text()  # no local path shipped
     assert second["continued_from"]["unet_steps"] == 3 and second["unet_steps"] == 2
-    vae_again = load_pipeline(str(again), device="cpu", progress=False).vae
+    vae_again = load_pipeline(str(again), device="cpu").vae
     for (name, a), b in zip(pipe.vae.state_dict().items(), vae_again.state_dict().values()):
         assert torch.equal(a, b), name

@@ -112,13 +112,13 @@ def test_explorer_head_choice_needs_all_heads(sd15_pipe):
 
 # ============================================================================ playground
 def test_playground_waits_for_run_then_matches_generate(sd15_pipe, layout):
-    playground = MagPlayground(sd15_pipe, layout, steps=5, seed=0)
+    playground = MagPlayground(sd15_pipe, layout, num_inference_steps=5, seed=0)
     preview = playground.image.value
     with unet_calls(sd15_pipe) as calls:
         playground.alpha.value = 0.3
         playground.lmbda.value = 1.0
-        playground.guide_steps.value = (0, 2)
-        playground.swap_steps.value = (1, 3)
+        playground.mag_step_range.value = (0, 2)
+        playground.swap_step_range.value = (1, 3)
         playground.cfg.value = 5.0
         playground.seed.value = 7
     assert calls == [] and playground.result is None and playground.image.value == preview
@@ -139,8 +139,8 @@ def test_playground_waits_for_run_then_matches_generate(sd15_pipe, layout):
     assert (mag.alpha, mag.lmbda) == (0.3, 1.0)
     same = generate(sd15_pipe, PROMPT, num_inference_steps=5, seed=7, guidance_scale=5.0, progress=False,
                     store=AttentionStore(),
-                    controls=[MaskedAttentionSwap(layout, steps=(1, 3)),
-                              MaskedAttentionGuidance(layout, alpha=0.3, lmbda=1.0, steps=(0, 2))])
+                    controls=[MaskedAttentionSwap(layout, step_range=(1, 3)),
+                              MaskedAttentionGuidance(layout, alpha=0.3, lmbda=1.0, step_range=(0, 2))])
     np.testing.assert_array_equal(playground.result.pixels, same.pixels)
 
     first = playground.image.value
@@ -150,8 +150,8 @@ def test_playground_waits_for_run_then_matches_generate(sd15_pipe, layout):
 
 
 def test_playground_empty_ranges_switch_methods_off(sd15_pipe, layout):
-    playground = MagPlayground(sd15_pipe, layout, steps=4)
-    playground.guide_steps.value = (2, 2)
+    playground = MagPlayground(sd15_pipe, layout, num_inference_steps=4)
+    playground.mag_step_range.value = (2, 2)
     assert playground.controls() == []
     assert "MAG: off" in playground.status.value and "swap: off" in playground.status.value
     with unet_calls(sd15_pipe) as calls:
@@ -164,8 +164,8 @@ def test_playground_empty_ranges_switch_methods_off(sd15_pipe, layout):
 
 def test_playground_interrupt_leaves_no_hooks(sd15_pipe, layout):
     before = processors(sd15_pipe)
-    playground = MagPlayground(sd15_pipe, layout, steps=5)
-    playground.swap_steps.value = (0, 5)
+    playground = MagPlayground(sd15_pipe, layout, num_inference_steps=5)
+    playground.swap_step_range.value = (0, 5)
 
     def stop_on_third_call(module, args, count=[0]):
         count[0] += 1
@@ -189,7 +189,7 @@ def test_playground_interrupt_leaves_no_hooks(sd15_pipe, layout):
 def test_playground_shows_errors_and_restores(sd15_pipe):
     wrong = Layout.from_shapes(64, 64, [rect("green triangle", 0, 0, 0.5, 1)])
     before = processors(sd15_pipe)
-    playground = MagPlayground(sd15_pipe, wrong, prompt=PROMPT, steps=3)
+    playground = MagPlayground(sd15_pipe, wrong, prompt=PROMPT, num_inference_steps=3)
     playground.run_button.click()
     assert isinstance(playground.error, ValueError)
     assert "error" in playground.status.value and "green triangle" in playground.status.value
@@ -245,7 +245,7 @@ def test_layout_builder_repeated_words_and_tokens(sd15_pipe):
 def test_playground_reads_the_builder_at_each_run(sd15_pipe):
     builder = LayoutBuilder(PROMPT)
     builder.add_region("red circle", x=0.25, width=0.5, height=1.0)
-    playground = MagPlayground(sd15_pipe, builder, steps=3)
+    playground = MagPlayground(sd15_pipe, builder, num_inference_steps=3)
     assert playground.prompt == PROMPT
     playground.run_button.click()
     first = playground.result.pixels
@@ -258,7 +258,7 @@ def test_playground_reads_the_builder_at_each_run(sd15_pipe):
 
 def test_playground_accepts_an_empty_builder_and_says_why_it_cannot_run(sd15_pipe):
     builder = LayoutBuilder(PROMPT)
-    playground = MagPlayground(sd15_pipe, builder, steps=3)
+    playground = MagPlayground(sd15_pipe, builder, num_inference_steps=3)
     assert "layout not ready" in playground.status.value
     with unet_calls(sd15_pipe) as calls:
         playground.run_button.click()
@@ -269,13 +269,13 @@ def test_playground_accepts_an_empty_builder_and_says_why_it_cannot_run(sd15_pip
 
 
 def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, layout):
-    from mag_explore.widgets import cross_attention_resolutions
+    from mag_explore.widgets.playground import cross_attention_resolutions
 
     # the tiny SD1.5-like UNet: 64×64 images, 8×8 latents, cross-attention at 8×8, 4×4 and (mid) 2×2
     assert cross_attention_resolutions(sd15_pipe) == [8, 4, 2]
-    playground = MagPlayground(sd15_pipe, layout, steps=3, remember=2, score_iou=True)
+    playground = MagPlayground(sd15_pipe, layout, num_inference_steps=3, remember=2, score_iou=True)
     assert [v for _, v in playground.resolutions.options] == [8, 4, 2]
-    playground.guide_steps.value = (0, 1)
+    playground.mag_step_range.value = (0, 1)
     playground.run_button.click()
     playground.alpha.value = 0.5
     playground.resolutions.value = (4,)
@@ -287,7 +287,7 @@ def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, l
     assert playground.error is None, playground.error
     assert len(calls) == 4  # 3 denoising passes + 1 guidance pass
     # MAG read only the 4×4 layers of the up half: the tiny UNet has two of them
-    assert playground.result.diagnostics["MaskedAttentionGuidance"]["step"] == [0]
+    assert playground.result.diagnostics["mag"]["step"] == [0]
     assert playground.last_controls[0].history[0]["layers"] == 2
     playground.seed.value = 3
     playground.run_button.click()

@@ -16,7 +16,7 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook, AttentionStore
 from ..sampling import Control
-from ..schedule import StepsLike, as_step_range
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 
 
 def injection_store(tokens: Sequence[int], steps: Sequence[int] | None = None) -> AttentionStore:
@@ -25,16 +25,22 @@ def injection_store(tokens: Sequence[int], steps: Sequence[int] | None = None) -
 
 
 class AttentionInjection(Control, AttentionHook):
-    """Inject the stored source-run maps of ``tokens`` during ``steps``.
+    """Inject the stored source-run maps of ``tokens`` during the early steps.
 
     Args:
         source: the store of the source run, recorded with ``injection_store(tokens)``
             (every head, the injected tokens, at least the injected steps).
         tokens: token indices (BOS = 0) whose maps are replaced.
-        steps: ``(start, stop)`` step indices, a timestep threshold (while t > T), or a StepRange.
+        step_range: step indices ``(start, stop)`` (default ``(0, 10)``);
+        while_t_above: or inject while t > this instead (or a StepRange).
     """
 
-    def __init__(self, source: AttentionStore, tokens: Sequence[int], steps: StepsLike = (0, 10)):
+    name = "inject"
+
+    def __init__(self, source: AttentionStore, tokens: Sequence[int], *,
+                 step_range: tuple | StepRange | None = None, while_t_above: int | StepRange | None = None,
+                 **removed):
+        reject_old_keywords("AttentionInjection", removed)
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("AttentionInjection needs at least one token index")
@@ -45,7 +51,9 @@ class AttentionInjection(Control, AttentionHook):
         if missing:
             raise ValueError(f"token indices {missing} were not stored by the source run; "
                              f"stored: {source.token_indices}")
-        self.source, self.tokens, self.steps = source, tokens, as_step_range(steps)
+        self.steps = resolve_step_range(while_t_above, step_range, default=StepRange(start=0, stop=10),
+                                        what="AttentionInjection")
+        self.source, self.tokens = source, tokens
         self.columns = [source.token_indices.index(t) for t in tokens]
         self.injected_steps: list[int] = []
 

@@ -35,8 +35,9 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
 from ..sampling import Control, StepState
-from ..schedule import StepsLike, as_step_range
-from .common import check_finite, guidance_loss_and_grad, layout_for_run
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from .common import check_finite, layout_for_run
+from .guidance import guidance_step
 
 LAYER_CHOICES = ("official", "mid+up", "all")
 
@@ -68,23 +69,22 @@ def official_layers(unet) -> list[str]:
 
 
 class LayoutLossHook(AttentionHook):
-    """Sums the layout loss over the chosen layers of one guidance forward pass."""
+    """Sums the layout loss over the chosen layers of one guidance pass (``layout`` resolved)."""
 
-    def __init__(self, guidance: "LayoutGuidance"):
-        self.guidance = guidance
+    def __init__(self, layout, layer_names: set[str], mask_mode: str = "nearest"):
+        self.layout, self.layer_names, self.mask_mode = layout, set(layer_names), mask_mode
+        self.layers_wanted = sorted(self.layer_names)
         self.reset()
 
     def reset(self) -> None:
         self.total, self.shares, self.layers = None, [], []
 
     def active(self, ctx: AttentionContext) -> bool:
-        return ctx.phase == "guidance" and ctx.layer in self.guidance.layer_names
+        return ctx.phase == "guidance" and ctx.layer in self.layer_names
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        g = self.guidance
-        masks = g.run_layout.masks_at(ctx.height, ctx.width, mode=g.mask_mode, device=probs.device)
-        groups = [r.token_indices for r in g.run_layout.regions]
-        losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), groups)
+        masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device)
+        losses, shares = layout_loss_terms(probs.float(), masks.flatten(1).float(), self.layout.token_groups)
         self.total = losses.sum() if self.total is None else self.total + losses.sum()
         self.shares.append(shares)
         self.layers.append(ctx.layer)
@@ -94,7 +94,7 @@ class LayoutLossHook(AttentionHook):
         """Σ over layers and regions / (regions × layers), as the published code averages."""
         if self.total is None:
             return None
-        return self.total / (len(self.guidance.run_layout.regions) * len(self.layers))
+        return self.total / (len(self.layout.regions) * len(self.layers))
 
 
 class LayoutGuidance(Control):
@@ -105,38 +105,52 @@ class LayoutGuidance(Control):
         loss_scale: the loss is multiplied by this before the gradient (published 30).
         loss_threshold: stop the inner iterations once the unscaled loss is at most this (0.2).
         max_iter: gradient steps per guided step at most (5).
-        steps: 800 (while t > 800: the published first 10 of ~50 steps), step indices
-            (start, stop), or a StepRange.
+        while_t_above: guide while t > this (None: 800, the published first 10 of ~50 steps).
+        step_range: or guide during step indices ``(start, stop)`` instead (or a StepRange).
         layers: "official" (mid block + first up block with cross-attention, as published),
             "mid+up" (mid and every up layer), "all", or a list of layer names.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
         mask_mode: "nearest" (boxes cut on the layer's grid, as published) or "area".
     """
 
-    def __init__(self, layout, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
-                 steps: StepsLike = 800, layers: str | Iterable[str] = "official",
-                 gradient_checkpointing: bool = False, mask_mode: str = "nearest"):
+    name = "lg"
+
+    def __init__(self, layout, *, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
+                 while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+                 layers: str | Iterable[str] = "official", gradient_checkpointing: bool = False,
+                 mask_mode: str = "nearest", **removed):
+        reject_old_keywords("LayoutGuidance", removed)
         if max_iter < 1:
             raise ValueError(f"max_iter={max_iter}; need at least 1 gradient step per guided step")
         if isinstance(layers, str) and layers not in LAYER_CHOICES:
             raise ValueError(f"layers={layers!r}; use one of {LAYER_CHOICES} or a list of layer names")
         self.layout, self.loss_scale, self.loss_threshold = layout, float(loss_scale), float(loss_threshold)
-        self.max_iter, self.steps, self.layers = int(max_iter), as_step_range(steps), layers
+        self.steps = resolve_step_range(while_t_above, step_range, default=StepRange(while_t_above=800),
+                                        what="LayoutGuidance")
+        self.max_iter, self.layers = int(max_iter), layers
         self.checkpointing, self.mask_mode = gradient_checkpointing, mask_mode
-        self.hook = LayoutLossHook(self)
-        self.run_layout, self.layer_names = None, set()
+        self.hook: LayoutLossHook | None = None
+        self._settings: dict = {}
         self._alphas_cumprod = None
         self.history: list[dict] = []
 
     def attention_hooks(self) -> list:
-        return [self.hook]
+        return [self.hook] if self.hook is not None else []
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler)
+        run_layout = layout_for_run(self.layout, sampler)
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "layout guidance steps")
-        self.layer_names = set(self._choose_layers(sampler.pipe.unet))
+        self.hook = LayoutLossHook(run_layout, set(self._choose_layers(sampler.pipe.unet)), self.mask_mode)
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
+        self._settings = {"loss_scale": self.loss_scale, "loss_threshold": self.loss_threshold,
+                          "max_iter": self.max_iter, **self.steps.as_keywords(),
+                          "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+                          "mask_mode": self.mask_mode}
         self.history = []
+
+    @property
+    def settings(self) -> dict:
+        return self._settings
 
     def _choose_layers(self, unet) -> list[str]:
         names = cross_attention_layer_names(unet)
@@ -160,20 +174,15 @@ class LayoutGuidance(Control):
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
         latents = state.latents.detach()
-        eta = self.step_size(int(state.timestep))
+        step_size = self.step_size(int(state.timestep)) * self.loss_scale
         for iteration in range(self.max_iter):
-            loss, grad = self.loss_and_grad(state, latents)
+            moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
             check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
             if float(loss) <= self.loss_threshold:
                 break  # close enough: leave x_t as it is
-            latents = (latents - eta * self.loss_scale * grad).detach()
+            latents = moved
         return latents
-
-    def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unscaled layout loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
-        return guidance_loss_and_grad(state, latents, self.hook, self.checkpointing,
-                                      f"no cross-attention layer ran among {sorted(self.layer_names)}")
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         self.history.append({

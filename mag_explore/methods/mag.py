@@ -9,9 +9,11 @@ Before each denoising step in range:
 3. one SGD step on the latent: x_t ← x_t − α ∇ₓ L;
 4. the ordinary classifier-free-guidance step continues from the new x_t.
 
-Official defaults: α = 0.08, λ = 0.5, guidance while t > 700, DDIM 50 steps, CFG 9,
-negative prompt "low quality". Only the latent requires grad, the loss is float32, and a
-non-finite loss or gradient stops the run with an error instead of a black image.
+α, λ and the threshold default to the model's (``model_defaults(pipe)``: ``mag_alpha``,
+``mag_lambda``, ``guide_until``; on Stable Diffusion the official α = 0.08, λ = 0.5, guidance
+while t > 700), resolved when the run starts. Only the latent requires grad, the loss is
+float32, and a non-finite loss or gradient stops the run with an error instead of a black
+image. The step itself is :func:`~mag_explore.methods.guidance.guidance_step`.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from typing import Iterable, Sequence
 import torch
 
 from ..attention import AttentionContext, AttentionHook
+from ..models import model_defaults
 from ..sampling import Control, StepState
-from ..schedule import StepsLike, as_step_range
-from .common import check_finite, guidance_loss_and_grad, layout_for_run
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from .common import check_finite, layout_for_run
+from .guidance import guidance_step
 
 
 def mag_loss_terms(
@@ -44,10 +48,17 @@ def mag_loss_terms(
 
 
 class MagLossHook(AttentionHook):
-    """Collects the MAG loss over the cross-attention layers of one guidance forward pass."""
+    """Adds up the MAG loss over the cross-attention layers of one guidance pass.
 
-    def __init__(self, guidance: "MaskedAttentionGuidance"):
-        self.guidance = guidance
+    ``layout`` is resolved (token indices known); ``resolutions`` / ``places`` restrict
+    the layers (None: all).
+    """
+
+    def __init__(self, layout, lmbda: float, *, mask_mode: str = "nearest", loss_fn=mag_loss_terms,
+                 resolutions: set[int] | None = None, places: set[str] | None = None):
+        self.layout, self.lmbda, self.mask_mode, self.loss_fn = layout, lmbda, mask_mode, loss_fn
+        self.resolutions, self.places = resolutions, places
+        self.layers_wanted = f"resolutions={resolutions}, places={places}"
         self.reset()
 
     def reset(self) -> None:
@@ -55,13 +66,14 @@ class MagLossHook(AttentionHook):
         self.inside, self.outside, self.layers = [], [], []
 
     def active(self, ctx: AttentionContext) -> bool:
-        return ctx.phase == "guidance" and self.guidance.uses_layer(ctx)
+        return ctx.phase == "guidance" and (
+            self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions) and (
+            self.places is None or ctx.place in self.places)
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        g = self.guidance
-        masks = g.run_layout.masks_at(ctx.height, ctx.width, mode=g.mask_mode, device=probs.device)
-        groups = [r.token_indices for r in g.run_layout.regions]
-        loss, inside, outside = g.loss_fn(probs.float(), masks.flatten(1).float(), groups, g.lmbda)
+        masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device)
+        loss, inside, outside = self.loss_fn(probs.float(), masks.flatten(1).float(), self.layout.token_groups,
+                                             self.lmbda)
         self.loss = loss if self.loss is None else self.loss + loss
         self.inside.append(inside.detach())
         self.outside.append(outside.detach())
@@ -73,9 +85,13 @@ class MaskedAttentionGuidance(Control):
 
     Args:
         layout: regions tied to words of the prompt.
-        alpha: step size α of the gradient step on x_t (official 0.08).
-        lmbda: weight λ of the attention outside the masks (official 0.5).
-        steps: 700 (while t > 700, official), step indices (start, stop), or a StepRange.
+        alpha: step size α of the gradient step on x_t (None: the model's ``mag_alpha``;
+            official 0.08).
+        lmbda: weight λ of the attention outside the masks (None: ``mag_lambda``; 0.5).
+        while_t_above: guide while the timestep t > this (None: the model's ``guide_until``;
+            official 700).
+        step_range: or guide during step indices ``(start, stop)`` instead; a ``StepRange``
+            is accepted by either keyword.
         iterations: gradient steps per denoising step (official 1).
         resolutions: use only layers whose larger side is in this set (None: all layers).
         places: use only these UNet halves, e.g. ("mid", "up") (None: all).
@@ -83,62 +99,74 @@ class MaskedAttentionGuidance(Control):
             fits a 16 GB GPU in fp16.
         mask_mode: "nearest" (official) or "area".
         loss_fn: replace the loss (same signature as ``mag_loss_terms``) to try your own.
+
+    After ``start``, ``settings`` holds the values used (``result.settings["mag"]``).
     """
+
+    name = "mag"
 
     def __init__(
         self,
         layout,
-        alpha: float = 0.08,
-        lmbda: float = 0.5,
-        steps: StepsLike = 700,
+        *,
+        alpha: float | None = None,
+        lmbda: float | None = None,
+        while_t_above: int | StepRange | None = None,
+        step_range: tuple | StepRange | None = None,
         iterations: int = 1,
         resolutions: Iterable[int] | None = None,
         places: Iterable[str] | None = None,
         gradient_checkpointing: bool = False,
         mask_mode: str = "nearest",
         loss_fn=mag_loss_terms,
+        **removed,
     ):
+        reject_old_keywords("MaskedAttentionGuidance", removed)
         if iterations < 1:
             raise ValueError(f"iterations={iterations}; need at least 1 gradient step per guided step")
-        self.layout, self.alpha, self.lmbda = layout, float(alpha), float(lmbda)
-        self.steps, self.iterations = as_step_range(steps), int(iterations)
+        resolve_step_range(while_t_above, step_range, what="MaskedAttentionGuidance")  # type errors now
+        self.layout, self.alpha, self.lmbda = layout, alpha, lmbda
+        self.while_t_above, self.step_range, self.iterations = while_t_above, step_range, int(iterations)
         self.resolutions = None if resolutions is None else {int(r) for r in resolutions}
         self.places = None if places is None else set(places)
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
-        self.hook = MagLossHook(self)
-        self.run_layout = None
+        self.hook: MagLossHook | None = None
+        self.steps: StepRange | None = None  # the resolved range, after start
+        self._settings: dict = {}
         self.history: list[dict] = []
 
-    def uses_layer(self, ctx: AttentionContext) -> bool:
-        return (self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions) and (
-            self.places is None or ctx.place in self.places
-        )
-
     def attention_hooks(self) -> list:
-        return [self.hook]
+        return [self.hook] if self.hook is not None else []
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler)
+        run_layout = layout_for_run(self.layout, sampler)  # words first: a phrase not in the prompt fails here
+        defaults = model_defaults(sampler.pipe)
+        alpha = float(defaults["mag_alpha"] if self.alpha is None else self.alpha)
+        lmbda = float(defaults["mag_lambda"] if self.lmbda is None else self.lmbda)
+        self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
+                                        default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
+        self.hook = MagLossHook(run_layout, lmbda, mask_mode=self.mask_mode,
+                                loss_fn=self.loss_fn, resolutions=self.resolutions, places=self.places)
+        self._settings = {"alpha": alpha, "lmbda": lmbda, **self.steps.as_keywords(),
+                          "iterations": self.iterations, "mask_mode": self.mask_mode,
+                          "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn))}
         self.history = []
+
+    @property
+    def settings(self) -> dict:
+        return self._settings
 
     def before_step(self, state: StepState) -> torch.Tensor:
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
-        latents = state.latents.detach()
+        alpha, latents = self._settings["alpha"], state.latents.detach()
         for iteration in range(self.iterations):
-            loss, grad = self.loss_and_grad(state, latents)
-            check_finite("MAG", state, loss, grad, f"alpha={self.alpha}")
+            moved, loss, grad = guidance_step(state, latents, self.hook, alpha, checkpointing=self.checkpointing)
+            check_finite("MAG", state, loss, grad, f"alpha={alpha}")
             self._record(state, iteration, loss, grad)
-            latents = (latents - self.alpha * grad).detach()  # one SGD step on x_t
+            latents = moved
         return latents
-
-    def loss_and_grad(self, state: StepState, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MAG loss at ``latents`` and its gradient (a conditional-only UNet pass)."""
-        return guidance_loss_and_grad(
-            state, latents, self.hook, self.checkpointing,
-            f"no cross-attention layer matched resolutions={self.resolutions}, places={self.places}",
-        )
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         inside = torch.stack(self.hook.inside).sum(0)

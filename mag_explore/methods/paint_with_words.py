@@ -31,7 +31,7 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook
 from ..sampling import Control
-from ..schedule import StepsLike, as_step_range
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import layout_for_run
 
 
@@ -66,17 +66,22 @@ class PaintWithWords(Control, AttentionHook):
         layout: the regions and the words they control.
         weight: w, the strength (default 0.1, paint-with-words-sd's default); a float or
             one per region.
-        steps: None (every step, as paint-with-words-sd), a timestep threshold (while t > T),
-            step indices (start, stop), or a StepRange.
+        while_t_above: act while t > this; step_range: or during step indices
+            ``(start, stop)``; both None: every step, as paint-with-words-sd.
         mask_mode: "area" (soft edges, the default) or "nearest".
     """
 
-    def __init__(self, layout, weight: float | Sequence[float] = 0.1, steps: StepsLike = None,
-                 mask_mode: str = "area"):
+    name = "pww"
+
+    def __init__(self, layout, *, weight: float | Sequence[float] = 0.1,
+                 while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+                 mask_mode: str = "area", **removed):
+        reject_old_keywords("PaintWithWords", removed)
         values = [weight] if isinstance(weight, (int, float)) else list(weight)
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             raise ValueError(f"weight={weight!r}: give a finite number, or one per region")
-        self.layout, self.weight, self.steps, self.mask_mode = layout, weight, as_step_range(steps), mask_mode
+        self.steps = resolve_step_range(while_t_above, step_range, what="PaintWithWords")  # default: every step
+        self.layout, self.weight, self.mask_mode = layout, weight, mask_mode
         self._run_layout = None
         self._alphas_cumprod = None
         self.sigmas: dict[int, float] = {}  # step index -> σ used, for plots and tests
@@ -89,6 +94,11 @@ class PaintWithWords(Control, AttentionHook):
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "paint-with-words steps")
         self._alphas_cumprod = sampler.scheduler.alphas_cumprod.detach().cpu().double()
         self.sigmas = {}
+
+    @property
+    def settings(self) -> dict:
+        weight = self.weight if isinstance(self.weight, (int, float)) else list(self.weight)
+        return {"weight": weight, **self.steps.as_keywords(), "mask_mode": self.mask_mode}
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)

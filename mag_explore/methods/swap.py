@@ -10,26 +10,36 @@ from __future__ import annotations
 import torch
 
 from ..attention import AttentionContext, AttentionHook
+from ..models import model_defaults
 from ..sampling import Control
-from ..schedule import StepsLike, as_step_range
+from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import layout_for_run
 
 
 class MaskedAttentionSwap(Control, AttentionHook):
-    """Swap the region tokens' attention for their masks during ``steps``.
+    """Swap the region tokens' attention for their masks during the early steps.
 
     Args:
         layout: the regions and the words they control.
-        steps: official style ``700`` (while t > 700, the official default), or step
-            indices ``(start, stop)``, or a ``StepRange``.
+        while_t_above: swap while the timestep t > this (None: the model's ``guide_until``,
+            700 as in the official code).
+        step_range: or swap during step indices ``(start, stop)`` instead (or a StepRange).
         renormalize: rescale the other tokens so that each row sums to one again.
         mask_mode: "nearest" (official) or "area" to resize masks to each layer.
     """
 
-    def __init__(self, layout, steps: StepsLike = 700, renormalize: bool = False, mask_mode: str = "nearest"):
-        self.layout, self.steps = layout, as_step_range(steps)
+    name = "swap"
+
+    def __init__(self, layout, *, while_t_above: int | StepRange | None = None,
+                 step_range: tuple | StepRange | None = None, renormalize: bool = False,
+                 mask_mode: str = "nearest", **removed):
+        reject_old_keywords("MaskedAttentionSwap", removed)
+        resolve_step_range(while_t_above, step_range, what="MaskedAttentionSwap")  # type errors now
+        self.layout, self.while_t_above, self.step_range = layout, while_t_above, step_range
         self.renormalize, self.mask_mode = renormalize, mask_mode
+        self.steps: StepRange | None = None  # the resolved range, after start
         self._run_layout = None
+        self._settings: dict = {}
         self.swapped_steps: list[int] = []
 
     def attention_hooks(self) -> list:
@@ -37,8 +47,16 @@ class MaskedAttentionSwap(Control, AttentionHook):
 
     def start(self, sampler) -> None:
         self._run_layout = layout_for_run(self.layout, sampler)
+        default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+        self.steps = resolve_step_range(self.while_t_above, self.step_range, default=default,
+                                        what="MaskedAttentionSwap")
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "swap steps")
+        self._settings = {**self.steps.as_keywords(), "renormalize": self.renormalize, "mask_mode": self.mask_mode}
         self.swapped_steps = []
+
+    @property
+    def settings(self) -> dict:
+        return self._settings
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)

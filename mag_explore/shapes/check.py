@@ -64,11 +64,11 @@ def attention_iou(result, color: str, image: np.ndarray, threshold: float = 0.5)
     return mask_iou(heat.numpy() >= threshold, found[0])
 
 
-def fidelity_and_localization(pipe, prompts: list[str], seed: int = 0, steps: int | None = None,
+def fidelity_and_localization(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int | None = None,
                               progress: bool = True) -> dict:
     """Prompt fidelity and attention localization over ``prompts`` (one image each, no control).
 
-    ``steps`` None: the model's default number of steps.
+    ``num_inference_steps`` None: the model's default number of steps.
     """
     from tqdm.auto import tqdm
 
@@ -77,7 +77,7 @@ def fidelity_and_localization(pipe, prompts: list[str], seed: int = 0, steps: in
 
     present, clean, shapes_ok, ious = [], [], [], []
     for i, prompt in enumerate(tqdm(prompts, desc="fidelity", disable=not progress)):
-        result = generate(pipe, prompt, seed=seed + i, num_inference_steps=steps, store=AttentionStore(),
+        result = generate(pipe, prompt, seed=seed + i, num_inference_steps=num_inference_steps, store=AttentionStore(),
                           progress=False)
         image = np.asarray(result.images[0])
         score = score_image(image, prompt)
@@ -90,7 +90,7 @@ def fidelity_and_localization(pipe, prompts: list[str], seed: int = 0, steps: in
             "attention_iou": float(np.mean(ious)) if ious else 0.0, "images": len(prompts)}
 
 
-def spatial_control(pipe, seeds: int = 2, suite_path: Path = SUITE, steps: int | None = None,
+def spatial_control(pipe, seeds: int = 2, suite_path: Path = SUITE, num_inference_steps: int | None = None,
                     max_layouts: int | None = None, progress: bool = True) -> dict:
     """Mean mask IoU without control and with MAG (model defaults) on the 'contradicts' 2-object layouts."""
     from ..evaluate import evaluate, load_suite
@@ -101,21 +101,21 @@ def spatial_control(pipe, seeds: int = 2, suite_path: Path = SUITE, steps: int |
     if not suite:
         raise ValueError(f"{suite_path} has no two-region layout tagged 'contradicts'")
     suite = suite[:max_layouts]
-    rows, _ = evaluate(pipe, suite, ["none", "mag"], list(range(seeds)), num_inference_steps=steps,
+    rows, _ = evaluate(pipe, suite, ["none", "mag"], list(range(seeds)), num_inference_steps=num_inference_steps,
                        progress=progress)
     mean = {m: float(np.mean([r["iou"] for r in rows if r["method"] == m])) for m in ("none", "mag")}
     return {"none_iou": mean["none"], "mag_iou": mean["mag"], "mag_iou_gain": mean["mag"] - mean["none"],
             "layouts": len(suite), "seeds": seeds}
 
 
-def seconds_per_image(pipe, steps: int = 50, repeats: int = 3) -> float:
-    """Median wall time of one CFG image with ``steps`` DDIM steps (after one warm-up run)."""
+def seconds_per_image(pipe, num_inference_steps: int = 50, repeats: int = 3) -> float:
+    """Median wall time of one CFG image with ``num_inference_steps`` DDIM steps (after one warm-up run)."""
     from ..sampling import generate
 
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        generate(pipe, "a red circle and a blue square", num_inference_steps=steps, seed=i, progress=False)
+        generate(pipe, "a red circle and a blue square", num_inference_steps=num_inference_steps, seed=i, progress=False)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--images {args.images} and --seeds {args.seeds} must be at least 1")
     from ..models import load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device, progress=False)
+    pipe = load_pipeline(args.model, device=args.device)
     figures = fidelity_and_localization(pipe, check_prompts(args.images, args.seed), seed=args.seed)
     figures.update(spatial_control(pipe, seeds=args.seeds))
     figures["seconds_50_steps"] = seconds_per_image(pipe)

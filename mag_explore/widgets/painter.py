@@ -24,8 +24,9 @@ import numpy as np
 from ipycanvas import Canvas, hold_canvas
 from PIL import Image
 
-from .layouts import Layout, to_hex
-from .widgets import phrase_at, positions_of, prompt_words, quiet_updates, word_options
+from ..layouts import Layout, to_hex
+from ..tokens import words_of
+from .words import phrase_at, positions_of, quiet_updates, word_options
 
 __all__ = ["LayoutPainter"]
 
@@ -52,7 +53,7 @@ class LayoutPainter(W.VBox):
 
     def __init__(self, prompt: str, size: int | tuple[int, int] = 64, canvas_size: int = 320, radius: int = 4,
                  background=None):
-        self.prompt, self.words = prompt, prompt_words(prompt)
+        self.prompt, self.words = prompt, words_of(prompt)
         if not self.words:
             raise ValueError(f"prompt {prompt!r} has no words to tie brushes to")
         self.height, self.width = (size, size) if isinstance(size, int) else tuple(size)

@@ -1,0 +1,55 @@
+"""Colors of layout regions: hex strings and RGB triples, the palette, color matching in PNGs."""
+from __future__ import annotations
+
+from typing import Sequence
+import numbers
+
+import numpy as np
+
+RGB = tuple[int, int, int]
+
+#: Unmapped colors that :meth:`Layout.from_color_png` treats as background.
+BACKGROUND_COLORS: tuple[RGB, ...] = ((255, 255, 255), (0, 0, 0))
+
+#: Colors for regions that have none (matplotlib's tab10, as 0-255 RGB).
+PALETTE: tuple[RGB, ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+
+
+def to_hex(rgb: Sequence[int]) -> str:
+    """``(255, 0, 0)`` -> ``"#ff0000"``."""
+    return "#" + "".join(f"{int(c):02x}" for c in rgb)
+
+
+def parse_color(color: str | Sequence[int]) -> RGB:
+    """``"#ff0000"``, ``"#f00"``, ``"ff0000"`` or ``(255, 0, 0)`` -> ``(255, 0, 0)``."""
+    if isinstance(color, str):
+        text = color.strip().lstrip("#").lower()
+        if len(text) == 3:
+            text = "".join(c * 2 for c in text)
+        try:
+            if len(text) != 6:
+                raise ValueError
+            return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+        except ValueError:
+            raise ValueError(f"color {color!r} is not a hex color like '#ff0000' or '#f00'") from None
+    values = tuple(color)
+    if len(values) != 3 or not all(isinstance(c, numbers.Integral) and 0 <= c <= 255 for c in values):
+        raise ValueError(f"color {color!r} must be a hex string or three ints in 0..255")
+    return tuple(int(c) for c in values)  # type: ignore[return-value]
+
+
+def colors_present(rgb: np.ndarray, limit: int = 12) -> str:
+    """``#ffffff (3000 px), #ff0000 (500 px), ...`` most common first, for error messages."""
+    colors, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+    order = np.argsort(-counts)
+    shown = [f"{to_hex(colors[i])} ({counts[i]} px)" for i in order[:limit]]
+    more = f", and {len(order) - limit} more" if len(order) > limit else ""
+    return ", ".join(shown) + more
+
+
+def close_to(rgb: np.ndarray, color: RGB, tolerance: int) -> np.ndarray:
+    """Pixels whose every channel is within ``tolerance`` of ``color``."""
+    return (np.abs(rgb.astype(np.int16) - np.array(color, np.int16)) <= tolerance).all(axis=-1)
