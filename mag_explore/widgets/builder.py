@@ -9,7 +9,7 @@ import ipywidgets as W
 from ..layouts import Layout, ellipse, rect
 from ..plots import figure_png, plot_layout
 from ..tokens import words_of
-from .words import phrase_at, positions_of, quiet_updates, word_options
+from .words import phrase_at, positions_of, quiet_updates, show_layout_status, word_options
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,6 @@ class LayoutBuilder(W.VBox):
         self._refresh()
 
     def _refresh(self) -> None:
-        try:
-            layout = self.layout
-        except ValueError as error:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(error))}</span>"
-            return
-        self.preview.value = figure_png(plot_layout(layout))
-        areas = ", ".join(f"{layout.label(i)} {r.area:.0%}" for i, r in enumerate(layout.regions))
-        self.status.value = f"{len(layout)} region(s): {html.escape(areas)}"
+        layout = show_layout_status(self)
+        if layout is not None:
+            self.preview.value = figure_png(plot_layout(layout))

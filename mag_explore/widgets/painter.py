@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..layouts import Layout, to_hex
 from ..tokens import words_of
-from .words import phrase_at, positions_of, quiet_updates, word_options
+from .words import phrase_at, positions_of, quiet_updates, show_layout_status, word_options
 
 __all__ = ["LayoutPainter"]
 
@@ -256,13 +256,7 @@ class LayoutPainter(W.VBox):
         self._describe()
 
     def _describe(self) -> None:
-        try:
-            layout = self.layout
-        except ValueError as error:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(error))}</span>"
-            return
-        areas = ", ".join(f"{layout.label(i)} {r.area:.0%}" for i, r in enumerate(layout.regions))
-        self.status.value = f"{len(layout)} region(s): {html.escape(areas)}"
+        show_layout_status(self)
 
     # -- the result ----------------------------------------------------------------------------
     @property

@@ -1,6 +1,7 @@
 """What the layout tools share: the prompt's words as choices, phrases from word positions, quiet updates."""
 from __future__ import annotations
 
+import html
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -48,3 +49,18 @@ def quiet_updates(owner) -> Iterator[None]:
         yield
     finally:
         owner._loading = False
+
+
+def show_layout_status(owner):
+    """Read ``owner.layout`` and say in ``owner.status`` what it holds (or why it is not ready yet).
+
+    Returns the layout, or None when it is not ready.
+    """
+    try:
+        layout = owner.layout
+    except ValueError as error:
+        owner.status.value = f"<span style='color:#b00'>{html.escape(str(error))}</span>"
+        return None
+    areas = ", ".join(f"{layout.label(i)} {r.area:.0%}" for i, r in enumerate(layout.regions))
+    owner.status.value = f"{len(layout)} region(s): {html.escape(areas)}"
+    return layout
