@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .models import data_dir
+from .data import data_dir
 
 DATA = data_dir()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "shapes"
+MODEL = Path(__file__).resolve().parents[1] / "mag_explore" / "data" / "models" / "shapes"
 pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").exists(),
                                 reason="shapes model not trained yet")
 
