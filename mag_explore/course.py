@@ -5,7 +5,9 @@
 * :func:`region_iou`, :func:`iou_text`, :func:`color_ious` - how well each region's object
   landed where it was asked, in the shapes world (segmentation by color, so no segmentation
   model is needed); ``mag_explore.evaluate`` does the same over a whole suite;
-* :func:`first_step_attention` - MAG's first guided step, before and after.
+* :func:`first_step_attention` - MAG's first guided step (one update), before and after;
+* :func:`attention_inside_outside` - did the words attend inside their regions;
+* :func:`guidance_cost` - what MAG adds per guided step, measured.
 """
 from __future__ import annotations
 
@@ -72,27 +74,91 @@ def method_images(item, methods: Sequence[str], images: dict, rows: Sequence[dic
 
 
 def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed: int = 0,
-                         num_inference_steps: int | None = None) -> dict:
-    """MAG's first step up close: the first denoising step without and with one guided update.
+                         num_inference_steps: int | None = None, step_fn=None) -> dict:
+    """MAG's first step up close: the first denoising step without and with *one* update of x_T.
 
-    Returns the loss and each region's share of attention inside its mask before and
-    after one update of x_T (MAG runs two iterations at step 0: the second one measures
-    the effect of the first), and the step-0 attention of the denoising pass without
-    guidance (``plain_store``) and after the updates (``guided_store``).
+    Returns the loss and each region's share of attention inside its mask before the update
+    and after it, and the step-0 attention of the denoising pass without guidance
+    (``plain_store``) and after the update (``guided_store``). The "after" figures come from
+    a probe: a second MAG with α = 0, which measures the loss at the updated latent and
+    moves nothing. ``step_fn``: your own ``mag_step(step, alpha, lmbda)`` instead of the
+    package's (notebook 04).
     """
+    from .learner import LearnerMAG
+
+    defaults = model_defaults(pipe)
+    alpha = defaults["mag_alpha"] if alpha is None else alpha
+    lmbda = defaults["mag_lambda"]
     plain_store, guided_store = AttentionStore(), AttentionStore()
-    # iterations=2: the second entry of the history is measured after the first update
-    mag = MaskedAttentionGuidance(layout, alpha=alpha, step_range=(0, 1), iterations=2)  # alpha None: the model's
+    update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 1)) if step_fn is None
+              else LearnerMAG(layout, step_fn, alpha, lmbda, step_range=(0, 1)))
+    before = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, step_range=(0, 1))  # measures x_T, moves nothing
+    after = MaskedAttentionGuidance(layout, alpha=0.0, lmbda=lmbda, step_range=(0, 1))  # measures the updated x_T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, store=plain_store).step()
-        guided = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, store=guided_store,
-                         controls=[mag])
-        guided.step()
-    before, after = mag.history[0], mag.history[1]
+        Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, store=guided_store,
+                controls=[before, update, after]).step()
+    first, second = before.history[0], after.history[0]
     return {
-        "loss_before": before["loss"], "loss_after": after["loss"],
-        "inside_before": before["inside_share"], "inside_after": after["inside_share"],
+        "loss_before": first["loss"], "loss_after": second["loss"],
+        "inside_before": first["inside_share"], "inside_after": second["inside_share"],
         "labels": layout.labels,
-        "plain_store": plain_store, "guided_store": guided_store, "alpha": mag.settings["alpha"],
+        "plain_store": plain_store, "guided_store": guided_store, "alpha": alpha, "updates": 1,
     }
+
+
+def attention_inside_outside(result: GenerationResult, layout: Layout) -> dict[str, dict[str, float]]:
+    """Per region: its words' mean attention per pixel inside and outside its mask (all steps and layers).
+
+    ``ratio`` > 1 means the words attend more inside their region than outside, per pixel:
+    the test of whether a run followed a painted stroke. Needs a result with a store.
+    """
+    if result.store is None or not result.store.maps:
+        raise ValueError("this result has no attention maps: run with store=AttentionStore()")
+    resolved = layout.resolve(result.tokenizer, result.prompt)
+    scores = {}
+    for i, region in enumerate(resolved.regions):
+        heat = result.store.aggregate(tokens=list(region.token_indices)).sum(0)  # (h, w) at the finest layer
+        mask = resolved.masks_at(*heat.shape)[i] > 0.5
+        inside, outside = float(heat[mask].mean()), float(heat[~mask].mean()) if (~mask).any() else float("nan")
+        scores[resolved.label(i)] = {"inside": inside, "outside": outside, "ratio": inside / max(outside, 1e-12)}
+    return scores
+
+
+def guidance_cost(pipe, layout: Layout, seed: int = 0, num_inference_steps: int | None = None,
+                  repeats: int = 2) -> dict:
+    """What MAG adds per guided step, measured: seconds of a plain step and of a guided one.
+
+    Runs the sampler with and without MAG (the model's defaults) ``repeats`` times, times each
+    step, and compares the guided steps with the same steps of the plain run (best of the
+    repeats, so a busy machine inflates it less). A guided step adds one conditional UNet
+    pass with explicit attention, and its backward pass.
+    """
+    import time
+
+    def timed(controls) -> list[float]:
+        sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps, controls=controls)
+        seconds = []
+        while not sampler.done:
+            start = time.perf_counter()
+            sampler.step()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain, guided, mag = None, None, None
+        for _ in range(repeats):
+            mag = MaskedAttentionGuidance(layout)  # the model's defaults
+            p, g = timed([]), timed([mag])
+            plain = p if plain is None else [min(a, b) for a, b in zip(plain, p)]
+            guided = g if guided is None else [min(a, b) for a, b in zip(guided, g)]
+    steps_guided = sorted({h["step"] for h in mag.history})
+    if not steps_guided:
+        raise ValueError("MAG guided no step with these settings: nothing to measure")
+    plain_s = float(np.mean([plain[i] for i in steps_guided]))
+    guided_s = float(np.mean([guided[i] for i in steps_guided]))
+    return {"guided_steps": steps_guided, "plain_step_s": plain_s, "guided_step_s": guided_s,
+            "added_s": guided_s - plain_s, "ratio": guided_s / plain_s,
+            "run_plain_s": float(sum(plain)), "run_mag_s": float(sum(guided))}

@@ -3,6 +3,7 @@ words, the steps and the layers shown. Plots only read results; they never run t
 """
 from __future__ import annotations
 
+import functools
 import io
 from typing import Sequence
 
@@ -13,6 +14,23 @@ import torch.nn.functional as F
 
 from .attention import AttentionStore
 from .tokens import token_text
+
+#: Perceptually uniform (brightness rises evenly with the value, readable in grey and by
+#: color-blind viewers): what every attention map uses unless a caller asks for another.
+CMAP = "viridis"
+#: Font sizes in points, for a projector at the back of a room: nothing below FONT.
+FONT, TITLE = 11, 12
+_LEGIBLE = {"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT, "xtick.labelsize": FONT,
+            "ytick.labelsize": FONT, "legend.fontsize": FONT, "figure.titlesize": TITLE}
+
+
+def legible(plot):
+    """Make a figure function draw every text at FONT points or more (ticks, labels, legends too)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(_LEGIBLE):
+            return plot(*args, **kwargs)
+    return wrapper
 
 
 def _as_array(image) -> np.ndarray:
@@ -44,8 +62,9 @@ def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
     return pairs
 
 
+@legible
 def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=None, resolutions=None,
-                    overlay: bool = True, alpha: float = 0.6, cmap: str = "jet") -> plt.Figure:
+                    overlay: bool = True, alpha: float = 0.6, cmap: str = CMAP) -> plt.Figure:
     """One panel per word: its cross-attention averaged over steps, layers and heads, over the image.
 
     ``tokens``: words/phrases of the prompt or token indices (default: every word).
@@ -56,9 +75,9 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
     pairs = _resolve_tokens(result, tokens)
     image = _as_array(result.images[0])
     size = image.shape[:2]
-    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.2 * (len(pairs) + 1), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.8 * (len(pairs) + 1), 3.3), squeeze=False)
     axes[0, 0].imshow(image)
-    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 0].set_title("image", fontsize=FONT)
     for ax, (label, indices) in zip(axes[0, 1:], pairs):
         maps = store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0)
         heat = upsample_map(maps, size)
@@ -67,47 +86,49 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
             ax.imshow(heat, cmap=cmap, alpha=alpha)
         else:
             ax.imshow(heat, cmap=cmap)
-        ax.set_title(f'"{label}"', fontsize=9)
+        ax.set_title(f'"{label}"', fontsize=FONT)
     for ax in axes.flat:
         ax.axis("off")
     res = "all layers" if resolutions is None else f"layers at {sorted(resolutions)}"
-    fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean", fontsize=10)
+    fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean", fontsize=TITLE)
     fig.tight_layout()
     return fig
 
 
+@legible
 def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | None = None,
-                              resolutions=None, cmap: str = "jet") -> plt.Figure:
+                              resolutions=None, cmap: str = CMAP) -> plt.Figure:
     """How one word's map forms over the denoising steps (a row of maps)."""
     store = result.store
     (label, indices), = _resolve_tokens(result, [token])
     steps = list(store.step_indices if steps is None else steps)
     if len(steps) > 10:
         steps = [steps[i] for i in np.linspace(0, len(steps) - 1, 10).round().astype(int)]
-    fig, axes = plt.subplots(1, len(steps), figsize=(1.8 * len(steps), 2.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(steps), figsize=(2.4 * len(steps), 3.0), squeeze=False)
     for ax, step in zip(axes[0], steps):
         ax.imshow(store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).numpy(), cmap=cmap)
-        ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=8)
+        ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=FONT)
         ax.axis("off")
-    fig.suptitle(f'"{label}" over the steps (all layers, head mean)', fontsize=10)
+    fig.suptitle(f'"{label}" over the steps (all layers, head mean)', fontsize=TITLE)
     fig.tight_layout()
     return fig
 
 
-def plot_attention_over_layers(result, token: str | int, step: int | None = None, cmap: str = "jet") -> plt.Figure:
+@legible
+def plot_attention_over_layers(result, token: str | int, step: int | None = None, cmap: str = CMAP) -> plt.Figure:
     """One word's map in every cross-attention layer, at one step (default: the last stored)."""
     store = result.store
     (label, indices), = _resolve_tokens(result, [token])
     step = store.step_indices[-1] if step is None else step
     layers = store.layers
-    fig, axes = plt.subplots(1, len(layers), figsize=(1.8 * len(layers), 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 3.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         heat = sum(store.map(step, layer, i) for i in indices)
         ax.imshow(heat.numpy(), cmap=cmap)
         h, w = store.resolution(layer)
-        ax.set_title(f"{short_layer_name(layer)}\n{h}×{w}", fontsize=7)
+        ax.set_title(f"{short_layer_name(layer)}\n{h}×{w}", fontsize=FONT)
         ax.axis("off")
-    fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)})', fontsize=10)
+    fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)})', fontsize=TITLE)
     fig.tight_layout()
     return fig
 
@@ -120,22 +141,24 @@ def short_layer_name(layer: str) -> str:
     return f"{parts[0].split('_')[0]}{parts[1]}.{parts[3]}"
 
 
+@legible
 def plot_images(images: dict, layout=None, title: str | None = None) -> plt.Figure:
     """Images side by side (e.g. none / swap / MAG), with the layout first if given."""
     panels = ([("layout", layout.color_image())] if layout is not None else []) + [
         (name, _as_array(img)) for name, img in images.items()
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.7), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
     for ax, (name, picture) in zip(axes[0], panels):
         ax.imshow(picture)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=FONT)
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=TITLE)
     fig.tight_layout()
     return fig
 
 
+@legible
 def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt.Figure:
     """MAG per guided step: the loss before the update, and each region's attention share inside its mask."""
     if not diagnostics or not diagnostics.get("step"):
@@ -143,15 +166,15 @@ def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt
     steps = [f"{s}.{i}" if i else str(s) for s, i in zip(diagnostics["step"], diagnostics["iteration"])]
     shares = np.array(diagnostics["inside_share"])
     labels = labels or [f"region {i}" for i in range(shares.shape[1])]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(steps, diagnostics["loss"], marker="o")
     left.set(title="MAG loss before each update", xlabel="step", ylabel="L")
     for i, label in enumerate(labels):
         right.plot(steps, shares[:, i], marker="o", label=label)
     right.set(title="share of attention inside the mask", xlabel="step", ylim=(0, 1))
-    right.legend(fontsize=8)
+    right.legend(fontsize=FONT)
     for ax in (left, right):
-        ax.tick_params(axis="x", labelsize=7, rotation=90)
+        ax.tick_params(axis="x", labelsize=FONT, rotation=90)
     fig.tight_layout()
     return fig
 
@@ -175,7 +198,7 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def attention_overlay(image, heat, alpha: float = 0.6, cmap: str = "jet", size: int | None = None):
+def attention_overlay(image, heat, alpha: float = 0.6, cmap: str = CMAP, size: int | None = None):
     """A PIL image: ``heat`` (h×w, any scale) as a color map over ``image``.
 
     The map is scaled to its own maximum (read the value from the caption, not the
@@ -195,7 +218,8 @@ def attention_overlay(image, heat, alpha: float = 0.6, cmap: str = "jet", size: 
     return out
 
 
-def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = "jet") -> plt.Figure:
+@legible
+def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = CMAP) -> plt.Figure:
     """Layout, image, and each region's words' attention (all steps and layers) with the mask outlined.
 
     Without a layout: the image and every word's map (as ``plot_token_maps``).
@@ -206,12 +230,12 @@ def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = 
     image = _as_array(result.images[0])
     size = image.shape[:2]
     labels = layout.labels
-    fig, axes = plt.subplots(1, 2 + len(labels), figsize=(2.3 * (2 + len(labels)), 2.7), squeeze=False)
+    fig, axes = plt.subplots(1, 2 + len(labels), figsize=(3.0 * (2 + len(labels)), 3.5), squeeze=False)
     axes = axes[0]
     axes[0].imshow(layout.color_image())
-    axes[0].set_title("layout", fontsize=9)
+    axes[0].set_title("layout", fontsize=FONT)
     axes[1].imshow(image)
-    axes[1].set_title("image", fontsize=9)
+    axes[1].set_title("image", fontsize=FONT)
     masks = layout.masks_at(*size).numpy()
     for ax, label, region, mask in zip(axes[2:], labels, layout.regions, masks):
         indices = list(region.token_indices) if region.token_indices else result.token_indices(label)
@@ -220,43 +244,45 @@ def plot_run_summary(result, layout=None, title: str | None = None, cmap: str = 
         if heat is not None:
             ax.imshow(heat, cmap=cmap, alpha=0.6)
         ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
-        ax.set_title(f'"{label}" attention', fontsize=9)
+        ax.set_title(f'"{label}" attention', fontsize=FONT)
     for ax in axes:
         ax.axis("off")
     steps = len(result.timesteps)
     fig.suptitle(title or f'"{result.prompt}", {steps} steps, seed {result.settings.get("seed")}; '
-                 "maps: all steps and layers, head mean; white: the region", fontsize=9)
+                 "maps: all steps and layers, head mean; white: the region", fontsize=FONT)
     fig.tight_layout()
     return fig
 
 
+@legible
 def plot_iou(rows: Sequence[dict], title: str = "mask IoU per method (mean over regions and seeds)") -> plt.Figure:
     """Bars of mean IoU per method, one group per layout. ``rows``: dicts with layout, method, iou."""
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(layouts), 3))
+    fig, ax = plt.subplots(figsize=(2.0 + 2.4 * len(layouts), 4))
     for k, method in enumerate(methods):
         means = [np.mean([r["iou"] for r in rows if r["layout"] == name and r["method"] == method] or [np.nan])
                  for name in layouts]
         bars = ax.bar(np.arange(len(layouts)) + (k - (len(methods) - 1) / 2) * width, means, width, label=method)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(np.arange(len(layouts)), layouts, fontsize=8)
+        ax.bar_label(bars, fmt="%.2f", fontsize=FONT)
+    ax.set_xticks(np.arange(len(layouts)), layouts, fontsize=FONT)
     ax.set(ylim=(0, 1), ylabel="IoU (region vs. its color)", title=title)
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8)
+    ax.title.set_fontsize(TITLE)
+    ax.legend(fontsize=FONT)
     fig.tight_layout()
     return fig
 
 
-def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = "jet") -> plt.Figure:
+@legible
+def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = CMAP) -> plt.Figure:
     """Rows: named stores (e.g. without / with guidance); columns: the layout's regions.
 
     Each panel is a region's words' attention at ``step``, all layers (resampled, head
     mean), with the region outlined; the title gives the share of the map inside the mask.
     """
     labels = layout.labels
-    fig, axes = plt.subplots(len(stores), len(labels), figsize=(2.4 * len(labels), 2.4 * len(stores)), squeeze=False)
+    fig, axes = plt.subplots(len(stores), len(labels), figsize=(3.2 * len(labels), 3.2 * len(stores)), squeeze=False)
     for row, (name, store) in zip(axes, stores.items()):
         for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):
             heat = store.aggregate(tokens=list(region.token_indices), steps=[step]).sum(0)
@@ -264,13 +290,14 @@ def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = "jet"
             share = float((heat.numpy() * mask).sum() / max(float(heat.sum()), 1e-12))
             ax.imshow(heat.numpy(), cmap=cmap)
             ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
-            ax.set_title(f'{name}: "{label}"\n{share:.0%} inside', fontsize=8)
+            ax.set_title(f'{name}: "{label}"\n{share:.0%} inside', fontsize=FONT)
             ax.axis("off")
-    fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=9)
+    fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=TITLE)
     fig.tight_layout()
     return fig
 
 
+@legible
 def plot_layout(layout, ax=None, image=None, alpha: float = 0.5):
     """A matplotlib Figure of ``layout`` with each region's phrase at its centre.
 
@@ -296,8 +323,8 @@ def plot_layout(layout, ax=None, image=None, alpha: float = 0.5):
     for i, region in enumerate(layout.regions):
         y, x = _label_point(region.mask)
         ax.text((x + 0.5) * sx, (y + 0.5) * sy, layout.label(i), ha="center", va="center",
-                fontsize=9, bbox=dict(facecolor="white", alpha=0.7, edgecolor="none", pad=1))
-    ax.set_title(" | ".join(layout.labels), fontsize=10)
+                fontsize=FONT, bbox=dict(facecolor="white", alpha=0.7, edgecolor="none", pad=1))
+    ax.set_title(" | ".join(layout.labels), fontsize=TITLE)
     ax.set_xticks([])  # keep the frame: it shows the image border on a white background
     ax.set_yticks([])
     return ax.figure

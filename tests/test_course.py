@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mag_explore import course
+from mag_explore import course, solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
 from mag_explore.sampling import Hooks, generate
@@ -68,8 +68,49 @@ def test_first_step_and_x0(sd15_pipe):
     first = course.first_step_attention(sd15_pipe, layout, alpha=0.3, num_inference_steps=4)
     assert first["loss_after"] < first["loss_before"]
     assert first["plain_store"].step_indices == first["guided_store"].step_indices == [0]
+    # exactly one update at the stated alpha: the probes move nothing, so the denoising pass after them
+    # sees what one MAG update of x_T at 0.3 gives
+    from mag_explore.attention import AttentionStore
+    from mag_explore.methods import MaskedAttentionGuidance
+    from mag_explore.sampling import Sampler
+
+    one = AttentionStore()
+    Sampler(sd15_pipe, layout.prompt, seed=0, num_inference_steps=4, store=one,
+            controls=[MaskedAttentionGuidance(layout, alpha=0.3, step_range=(0, 1))]).step()
+    layer = one.layers[0]
+    assert np.allclose(one.get(0, layer), first["guided_store"].get(0, layer))
+    mine = course.first_step_attention(sd15_pipe, layout, alpha=0.3, num_inference_steps=4,
+                                       step_fn=solutions.mag_step)
+    assert mine["loss_after"] == pytest.approx(first["loss_after"], rel=1e-4)
     result = generate(sd15_pipe, PROMPT, num_inference_steps=4, seed=0, keep_x0=True, progress=False)
     pictures = course.x0_images(sd15_pipe, result, count=3)
     assert list(pictures) == [f"step {i} (t={result.timesteps[i]})" for i in (0, 2, 3)]
     with pytest.raises(ValueError, match="keep_x0"):
         course.x0_images(sd15_pipe, generate(sd15_pipe, PROMPT, num_inference_steps=2, progress=False))
+
+
+def test_attention_inside_outside_per_pixel(sd15_pipe):
+    from mag_explore.attention import AttentionStore
+
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.25, 1), rect("blue square", 0.5, 0, 1, 1)],
+                                prompt=PROMPT)
+    result = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False, store=AttentionStore())
+    scores = course.attention_inside_outside(result, layout)
+    # written out: the finest (8×8) aggregate of the words' tokens, mean over the mask's cells and the rest
+    heat = result.store.aggregate(tokens=result.token_indices("red circle")).sum(0).numpy()
+    mask = np.zeros((8, 8), bool)
+    mask[:, :2] = True  # the left quarter of 8 columns
+    assert scores["red circle"]["inside"] == pytest.approx(heat[mask].mean(), rel=1e-5)
+    assert scores["red circle"]["outside"] == pytest.approx(heat[~mask].mean(), rel=1e-5)
+    assert scores["red circle"]["ratio"] == pytest.approx(heat[mask].mean() / heat[~mask].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="no attention maps"):
+        course.attention_inside_outside(generate(sd15_pipe, PROMPT, num_inference_steps=1, progress=False), layout)
+
+
+def test_guidance_cost_times_the_guided_steps(sd15_pipe):
+    layout = course.example_layout("left_right", sd15_pipe)
+    cost = course.guidance_cost(sd15_pipe, layout, num_inference_steps=4, repeats=1)
+    # the tiny model's default: guide while t > 700; with 4 DDIM steps (t 751, 501, 251, 1) that is step 0
+    assert cost["guided_steps"] == [0]
+    assert cost["plain_step_s"] > 0 and cost["guided_step_s"] > 0
+    assert cost["ratio"] == pytest.approx(cost["guided_step_s"] / cost["plain_step_s"])

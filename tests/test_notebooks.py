@@ -87,3 +87,23 @@ def test_readme_links_every_notebook_to_colab():
     readme = (ROOT / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"https://colab.research.google.com/github/OWNER/mag-explore/blob/main/notebooks/{path.name}" in readme
+
+
+def test_the_notebooks_call_the_exercise_checks():
+    """Learners write the core: the notebooks call at least six distinct checks, every check in
+    ``mag_explore.exercises`` is used by some notebook, and the learner cells ship unwritten."""
+    import re
+
+    from mag_explore import exercises
+
+    called, unwritten = set(), 0
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code":
+                called |= set(re.findall(r"exercises\.(check_\w+)\(", cell.source))
+                unwritten += cell.source.count("raise NotImplementedError")
+    defined = {name for name in dir(exercises) if name.startswith("check_")}
+    assert len(called) >= 6, called
+    assert called <= defined, called - defined
+    assert defined <= called, f"checks no notebook uses: {defined - called}"
+    assert unwritten >= 6, "the learner cells are left for the learner (raise NotImplementedError)"

@@ -70,3 +70,22 @@ def test_guidance_plot_and_missing_attention(result, sd15_pipe):
     plain = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False)
     with pytest.raises(ValueError, match="store=AttentionStore"):
         plots.plot_token_maps(plain)
+
+
+def test_figures_are_legible_on_a_projector(result):
+    """Every text at 11 pt or more, every attention map in a perceptually uniform colormap."""
+    from matplotlib.text import Text
+
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("purple square", 0.5, 0, 1, 1)])
+    figures = [plots.plot_token_maps(result), plots.plot_attention_over_steps(result, "red"),
+               plots.plot_attention_over_layers(result, "circle", step=1), plots.plot_run_summary(result, layout),
+               plots.plot_guidance(result.diagnostics["mag"], labels=["red circle", "purple square"]),
+               plots.plot_images({"a": result.images[0]}, title="one image")]
+    uniform = {"viridis", "magma", "inferno", "plasma", "cividis"}
+    for fig in figures:
+        texts = [t for t in fig.findobj(Text) if t.get_text().strip()]
+        assert texts
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 11]
+        assert not small, small
+        maps = [im for ax in fig.axes for im in ax.images if im.get_array().ndim == 2]
+        assert all(im.get_cmap().name in uniform for im in maps), [im.get_cmap().name for im in maps]

@@ -266,3 +266,36 @@ def test_playground_accepts_an_empty_builder_and_says_why_it_cannot_run(sd15_pip
     builder.add_region("blue square")
     playground.run_button.click()
     assert playground.error is None and playground.runs == 1
+
+
+def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, layout):
+    from mag_explore.widgets.playground import cross_attention_resolutions
+
+    # the tiny SD1.5-like UNet: 64×64 images, 8×8 latents, cross-attention at 8×8, 4×4 and (mid) 2×2
+    assert cross_attention_resolutions(sd15_pipe) == [8, 4, 2]
+    playground = MagPlayground(sd15_pipe, layout, num_inference_steps=3, remember=2, score_iou=True)
+    assert [v for _, v in playground.resolutions.options] == [8, 4, 2]
+    playground.mag_step_range.value = (0, 1)
+    playground.run_button.click()
+    playground.alpha.value = 0.5
+    playground.resolutions.value = (4,)
+    playground.places.value = ("up",)
+    mag = playground.controls()[0]
+    assert mag.resolutions == {4} and mag.places == {"up"}
+    with unet_calls(sd15_pipe) as calls:
+        playground.run_button.click()
+    assert playground.error is None, playground.error
+    assert len(calls) == 4  # 3 denoising passes + 1 guidance pass
+    # MAG read only the 4×4 layers of the up half: the tiny UNet has two of them
+    assert playground.result.diagnostics["mag"]["step"] == [0]
+    assert playground.last_controls[0].history[0]["layers"] == 2
+    playground.seed.value = 3
+    playground.run_button.click()
+    assert [entry["run"] for entry in playground.history] == [3, 2]  # newest first, only `remember` kept
+    newest, older = playground.history
+    assert newest["settings"]["seed"] == 3 and older["settings"]["alpha"] == 0.5
+    assert older["settings"]["resolutions"] == [4] and older["settings"]["places"] == ["up"]
+    assert set(newest["iou"]) == {"red circle", "blue square"}
+    assert all(0.0 <= v <= 1.0 for v in newest["iou"].values())
+    assert len(playground.memory.children) == 2
+    assert "IoU red circle" in playground.memory.children[0].children[1].value

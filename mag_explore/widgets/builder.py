@@ -9,6 +9,7 @@ import ipywidgets as W
 from ..layouts import Layout, ellipse, rect
 from ..plots import figure_png, plot_layout
 from ..tokens import words_of
+from .words import phrase_at, positions_of, quiet_updates, show_layout_status, word_options
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,7 @@ class LayoutBuilder(W.VBox):
         self.region = W.Dropdown(options=[], description="region")
         self.add_button = W.Button(description="add region", icon="plus")
         self.remove_button = W.Button(description="remove", icon="trash")
-        counts = {w: self.words.count(w) for w in self.words}
-        seen: dict[str, int] = {}
-        options = []
-        for i, word in enumerate(self.words):
-            seen[word] = seen.get(word, 0) + 1
-            options.append((word if counts[word] == 1 else f"{word} ({seen[word]})", i))
+        options = word_options(self.words)
         self.phrase = W.SelectMultiple(options=options, rows=min(8, len(options)), description="words")
         self.kind = W.ToggleButtons(options=["rectangle", "ellipse"], description="shape")
         slider = dict(min=0.0, max=1.0, step=0.01, continuous_update=False)
@@ -88,23 +84,11 @@ class LayoutBuilder(W.VBox):
         self._sync_regions(select=min(index, len(self.specs) - 1) if self.specs else None)
 
     def _positions(self, phrase: str, occurrence: int) -> tuple[int, ...]:
-        query = words_of(phrase)
-        starts = [i for i in range(len(self.words) - len(query) + 1) if self.words[i:i + len(query)] == query]
-        if not query or len(starts) < occurrence:
-            raise ValueError(f"{phrase!r} (occurrence {occurrence}) is not in the prompt's words {self.words}")
-        start = starts[occurrence - 1]
-        return tuple(range(start, start + len(query)))
+        return positions_of(self.words, phrase, occurrence)
 
     def phrase_of(self, spec: RegionSpec) -> tuple[str, int]:
         """(phrase, occurrence) of a region's words; the words must be consecutive."""
-        positions = sorted(spec.words)
-        if not positions:
-            raise ValueError("pick one or more words of the prompt")
-        if positions != list(range(positions[0], positions[-1] + 1)):
-            raise ValueError(f"the words {[self.words[i] for i in positions]} are not consecutive in the prompt")
-        query = self.words[positions[0]:positions[-1] + 1]
-        earlier = [i for i in range(positions[0]) if self.words[i:i + len(query)] == query]
-        return " ".join(query), len(earlier) + 1
+        return phrase_at(self.words, spec.words)
 
     def shape_of(self, spec: RegionSpec):
         """The :func:`rect` or :func:`ellipse` a region stands for (clipped to the image)."""
@@ -146,12 +130,9 @@ class LayoutBuilder(W.VBox):
         return f"{index + 1}: {words} ({spec.kind})"
 
     def _sync_regions(self, select: int | None) -> None:
-        self._loading = True
-        try:
+        with quiet_updates(self):
             self.region.options = [(self._label(i), i) for i in range(len(self.specs))]
             self.region.value = select
-        finally:
-            self._loading = False
         self._on_select()
 
     def _on_select(self, change=None) -> None:
@@ -163,13 +144,10 @@ class LayoutBuilder(W.VBox):
             control.disabled = index is None
         if index is not None:
             spec = self.specs[index]
-            self._loading = True
-            try:
+            with quiet_updates(self):
                 self.phrase.value = tuple(spec.words)
                 self.kind.value, self.x.value, self.y.value = spec.kind, spec.x, spec.y
                 self.w.value, self.h.value = spec.width, spec.height
-            finally:
-                self._loading = False
         self._refresh()
 
     def _on_edit(self, change=None) -> None:
@@ -178,20 +156,12 @@ class LayoutBuilder(W.VBox):
         index = self.region.value
         self.specs[index] = replace(self.specs[index], words=tuple(self.phrase.value), kind=self.kind.value,
                                     x=self.x.value, y=self.y.value, width=self.w.value, height=self.h.value)
-        self._loading = True
-        try:  # relabel the region (its words or shape may have changed), keeping it selected
+        with quiet_updates(self):  # relabel the region (its words or shape may have changed), keeping it selected
             self.region.options = [(self._label(i), i) for i in range(len(self.specs))]
             self.region.value = index
-        finally:
-            self._loading = False
         self._refresh()
 
     def _refresh(self) -> None:
-        try:
-            layout = self.layout
-        except ValueError as error:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(error))}</span>"
-            return
-        self.preview.value = figure_png(plot_layout(layout))
-        areas = ", ".join(f"{layout.label(i)} {r.area:.0%}" for i, r in enumerate(layout.regions))
-        self.status.value = f"{len(layout)} region(s): {html.escape(areas)}"
+        layout = show_layout_status(self)
+        if layout is not None:
+            self.preview.value = figure_png(plot_layout(layout))

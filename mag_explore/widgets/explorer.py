@@ -7,7 +7,7 @@ import ipywidgets as W
 import torch
 import torch.nn.functional as F
 
-from ..plots import attention_overlay, png_bytes, short_layer_name
+from ..plots import CMAP, attention_overlay, png_bytes, short_layer_name
 from ..sampling import GenerationResult
 from ..tokens import token_text
 
@@ -25,7 +25,7 @@ class AttentionExplorer(W.VBox):
     """
 
     def __init__(self, result: GenerationResult, token: str | int | None = None, size: int = 256,
-                 cmap: str = "jet", interval_ms: int = 400):
+                 cmap: str = CMAP, interval_ms: int = 400):
         store = result.store
         if store is None or not store.maps:
             raise ValueError("this result has no attention maps: pass store=AttentionStore() to generate()")

@@ -1,0 +1,183 @@
+"""The machinery of the course's checks: a verdict, a case runner, messages that say what differs,
+and the fixed inputs (edge cases included) the checks feed your functions.
+
+``mag_explore.exercises`` builds its ``check_…`` functions on these.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import solutions
+from .learner import GuidanceInputs
+
+
+@dataclass
+class Verdict:
+    """The outcome of one check: ``passed``, the ``message`` printed, the ``function`` to go on with."""
+
+    name: str
+    passed: bool
+    message: str
+    function: Callable | None = None
+    used_solution: bool = False
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.name}: {'passed' if self.passed else 'failed'})"
+
+
+class _Failed(Exception):
+    """One rule broken on one case; the message says which and how."""
+
+
+def show_solution(name: str) -> None:
+    """Print the reference solution ``name`` (e.g. "mag_loss", "mag_step", "swap_edit")."""
+    found = getattr(solutions, name, None)
+    if not callable(found):
+        names = [n for n, f in vars(solutions).items() if inspect.isfunction(f) and f.__module__ == solutions.__name__]
+        raise ValueError(f"no solution {name!r}; solutions: {names}")
+    print(inspect.getsource(found))
+
+
+def _verdict(name: str, fn: Callable, reference: Callable, cases: Callable[[Callable], int]) -> Verdict:
+    """Run ``cases(fn)``; turn its outcome into a printed, returned Verdict."""
+    try:
+        count = cases(fn)
+    except NotImplementedError:
+        message = (f"… {name}: not written yet (it raises NotImplementedError); the notebook goes on with "
+                   f"the reference solution. Write yours and run the cell again.")
+        print(message)
+        return Verdict(name, False, message, reference, used_solution=True)
+    except _Failed as failure:
+        message = f"✗ {name}: {failure}"
+    else:
+        message = f"✓ {name}: passed ({count} cases)"
+        print(message)
+        return Verdict(name, True, message, fn)
+    print(message)
+    return Verdict(name, False, message, fn)
+
+
+def _call(fn: Callable, case: str, *args):
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except Exception as error:  # report it as a broken case, with the case's name
+        raise _Failed(f"on case '{case}' your function raised {type(error).__name__}: {error}") from None
+
+
+def _compare(got, want: torch.Tensor, case: str, atol: float = 1e-5, rtol: float = 1e-4, dims: str = "") -> None:
+    """Shape, finiteness, then the largest difference and where it is."""
+    if not isinstance(got, torch.Tensor):
+        raise _Failed(f"on case '{case}' expected a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(want.shape):
+        raise _Failed(f"on case '{case}' the shape is {tuple(got.shape)}, expected {tuple(want.shape)} {dims}")
+    got = got.detach().float()
+    if not torch.isfinite(got).all():
+        index = tuple(int(i) for i in (~torch.isfinite(got)).nonzero()[0])
+        raise _Failed(f"on case '{case}' the result is not finite at index {index} (overflow? 0/0?)")
+    diff = (got - want.float()).abs()
+    bad = diff > atol + rtol * want.float().abs()
+    if bad.any():
+        index = tuple(int(i) for i in (diff == diff.max()).nonzero()[0])
+        raise _Failed(f"on case '{case}' at index {index} {dims} yours is {float(got[index]):.6g}, the reference "
+                      f"{float(want[index]):.6g} ({int(bad.sum())} of {bad.numel()} values differ)")
+
+
+def _scalar(value, case: str) -> torch.Tensor:
+    value = value[0] if isinstance(value, (tuple, list)) else value
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise _Failed(f"on case '{case}' the loss must be one number (a 0-d tensor), got "
+                      f"{getattr(value, 'shape', type(value).__name__)}")
+    return value.reshape(())
+
+
+# ============================================================================ fixed inputs
+def _swap_cases() -> dict:
+    generator = torch.Generator().manual_seed(1)
+
+    def probs(batch, heads, pixels, tokens):
+        return torch.randn(batch, heads, pixels, tokens, generator=generator).softmax(-1)
+
+    h, w = 3, 5  # a non-square layer
+    left = torch.zeros(h, w)
+    left[:, :2] = 1
+    right = 1 - left
+    empty = torch.zeros(h, w)
+    return {
+        "2 rows (uncond, cond), 3×5 layer, 'red circle' (2 tokens) and a 3-token word":
+            (probs(2, 2, h * w, 10), torch.stack([left, right]).flatten(1), [[2, 3], [5, 6, 7]], [1]),
+        "a repeated word: 'red' at token 2 and at token 6, two images (rows 2, 3 are cond)":
+            (probs(4, 1, h * w, 9), torch.stack([left, right]).flatten(1), [[2], [6]], [2, 3]),
+        "an empty region (its tokens go to 0 everywhere)":
+            (probs(2, 2, h * w, 8), torch.stack([left, empty]).flatten(1), [[1], [4, 5]], [1]),
+    }
+
+
+def _loss_cases() -> dict:
+    generator = torch.Generator().manual_seed(2)
+
+    def probs(batch, heads, h, w, tokens):
+        return torch.randn(batch, heads, h * w, tokens, generator=generator).softmax(-1)
+
+    def masks(h, w, *boxes):
+        out = torch.zeros(len(boxes), h, w)
+        for i, (y0, y1, x0, x1) in enumerate(boxes):
+            out[i, y0:y1, x0:x1] = 1
+        return out.flatten(1)
+
+    return {
+        "2 rows, 2 heads, 4×6 layer, 'red circle' (2 tokens) and a 3-token word, λ 0.5":
+            (probs(2, 2, 4, 6, 12), masks(4, 6, (0, 4, 0, 3), (0, 4, 3, 6)), [[2, 3], [5, 6, 7]], 0.5),
+        "a repeated word ('red' at 2 and at 6), 1 row, 8×8, λ 2":
+            (probs(1, 3, 8, 8, 9), masks(8, 8, (0, 4, 0, 8), (4, 8, 0, 8)), [[2], [6]], 2.0),
+        "an empty region, 3×5 layer, λ 0.5":
+            (probs(1, 2, 3, 5, 8), masks(3, 5, (0, 3, 0, 2), (0, 0, 0, 0)), [[1, 2], [4]], 0.5),
+    }
+
+
+class _ToyDenoiser:
+    """A tiny differentiable stand-in for the UNet: two layers (6×4 and 3×2) of softmax attention."""
+
+    def __init__(self, token_groups, seed: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.wq = [torch.randn(4, 2 * 5, generator=g) for _ in range(2)]  # channels -> heads·d (2 heads, d 5)
+        self.wk = torch.randn(16, 2 * 5, generator=g)
+        self.cond = torch.randn(1, 9, 16, generator=g)
+        self.uncond = torch.randn(1, 9, 16, generator=g)
+        self.x_t = torch.randn(1, 4, 6, 4, generator=g)  # a non-square latent
+        left = torch.zeros(6, 4)
+        left[:, :2] = 1
+        self.masks_full = torch.stack([left, 1 - left, torch.zeros(6, 4)])  # the last region is empty
+        self.token_groups = token_groups
+        self.calls: list[str] = []
+
+    def attention(self, x: torch.Tensor, embeddings: torch.Tensor) -> list:
+        if embeddings.shape[0] != x.shape[0]:
+            self.calls.append("both halves")
+        elif torch.equal(embeddings, self.cond):
+            self.calls.append("cond")
+        elif torch.equal(embeddings, self.uncond):
+            self.calls.append("uncond")
+        else:
+            self.calls.append("other")
+        layers = []
+        for wq, size in zip(self.wq, [(6, 4), (3, 2)]):
+            feats = F.adaptive_avg_pool2d(x, size).flatten(2).transpose(1, 2)  # (b, pixels, 4)
+            q = (feats @ wq).view(x.shape[0], -1, 2, 5).transpose(1, 2)
+            k = (embeddings @ self.wk).view(embeddings.shape[0], -1, 2, 5).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) / 5 ** 0.5).softmax(-1)
+            masks = F.interpolate(self.masks_full[None], size=size, mode="nearest")[0].flatten(1)
+            layers.append((probs, masks))
+        return layers
+
+    def inputs(self) -> GuidanceInputs:
+        return GuidanceInputs(self.x_t.clone(), self.cond, self.uncond, self.token_groups, self.attention)

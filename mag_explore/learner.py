@@ -1,0 +1,221 @@
+"""Plugs a learner's own functions into the engine, so the course runs *their* code.
+
+* :func:`capture_qk` - one layer's queries, keys and the probabilities the hook recorded
+  at the first step (notebook 01: compute softmax(QKᵀ/√d) yourself and compare);
+* :class:`SwapHook` - a swap edit ``fn(probs, masks, token_groups, cond_rows)`` as a
+  sampler control (notebook 03);
+* :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
+  control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
+  (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_step``: the
+  UNet on x_t with the conditional prompt only, phase "guidance", weights frozen.
+
+Both act like the package's methods: ``while_t_above=T`` (active while t > T) or
+``step_range=(start, stop)`` (step indices); neither: the model's ``guide_until``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .attention import AttentionContext, AttentionHook
+from .methods.common import check_finite, layout_for_run
+from .methods.guidance import frozen_weights
+from .models import model_defaults
+from .sampling import Control, Hooks, Sampler, StepState
+from .schedule import StepRange, resolve_step_range
+
+
+def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
+    """The step range of a learner's control: the keywords, else the model's "guide while t > ..."."""
+    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+    steps = resolve_step_range(while_t_above, step_range, default=default, what=what)
+    steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, f"{what} steps")
+    return steps
+
+
+# ---------------------------------------------------------------------------- 01: q and k
+class _FirstStepProbs(AttentionHook):
+    def __init__(self, layer: str):
+        self.layer, self.probs = layer, None
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "denoise" and ctx.layer == self.layer and ctx.step_index == 0
+
+    def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
+        self.probs = probs.detach().clone()
+
+
+def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
+               num_inference_steps: int | None = None) -> dict:
+    """At step 0 of a run: one cross-attention layer's q, k (batch, heads, ·, d) and its recorded probs.
+
+    q and k are computed from the layer's inputs with its own ``to_q`` / ``to_k`` weights,
+    as the attention processor does; ``probs`` is what a hook observed in that layer.
+    """
+    from .attention import cross_attention_layer_names
+
+    names = cross_attention_layer_names(pipe.unet)
+    layer = names[0] if layer is None else layer
+    if layer not in names:
+        raise ValueError(f"layer {layer!r} is not a cross-attention layer; layers: {names}")
+    module = pipe.unet.get_submodule(layer)
+    inputs = {}
+
+    def keep_inputs(mod, args, kwargs):
+        if "hidden_states" not in inputs:
+            inputs["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+            inputs["context"] = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+
+    recorder = _FirstStepProbs(layer)
+    handle = module.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    try:
+        Sampler(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps,
+                controls=[Hooks(recorder)]).step()
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        hidden, context = inputs["hidden_states"], inputs["context"]
+        if module.norm_cross:
+            context = module.norm_encoder_hidden_states(context)
+        q, k = module.to_q(hidden), module.to_k(context)
+        heads = module.heads
+        q, k = (x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2).float() for x in (q, k))
+    return {"layer": layer, "q": q, "k": k, "probs": recorder.probs}
+
+
+# ---------------------------------------------------------------------------- 03: swap
+class SwapHook(Control, AttentionHook):
+    """A learner's swap edit as a sampler control: ``fn(probs, masks, token_groups, cond_rows)``.
+
+    Acts in the denoising passes of its step range, like ``MaskedAttentionSwap``; masks are
+    resized to each layer (nearest).
+    """
+
+    name = "my_swap"
+
+    def __init__(self, layout, fn: Callable, *, while_t_above: int | None = None, step_range: tuple | None = None):
+        resolve_step_range(while_t_above, step_range, what="SwapHook")  # type errors now
+        self.layout, self.fn = layout, fn
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.steps: StepRange | None = None
+        self.run_layout = None
+
+    def attention_hooks(self) -> list:
+        return [self]
+
+    def start(self, sampler) -> None:
+        self.run_layout = layout_for_run(self.layout, sampler)
+        self.steps = _resolve("SwapHook", sampler, self.while_t_above, self.step_range)
+
+    @property
+    def settings(self) -> dict:
+        return self.steps.as_keywords() if self.steps is not None else {}
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "denoise" and self.steps.contains(ctx.step_index, ctx.timestep)
+
+    def edit_probs(self, probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        masks = self.run_layout.masks_at(ctx.height, ctx.width, device=probs.device).flatten(1).to(probs.dtype)
+        return self.fn(probs, masks, self.run_layout.token_groups, ctx.rows("cond"))
+
+
+# ---------------------------------------------------------------------------- 04: MAG step
+@dataclass
+class GuidanceInputs:
+    """What one MAG step needs. ``attention(x, embeddings)`` runs the denoiser once on ``x``
+    and returns each cross-attention layer's ``(probs, masks)``: probs (batch, heads, pixels,
+    tokens) float32, masks (regions, pixels) resized to that layer."""
+
+    x_t: torch.Tensor
+    cond_embeddings: torch.Tensor
+    uncond_embeddings: torch.Tensor
+    token_groups: list[list[int]]
+    attention: Callable[[torch.Tensor, torch.Tensor], list]
+    step_index: int = 0
+    timestep: int = 0
+
+
+class _LayerCollector(AttentionHook):
+    """Keeps every layer's probabilities (with the graph) and masks during one guidance pass."""
+
+    def __init__(self):
+        self.layout, self.layers = None, []
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "guidance"
+
+    def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
+        masks = self.layout.masks_at(ctx.height, ctx.width, device=probs.device).flatten(1)
+        self.layers.append((probs.float(), masks.float()))
+
+
+class LearnerMAG(Control):
+    """MAG with a learner's step: before each guided step, ``x_t = step_fn(inputs, alpha, lmbda)``.
+
+    ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
+    finite and shaped like x_t.
+    """
+
+    name = "my_mag"
+
+    def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
+                 while_t_above: int | None = None, step_range: tuple | None = None):
+        resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
+        self.layout, self.step_fn = layout, step_fn
+        self.alpha, self.lmbda = float(alpha), float(lmbda)
+        self.while_t_above, self.step_range = while_t_above, step_range
+        self.steps: StepRange | None = None
+        self.collector = _LayerCollector()
+        self.guided_steps: list[int] = []
+
+    def attention_hooks(self) -> list:
+        return [self.collector]
+
+    def start(self, sampler) -> None:
+        self.collector.layout = layout_for_run(self.layout, sampler)
+        self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
+        self.guided_steps = []
+
+    @property
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "lmbda": self.lmbda, **self.steps.as_keywords()} if self.steps else {}
+
+    def inputs(self, state: StepState) -> GuidanceInputs:
+        unet, collector = state.pipe.unet, self.collector
+
+        def attention(x: torch.Tensor, embeddings: torch.Tensor) -> list:
+            collector.layers = []
+            with torch.enable_grad(), frozen_weights(unet), state.attention.phase_as("guidance", ("cond",) * x.shape[0]):
+                unet(state.scheduler.scale_model_input(x, state.timestep), state.timestep,
+                     encoder_hidden_states=embeddings, return_dict=False)
+            return list(collector.layers)
+
+        return GuidanceInputs(state.latents, state.cond_embeddings, state.uncond_embeddings,
+                              collector.layout.token_groups, attention, state.step_index, int(state.timestep))
+
+    def before_step(self, state: StepState) -> torch.Tensor:
+        if not self.steps.contains(state.step_index, int(state.timestep)):
+            return state.latents
+        new = self.step_fn(self.inputs(state), self.alpha, self.lmbda)
+        if not isinstance(new, torch.Tensor) or new.shape != state.latents.shape:
+            raise ValueError(f"your MAG step returned {getattr(new, 'shape', type(new).__name__)}; "
+                             f"it must return the new x_t, shaped {tuple(state.latents.shape)}")
+        check_finite("your MAG step", state, new.float().sum(), new, f"alpha={self.alpha}")
+        self.guided_steps.append(state.step_index)
+        return new.detach().to(state.latents.dtype)
+
+    @property
+    def diagnostics(self) -> dict:
+        return {"guided_steps": list(self.guided_steps)}
+
+
+def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, step_range: tuple,
+                    seed: int = 0, num_inference_steps: int | None = None) -> torch.Tensor:
+    """The final latent of a run with :class:`LearnerMAG` (used by ``check_full_mag``)."""
+    sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps,
+                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range)])
+    while not sampler.done:
+        sampler.step()
+    return sampler.latents
