@@ -106,7 +106,7 @@ class SwapHook(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
-        self.run_layout = layout_for_run(self.layout, sampler)
+        self.run_layout = layout_for_run(self.layout, sampler, "your swap", "nearest")
         self.steps = _resolve("SwapHook", sampler, self.while_t_above, self.step_range)
 
     @property
@@ -174,7 +174,7 @@ class LearnerMAG(Control):
         return [self.collector]
 
     def start(self, sampler) -> None:
-        self.collector.layout = layout_for_run(self.layout, sampler)
+        self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", "nearest")
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
         self.guided_steps = []
 

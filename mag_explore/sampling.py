@@ -204,8 +204,9 @@ class Sampler:
         defaults = model_defaults(pipe)
         self.pipe, self.prompt = pipe, prompt
         self.negative_prompt = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
+        # a null negative prompt in the model's defaults means "none": "" on SD, zeros on SDXL (as diffusers)
         for name, text in (("prompt", prompt), ("negative_prompt", self.negative_prompt)):
-            if not isinstance(text, str):
+            if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
                 raise InputError(f"{name}={text!r}: give a string")
         # 0. settings left out come from the model's defaults; every value is checked here, once
         self.guidance_scale = check_number(

@@ -141,7 +141,7 @@ CASES = [
     Case("evaluate unknown method", evaluate("--methods", "none,boxdiff"), ["boxdiff", "'mag'"],
          lambda e: run_evaluation(str(e.folder), SUITE, ["none", "boxdiff"], 1, e.out / "eval", progress=False)),
     Case("evaluate steps negative", evaluate("--steps", "-1"), ["--num-inference-steps=-1", ">= 1"],
-         lambda e: run_evaluation(str(e.folder), SUITE, ["none"], 1, e.out / "eval", steps=-1, progress=False),
+         lambda e: run_evaluation(str(e.folder), SUITE, ["none"], 1, e.out / "eval", num_inference_steps=-1, progress=False),
          ["num_inference_steps=-1", "1..1000"]),
     Case("evaluate suite missing", evaluate("--suite", "{in}/nope.json"), ["nope.json", "no such file"]),
     Case("evaluate segmenter without a colon", evaluate("--segmenter", "mysegmenter"),

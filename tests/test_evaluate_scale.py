@@ -14,7 +14,7 @@ from mag_explore.evaluate import (bootstrap_summary, evaluate, load_suite, parse
                                   run_evaluation, setting_label, work_items)
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ROOT / "data" / "suites" / "shapes.json"
+SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 SWEEP = ["swap.step_range=0:1", "pww.weight=0.4,2", "lg.loss_scale=5", "mag.alpha=0.5", "mag.lmbda=1.0"]
 
 

@@ -448,7 +448,6 @@ def own_box_at(obj, other):
                 units="pixels")
 
 
-@needs_shapes
 @pytest.mark.slow
 def test_shapes_edit_swaps_the_sides_of_two_objects():
     # Each object's own-size box where the other one is; both words move, and where they are

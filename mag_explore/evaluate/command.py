@@ -84,8 +84,13 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     from ..models import load_pipeline, model_defaults
     from ..shapes.world import COLORS
 
-    if seeds < 1:
+    from ..validation import check_count
+
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
+    check_count("seeds", seeds)
+    if num_inference_steps is not None:  # checked before anything is written to `out`
+        check_count("num_inference_steps", num_inference_steps, maximum=1000)
     check_methods(methods)
     settings = {**parse_sweeps(sweeps, methods), **(settings or {})}
     state = process_state(device)
