@@ -1,7 +1,7 @@
 """Speed and memory of the engine, printed as ratios to diffusers' own pipeline.
 
 Builds a full-size Stable Diffusion 1.5 (UNet, text encoder, VAE) from the configs in
-data/configs/sd15 with random weights - values do not change the cost - and times, on the
+mag_explore/data/configs/sd15 with random weights - values do not change the cost - and times, on the
 same inputs in one run: StableDiffusionPipeline, our sampler without controls, with the
 attention store capturing every step, with masked-attention swapping and with MAG.
 
@@ -33,7 +33,7 @@ from mag_explore import (  # noqa: E402
 )
 from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
 
-CONFIGS = ROOT / "data" / "configs" / "sd15"
+CONFIGS = ROOT / "mag_explore" / "data" / "configs" / "sd15"
 PROMPT = "a red circle and a blue square"
 
 

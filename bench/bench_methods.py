@@ -26,7 +26,7 @@ from mag_explore.methods import METHOD_NAMES, make_controls  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import generate  # noqa: E402
 
-SUITE = ROOT / "data" / "suites" / "shapes.json"
+SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 
 
 def time_method(pipe, layout, method: str, steps, repeats: int) -> tuple[float, int]:
@@ -46,7 +46,7 @@ def time_method(pipe, layout, method: str, steps, repeats: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
-    parser.add_argument("--layout", default="left-right", help="name of a layout of data/suites/shapes.json")
+    parser.add_argument("--layout", default="left-right", help="name of a layout of mag_explore/data/suites/shapes.json")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--repeats", type=int, default=3)

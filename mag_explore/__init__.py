@@ -2,7 +2,7 @@
 
     >>> import mag_explore as mx
     >>> pipe = mx.load_pipeline()                      # the embedded "shapes" model on a CPU
-    >>> layout = mx.Layout.from_json("data/layouts/left_right.json")
+    >>> layout = mx.Layout.from_json(mx.data_path("layouts", "left_right.json"))
     >>> mag = mx.MaskedAttentionGuidance(layout)       # α, λ, "while t > 700": the model's defaults
     >>> result = mx.generate(pipe, layout.prompt, controls=[mag], store=mx.AttentionStore())
     >>> result.images[0]

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .models import data_dir
+from .data import data_dir
 from .validation import InputError, NonFiniteError, check_choice, check_count, check_lambda, check_number, check_seed
 
 DATA = data_dir()

@@ -17,7 +17,8 @@ import numpy as np
 from .attention import AttentionStore
 from .layouts import Layout
 from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
-from .models import data_dir, model_defaults
+from .data import data_dir
+from .models import model_defaults
 from .sampling import GenerationResult, Sampler, decode_latents, generate
 from .shapes.scoring import color_ious, color_of, iou_text, region_iou
 
@@ -49,7 +50,7 @@ def swap_sweep(pipe, layout: Layout, stops: Sequence[int], seed: int = 0,
 
 
 def example_layout(name: str, pipe=None, size: int | tuple[int, int] | None = None) -> Layout:
-    """``data/layouts/<name>.json`` at the model's image size (or ``size``), with its prompt."""
+    """The shipped example ``layouts/<name>.json`` (``mx.data_path``) at the model's image size (or ``size``), with its prompt."""
     path = data_dir() / "layouts" / f"{name}.json"
     if not path.is_file():
         found = sorted(p.stem for p in path.parent.glob("*.json"))

@@ -1,6 +1,6 @@
 """Mask-IoU benchmark: every layout of a suite × every method × every seed, in one engine.
 
-    python -m mag_explore evaluate --model shapes --suite data/suites/shapes.json \\
+    python -m mag_explore evaluate --model shapes --suite mag_explore/data/suites/shapes.json \\
         --methods none,swap,mag,pww,lg --seeds 4 --out outputs/eval
 
 For each image it segments the generated picture into one mask per region phrase and

@@ -20,9 +20,8 @@ predicting again at the x_t just found (as in AIDI, Pan et al. 2023, and ReNoise
 
 Classifier-free guidance is 1 by default (the conditional prediction alone), as in the
 null-text-inversion practice (Mokady et al. 2023): guidance multiplies every small error
-of the approximation by the scale (on the embedded model, inverting and sampling with CFG 5
-instead of 1 cost 0.6 to 11 dB of reconstruction PSNR, depending on the image; on Stable
-Diffusion with 7.5 the image is lost). Sample back with the same scale (``reconstruct`` does).
+of the approximation by the scale (the README's editing section gives the measured cost).
+Sample back with the same scale (``reconstruct`` does).
 
 Why not diffusers' ``DDIMInverseScheduler``? It does the same arithmetic, but builds its
 own timesteps and refuses the "linspace" spacing that some configs use. Here the inverse
@@ -105,9 +104,8 @@ def psnr(reference: Any, test: Any) -> float:
     """Peak signal-to-noise ratio in dB between two RGB images (peak 1 on the [0, 1] scale).
 
     Each image may be a path, a PIL image or an (H, W, 3) array (uint8 or float in [0, 1]).
-    ``inf`` for identical images; 8-bit rounding alone gives about 59 dB. On the embedded
-    model a 25-step reconstruction measures 24.7-27.4 dB, 0.1-1.3 dB under what the VAE
-    alone gives (encode, decode), the ceiling for any latent.
+    ``inf`` for identical images. What the VAE alone gives (encode, decode) is the ceiling
+    for any latent; the README lists measured reconstructions.
     """
     a, b = _as_float_pixels(reference), _as_float_pixels(test)
     if a.shape != b.shape:
@@ -191,8 +189,7 @@ def invert(
     ``fixed_point_iterations`` k > 0 removes the one approximation: each step's noise is
     predicted again at the x_t it just gave, k times, converging to the x_t that the
     sampler's step takes back to x_p exactly (for noise prediction), at k more UNet calls
-    per step. On the embedded model, 25 steps, k = 5 took four scenes from 18.6-26.9 dB
-    to 25.6-27.9 dB, within 0.5 dB of what the VAE alone allows (tests/test_inversion.py).
+    per step (measured gains: the README; floors: ``tests/test_inversion.py``).
     """
     if fixed_point_iterations < 0:
         raise ValueError(f"fixed_point_iterations={fixed_point_iterations}; use 0 (plain DDIM inversion) or more")

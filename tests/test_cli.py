@@ -13,7 +13,7 @@ from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUT_PNG = ROOT / "data" / "layouts" / "left_right.png"
+LAYOUT_PNG = ROOT / "mag_explore" / "data" / "layouts" / "left_right.png"
 REGIONS = json.dumps({"#ff0000": "red circle", "#0000ff": "blue square"})
 PROMPT = "a red circle and a blue square"
 

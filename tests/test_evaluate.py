@@ -11,7 +11,7 @@ from mag_explore.evaluate import (bootstrap_summary, color_segmenter, load_segme
                                   read_csv, shapes_fidelity)
 from mag_explore.shapes.world import COLORS, SHAPES, render
 
-SUITE = Path(__file__).resolve().parent.parent / "data" / "suites" / "shapes.json"
+SUITE = Path(__file__).resolve().parent.parent / "mag_explore" / "data" / "suites" / "shapes.json"
 
 
 def test_the_shapes_suite_is_varied_and_resolves(tiny_tokenizer):

@@ -18,7 +18,7 @@ from mag_explore.layouts import (
 from mag_explore.plots import plot_layout
 from mag_explore.tokens import token_indices
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "layouts"
+EXAMPLES = Path(__file__).resolve().parents[1] / "mag_explore" / "data" / "layouts"
 
 RED, BLUE, DARK_GREEN, OLIVE, WHITE, BLACK = (
     (255, 0, 0), (0, 0, 255), (0, 128, 0), (90, 200, 30), (255, 255, 255), (0, 0, 0)

@@ -26,9 +26,9 @@ def shapes_pipe():
 
 @pytest.fixture(scope="module")
 def layout_64():
-    from mag_explore.models import data_dir
+    from mag_explore.data import data_path
 
-    return Layout.from_json(data_dir() / "layouts" / "left_right.json").resized(64, 64)
+    return Layout.from_json(data_path("layouts", "left_right.json")).resized(64, 64)
 
 
 def full_store():

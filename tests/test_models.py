@@ -187,15 +187,24 @@ def test_missing_folders_and_bad_names(tmp_path):
 # --------------------------------------------------------------------- "shapes" and defaults
 
 
-def test_shapes_not_built_yet(tmp_path, monkeypatch):
+def test_a_missing_shapes_model_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("MAG_EXPLORE_DATA", str(tmp_path))
     monkeypatch.delenv("MAG_EXPLORE_MODEL", raising=False)
     for model in ("shapes", None):  # on a CPU, no model means "shapes"
         with pytest.raises(FileNotFoundError) as info:
             load_pipeline(model, device="cpu")
         message = str(info.value)
-        assert "not built yet" in message and "python -m mag_explore.shapes.train" in message
-        assert str(tmp_path / "models" / "shapes") in message
+        assert "ships with mag-explore is incomplete" in message and "not built yet" not in message
+        assert f"{tmp_path / 'models' / 'shapes'} lacks model_index.json, scheduler, tokenizer" in message
+        assert "Reinstall mag-explore" in message and "MAG_EXPLORE_DATA" in message
+    # one part missing: named alone
+    shapes = tmp_path / "models" / "shapes"
+    for part in ("scheduler", "tokenizer", "text_encoder", "unet", "vae"):
+        (shapes / part).mkdir(parents=True)
+    (shapes / "model_index.json").write_text("{}")
+    (shapes / "vae").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"shapes lacks vae\. "):
+        load_pipeline("shapes", device="cpu")
 
 
 def test_shapes_folder_and_defaults_file(sd15_folder, tmp_path, monkeypatch):

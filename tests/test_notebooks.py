@@ -46,6 +46,10 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     assert not errors
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images > 0, f"{path.name} showed no figure"
+    # quiet: no third-party warnings or loading bars that a newcomer reads as errors
+    streams = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    for noise in ("torchvision", "Loading pipeline components", "Loading weights"):
+        assert noise not in streams, f"{path.name} printed {noise!r}"
 
 
 def _tracked_notebooks() -> list[Path]:

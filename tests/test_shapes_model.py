@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "shapes"
+MODEL = Path(__file__).resolve().parents[1] / "mag_explore" / "data" / "models" / "shapes"
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """The attention store: a hook that records cross-attention maps, reduced as it records.
 
 Keeping every map of every head in float32 is what makes naive attention tools run out of
-memory (SD1.5 at 512², 50 steps: about 6.6 GB). The store reduces each map the moment it
-arrives: mean over heads, only the prompt's tokens, only the chosen resolutions and
-steps, only the conditional half of classifier-free guidance, on the CPU in float16.
-With these defaults the same run takes a few tens of MB (see ``bench/bench_store.py``).
+memory on Stable Diffusion at 512². The store reduces each map the moment it arrives: mean
+over heads, only the prompt's tokens, only the chosen resolutions and steps, only the
+conditional half of classifier-free guidance, on the CPU in float16. ``store.nbytes`` says
+what a run kept; the README gives the measured sizes (``bench/bench_engine.py``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Ways to build one::
     Layout.from_shapes(64, 64, [ellipse("red circle", 0.3, 0.5, 0.2, 0.2),
                                 rect("blue square", 0.55, 0.3, 0.95, 0.7)])
     Layout.from_arrays(masks, ["red circle", "blue square"])
-    Layout.from_json("data/layouts/left_right.json")          # PNG + {"prompt", "regions"}
+    Layout.from_json("left_right.json")      # a PNG + {"prompt", "regions"}; mx.data_path("layouts") has examples
 
 Jobs: ``colors`` (hex and RGB, the palette), ``raster`` (masks from arrays,
 PNGs and shapes drawn in code), ``official`` (the official MAG format), ``region`` and

@@ -2,7 +2,7 @@
 
 ``world`` draws captioned scenes with ground-truth masks and reads generated images
 back (segmentation by color, shape classification); ``train`` trains the small
-``StableDiffusionPipeline`` shipped in ``data/models/shapes``.
+``StableDiffusionPipeline`` shipped in ``mag_explore/data/models/shapes``.
 """
 from .world import (COLORS, SHAPES, WORDS, Scene, SceneObject, blobs, caption_for,
                     classify_shape, make_scene, mask_iou, parse_caption, score_image,

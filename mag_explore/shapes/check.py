@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import data_path
 from .world import COLORS, SHAPES, blobs, caption_for, mask_iou, score_image, segment_by_color
 
-SUITE = Path(__file__).resolve().parents[2] / "data" / "suites" / "shapes.json"
+SUITE = data_path("suites", "shapes.json")
 # name: (goal, "min" or "max", what it is)
 TARGETS = {
     "colors_present": (0.90, "min", "images with every requested color (blob ≥ 2 %)"),

@@ -1,6 +1,6 @@
 """Prompt fidelity of a text-to-image pipeline on the shapes world, read by segmentation.
 
-    python -m mag_explore.shapes.fidelity --model data/models/shapes -n 32 --cfg 3 5 7
+    python -m mag_explore.shapes.fidelity --model shapes -n 32 --cfg 3 5 7
 
 For random 1–2-object prompts it generates one image each and reports how often every
 requested color is present (a blob ≥ 2 % of the image), how often no unrequested color
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import StableDiffusionPipeline
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="data/models/shapes")
+    p.add_argument("--model", default="shapes")
     p.add_argument("-n", type=int, default=32)
     p.add_argument("--cfg", type=float, nargs="+", default=[5.0])
     p.add_argument("--out", type=Path, default=Path("outputs/shapes_fidelity"))

@@ -1,8 +1,8 @@
 """Train the embedded "shapes" model: a tiny Stable Diffusion for the shapes world.
 
-Command (2-core CPU, the default model shipped in data/models/shapes)::
+Command (2-core CPU, the default model shipped in mag_explore/data/models/shapes)::
 
-    python -m mag_explore.shapes.train --out data/models/shapes --workdir checkpoints/shapes
+    python -m mag_explore.shapes.train --out mag_explore/data/models/shapes --workdir checkpoints/shapes
 
 Stage 1 trains an ``AutoencoderKL`` (64×64 RGB → 4×16×16 latents) on fresh scenes.
 Stage 2 encodes a fixed pool of captioned scenes once, then trains the
@@ -16,13 +16,13 @@ model instead (its VAE is kept, stage 1 skipped).
 Stage 2 adds a token grounding loss (``--grounding``, see ``grounding_loss``): the pool
 knows which object each color and shape word names, so the word's cross-attention is
 pulled onto that object's mask. Without it a model this small learns to read the whole
-prompt from the EOS and padding tokens and its word maps tie to nothing (measured on
-the first export: attention IoU 0.07, MAG moved nothing).
+prompt from the EOS and padding tokens and its word maps tie to nothing (README, "The
+embedded model", has the measurement).
 
 The shipped model is two runs (README, "The embedded model", has the wall times)::
 
     python -m mag_explore.shapes.train --out M1 --workdir checkpoints/shapes --grounding 0
-    python -m mag_explore.shapes.train --init-from M1 --out data/models/shapes \
+    python -m mag_explore.shapes.train --init-from M1 --out mag_explore/data/models/shapes \
         --workdir checkpoints/shapes2 --pool 12800 --unet-steps 6000 --max-minutes 80 --grounding 0.05
 """
 from __future__ import annotations
@@ -39,73 +39,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bpe import build_clip_tokenizer
 from ..attention import AttentionHook, cross_attention_hooks
-from .world import COLORS, SIZE, WORDS, make_scene
+from .architecture import (MAX_LENGTH, export, load_exported, make_scheduler, make_text_encoder,  # noqa: F401
+                           make_tokenizer, make_unet, make_vae, n_params)
+from .world import COLORS, SIZE, make_scene
 
 SEED = 1234
-MAX_LENGTH = 77  # like CLIP: every prompt padded to 77 tokens
 CHECKPOINT_SECONDS = 300
-
-
-# ---------------------------------------------------------------------------- models
-def make_vae():
-    from diffusers import AutoencoderKL
-
-    # Three blocks = two downsamplings: 64×64 images ↔ 16×16 latents (factor 4).
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32,
-    )
-
-
-def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    # Latents are 16×16 (image side / 4). Cross-attention at 16×16 and 8×8, plus the
-    # middle block at 8×8: the 16×16 maps are 4×4-pixel cells of the image, sharp
-    # enough for MAG's masks. Two levels rather than three keeps the number of modules
-    # (and so the CPU time per sampling step) low. ``attention_head_dim`` is
-    # (misleadingly) the number of heads in diffusers: heads of 48 and 32 channels.
-    return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2,
-        block_out_channels=(48, 96), layers_per_block=1,
-        cross_attention_dim=64, attention_head_dim=(1, 3), norm_num_groups=16,
-    )
-
-
-def make_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def make_tokenizer(folder: Path):
-    return build_clip_tokenizer(WORDS, folder, max_length=MAX_LENGTH)
-
-
-def make_scheduler(kind: str = "ddpm"):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 num_train_timesteps=1000)
-    if kind == "ddpm":
-        return DDPMScheduler(**betas, clip_sample=False)
-    return DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------- data
@@ -348,48 +288,9 @@ def train_unet(pool: dict, scale: float, empty_ids: torch.Tensor,
     return ema_unet.eval(), ema_text.eval(), step
 
 
-# ---------------------------------------------------------------------------- export
-def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu(), text_encoder=text.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
-        scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    for config in out.glob("*/config.json"):  # --init-from leaves the source folder's path in them
-        fields = json.loads(config.read_text())
-        if fields.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    defaults_path = out / "mag_explore.json"
-    defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
-    defaults = {
-        "height": SIZE, "width": SIZE, "guidance_scale": 5.0, "num_inference_steps": 50,
-        # A starting point only: α depends on this model's loss scale. Measure it with
-        # `python -m mag_explore.shapes.check` (spatial control) and edit this file.
-        "mag_alpha": 0.3,
-        "description": "Tiny Stable Diffusion trained on the shapes world: 64×64 scenes of "
-                       "1–3 red/green/blue/yellow/purple circles, squares and triangles.",
-        **defaults, "training": meta,
-    }
-    defaults_path.write_text(json.dumps(defaults, indent=2) + "\n")
-
-
-def load_exported(folder: Path):
-    """VAE, UNet, text encoder and tokenizer of a model this module exported (safetensors)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    return (AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True),
-            UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True),
-            CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
-            CLIPTokenizer.from_pretrained(folder / "tokenizer"))
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("data/models/shapes"))
+    p.add_argument("--out", type=Path, default=Path("mag_explore/data/models/shapes"))
     p.add_argument("--workdir", type=Path, default=Path("checkpoints/shapes"))
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--vae-batch", type=int, default=16)

@@ -5,7 +5,7 @@ has the object's own shape (ellipse for a circle, rect for a square, an upright 
 polygon), so a perfect image can reach IoU ≈ 1. Training scenes put objects of width
 14–30 px (0.22–0.47) anywhere at random; layouts tagged "contradicts" put objects where
 the model has no reason to put them by itself: crowded into one half or into the corners,
-or in the opposite order to the caption. Run: python data/suites/make_shapes_suite.py
+or in the opposite order to the caption. Run: python mag_explore/data/suites/make_shapes_suite.py
 """
 import json
 from pathlib import Path

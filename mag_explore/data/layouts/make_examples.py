@@ -1,4 +1,4 @@
-"""Rebuild the example layouts in this folder: ``python data/layouts/make_examples.py``.
+"""Rebuild the example layouts in this folder: ``python mag_explore/data/layouts/make_examples.py``.
 
 Each example is drawn once in relative coordinates and saved as a color-label PNG at
 64x64 (the shapes-world model's size) and 512x512 (Stable Diffusion's), plus a JSON
@@ -26,8 +26,8 @@ EXAMPLES = {
         [ellipse("yellow circle", 0.5, 0.27, 0.2, 0.2, color=YELLOW),
          rect("green square", 0.3, 0.56, 0.7, 0.96, color=GREEN)],
     ),
-    # Both objects low, where the shapes model never puts them by itself (the demo's layout:
-    # mask IoU 0.04 without control, 0.63-0.69 with MAG over 4 seeds in the evaluation).
+    # Both objects low, where the shapes model never puts them by itself (the demo's layout;
+    # the README gives its mask IoU without control and with MAG).
     "bottom_half": (
         "a green square and a purple circle",
         [rect("green square", 0.1, 0.63, 0.4, 0.93, color=GREEN),
