@@ -21,13 +21,15 @@ import pytest
 from PIL import Image
 
 import mag_explore as mx
+from mag_explore.data import data_dir
 from mag_explore.editing import edit_image
 from mag_explore.evaluate import run_evaluation
 from mag_explore.validation import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUT_PNG = ROOT / "mag_explore" / "data" / "layouts" / "left_right.png"
-SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
+DATA = data_dir()
+LAYOUT_PNG = DATA / "layouts" / "left_right.png"
+SUITE = DATA / "suites" / "shapes.json"
 PROMPT = "a red circle and a blue square"
 REGIONS = {"#ff0000": "red circle", "#0000ff": "blue square"}
 
@@ -58,7 +60,7 @@ def gen(*args, layout=True):
 
 
 def edit(*args):
-    return ["edit", "--image", "{in}/scene.png", "--prompt", PROMPT, "--layout", str(ROOT / "mag_explore/data/layouts/left_right.json"),
+    return ["edit", "--image", "{in}/scene.png", "--prompt", PROMPT, "--layout", str(DATA / "layouts" / "left_right.json"),
             "--out", "{out}/edited.png", "--steps", "4", *args]
 
 
