@@ -12,7 +12,10 @@ def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     spec.loader.exec_module(gpu)
     stem = gpu.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--steps", "5", "--size", "64",
                      "--out", str(tmp_path)])
-    result = json.loads(stem.with_suffix(".json").read_text())
+    runs = json.loads(stem.with_suffix(".json").read_text())["runs"]
+    assert [r["model"] for r in runs] == ["SD1.5-like tiny (tests)", "SDXL base-like tiny (tests)"]
+    assert [r["variant"] for r in runs[1]["rows"]][0] == "diffusers StableDiffusionXLPipeline"
+    result = runs[0]
     assert [r["variant"] for r in result["rows"]] == [
         "diffusers StableDiffusionPipeline", "ours, no controls", "ours + store (all steps)", "ours + swap (t > 700)",
         "ours + MAG (t > 700)", "ours + MAG, gradient checkpointing"]
