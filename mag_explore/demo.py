@@ -9,7 +9,7 @@ import numpy as np
 from .layouts import Layout
 from .methods import run_methods_on
 from .models import load_pipeline, model_defaults
-from .plots import upsample_map
+from .plots import CMAP, FONT, TITLE, upsample_map
 from .schedule import resolve_step_range
 from .shapes.scoring import iou_text, region_iou
 
@@ -22,27 +22,28 @@ def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=0, 
     results = run_methods_on(pipe, layout, num_inference_steps=num_inference_steps, seed=seed, progress=True)
     phrases = layout.labels
     names = {"none": "no control", "swap": "masked-attention swap", "mag": "MAG"}
-    fig, axes = plt.subplots(len(results), 2 + len(phrases), figsize=(2.3 * (2 + len(phrases)), 2.4 * len(results)))
+    fig, axes = plt.subplots(len(results), 2 + len(phrases), figsize=(3.4 * (2 + len(phrases)), 3.4 * len(results)))
     for row, (method, result) in zip(axes, results.items()):
         row[0].imshow(layout.color_image())
-        row[0].set_title("layout: " + ", ".join(phrases), fontsize=7)
+        row[0].set_title("layout:\n" + ", ".join(phrases), fontsize=FONT)
         row[1].imshow(result.images[0])
         # Where objects landed vs their regions, in the shapes world (its colors are known).
         scored = not any(np.isnan(list(region_iou(result.images[0], layout).values())))
-        row[1].set_title(names[method] + (f"\n{iou_text(result.images[0], layout)}" if scored else ""), fontsize=7)
+        row[1].set_title(names[method] + (f"\n{iou_text(result.images[0], layout)}" if scored else ""), fontsize=FONT)
         image = result.images[0]
         for ax, phrase in zip(row[2:], phrases):
             maps = result.store.aggregate(tokens=result.token_indices(phrase)).sum(0)
             ax.imshow(image)
-            ax.imshow(upsample_map(maps, (image.height, image.width)), cmap="jet", alpha=0.6)
-            ax.set_title(f'"{phrase}" attention', fontsize=8)
+            ax.imshow(upsample_map(maps, (image.height, image.width)), cmap=CMAP, alpha=0.6)
+            ax.set_title(f'"{phrase}" attention', fontsize=FONT)
         for ax in row:
             ax.axis("off")
     used = results["mag"].settings  # what the run really used, not what the defaults say
     mag = used["mag"]
     fig.suptitle(f'"{layout.prompt}" — {used["num_inference_steps"]} DDIM steps, CFG {used["guidance_scale"]}, '
-                 f'seed {seed}; MAG α={mag["alpha"]}, λ={mag["lmbda"]}, while {resolve_step_range(mag.get("while_t_above"), mag.get("step_range"))}; '
-                 "maps: all steps and layers, head mean", fontsize=8)
+                 f'seed {seed}\nMAG ({mag["step"]} step) α={mag["alpha"]}, λ={mag["lmbda"]}, '
+                 f'while {resolve_step_range(mag.get("while_t_above"), mag.get("step_range"))}; '
+                 "maps: all steps and layers, head mean", fontsize=TITLE)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

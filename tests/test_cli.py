@@ -111,8 +111,8 @@ def test_help_names_every_option_with_its_default():
 
 def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp_path, capsys):
     # The README's main command on a tiny pipeline: layout, image and one attention map per
-    # region, for none / swap / MAG, so 3 rows × (2 + 2) panels of 2.3 × 2.4 inches at 110 dpi.
+    # region, for none / swap / MAG, so 3 rows × (2 + 2) panels of 3.4 × 3.4 inches at 110 dpi.
     out = tmp_path / "demo.png"
     assert main(["demo", "--model", str(sd15_folder), "--steps", "4", "--out", str(out), "--device", "cpu"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert Image.open(out).size == (round(4 * 2.3 * 110), round(3 * 2.4 * 110))
+    assert Image.open(out).size == (round(4 * 3.4 * 110), round(3 * 3.4 * 110))

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..metrics import bootstrap_draws, bootstrap_interval
+from ..plots import FONT
 from ..suites import SuiteLayout
 from .run import ROW_FIELDS
 from .settings import DEFAULT
@@ -162,16 +163,16 @@ def plot_grid(suite: Sequence[SuiteLayout], methods: Sequence[str], images: dict
     iou = {(r["layout"], r["method"]): r["iou"] for r in rows if r["seed"] == seed
            and r.get("setting", DEFAULT) == DEFAULT}
     cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(suite), cols, figsize=(1.35 * cols, 1.45 * len(suite)), squeeze=False)
+    fig, axes = plt.subplots(len(suite), cols, figsize=(2.6 * cols, 2.8 * len(suite)), squeeze=False)  # legible at FONT pt
     for ax_row, item in zip(axes, suite):
         ax_row[0].imshow(item.layout.color_image())
-        ax_row[0].set_title(item.layout.prompt.replace(" and ", " &\n").replace(", ", ",\n"), fontsize=5)
+        ax_row[0].set_title(item.layout.prompt.replace(" and ", " &\n").replace(", ", ",\n"), fontsize=FONT)
         for ax, method in zip(ax_row[1:], methods):
             if (item.name, method) in images:
                 ax.imshow(images[(item.name, method)])
-                ax.set_title(f"{method}  IoU {iou[(item.name, method)]:.2f}", fontsize=6)
+                ax.set_title(f"{method}  IoU {iou[(item.name, method)]:.2f}", fontsize=FONT)
             else:  # an image that is not on this machine (a multi-node run without a shared --out)
-                ax.set_title(f"{method}: no image here", fontsize=6)
+                ax.set_title(f"{method}: no image here", fontsize=FONT)
         for ax in ax_row:
             ax.axis("off")
     fig.tight_layout()
@@ -211,7 +212,7 @@ def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str 
                 ax.plot([e["fidelity"]], [e["mean_iou"]], "*", color=color, markersize=17,
                         markeredgecolor="black", zorder=5)
             else:
-                ax.annotate(e["setting"], (e["fidelity"], e["mean_iou"]), fontsize=7, color=color,
+                ax.annotate(e["setting"], (e["fidelity"], e["mean_iou"]), fontsize=FONT, color=color,
                             xytext=(4, 3), textcoords="offset points")
     ax.plot([], [], "*", color="gray", markeredgecolor="black", markersize=14, label="★ default setting")
     ax.set_xlabel("prompt fidelity (every color present, no extra color, shapes right)", fontsize=11)
@@ -219,7 +220,7 @@ def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str 
     ax.set_title(title or "The price of control: placement against prompt fidelity, per method and setting",
                  fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
+    ax.legend(fontsize=FONT, loc="best")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
