@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..attention import AttentionHook, cross_attention_hooks
 from .architecture import (MAX_LENGTH, export, load_exported, make_scheduler, make_text_encoder,  # noqa: F401
                            make_tokenizer, make_unet, make_vae, n_params)
-from .world import COLORS, SIZE, make_scene
+from .world import COLORS, OBJECT_COUNTS_P, SIZE, make_scene
 
 SEED = 1234
 CHECKPOINT_SECONDS = 300
@@ -57,7 +57,8 @@ def scene_batch(seed: int, n: int, empty_caption_prob: float = 0.0):
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
-def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int):
+def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int,
+                         object_counts_p: tuple[float, float, float] = OBJECT_COUNTS_P):
     """Like ``scene_batch``, plus what the grounding loss needs.
 
     Returns images, token ids, object masks (n, 3, grid, grid) as the share of each latent
@@ -65,7 +66,8 @@ def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int):
     (its color word and its shape word), or -1 (BOS, "a", "and", EOS, padding).
     """
     rng = np.random.default_rng(seed)
-    scenes = [make_scene(rng, empty_caption_prob=0.0) for _ in range(n)]
+    scenes = [make_scene(rng, empty_caption_prob=0.0, object_counts_p=object_counts_p)
+              for _ in range(n)]
     images = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1
     ids = tokenize(tokenizer, [s.caption for s in scenes])
     color_ids = {tokenizer(c, add_special_tokens=False).input_ids[0]: c for c in COLORS}
@@ -148,16 +150,18 @@ def vae_psnr(vae, n: int = 64, device: str = "cpu") -> float:
 
 
 @torch.no_grad()
-def encode_pool(vae, tokenizer, workdir: Path, size: int, device: str):
+def encode_pool(vae, tokenizer, workdir: Path, size: int, device: str,
+                object_counts_p: tuple[float, float, float] = OBJECT_COUNTS_P):
     """Latents (unscaled posterior means), token ids, object masks and token→object maps."""
-    path = workdir / f"pool_{size}.pt"
+    mix = "" if tuple(object_counts_p) == OBJECT_COUNTS_P else "_" + "-".join(f"{p:g}" for p in object_counts_p)
+    path = workdir / f"pool_{size}{mix}.pt"
     if (cached := load_checkpoint(path)) is not None:
         return cached
     grid = SIZE // 4  # the latent's side
     parts = []
     for start in tqdm(range(0, size, 256), desc="encode pool"):
         images, ids, masks, token_object = scene_batch_grounded(
-            SEED * 104729 + start, min(256, size - start), tokenizer, grid)
+            SEED * 104729 + start, min(256, size - start), tokenizer, grid, object_counts_p)
         latents = vae.encode(images.to(device)).latent_dist.mean.cpu()
         parts.append((latents, ids, masks, token_object))
     pool = {key: torch.cat([p[i] for p in parts])
@@ -299,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=6400, help="scenes in the pre-encoded pool")
     p.add_argument("--grounding", type=float, default=0.1,
                    help="weight of the token grounding loss on the cross-attention maps (0: off)")
+    p.add_argument("--object-counts", type=float, nargs=3, default=list(OBJECT_COUNTS_P),
+                   metavar=("P1", "P2", "P3"),
+                   help="share of 1-, 2- and 3-object scenes in the pool (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder learning rate")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from an exported model folder: keep its VAE, start the UNet and "
                         "text encoder from its weights (stage 1 is skipped)")
@@ -323,18 +331,22 @@ def main(argv: list[str] | None = None) -> None:
         vae = train_vae(args.workdir, args.vae_steps, args.vae_batch, 1e-3, args.resume, args.device)
     psnr = vae_psnr(vae, device=args.device)
     t1 = time.time()
-    pool = encode_pool(vae, tokenizer, args.workdir, args.pool, args.device)
+    if abs(sum(args.object_counts) - 1) > 1e-6 or min(args.object_counts) < 0:
+        p.error(f"--object-counts {args.object_counts}: three shares >= 0 that sum to 1")
+    pool = encode_pool(vae, tokenizer, args.workdir, args.pool, args.device,
+                       tuple(args.object_counts))
     scale = 1.0 / pool["latents"].std().item()  # unit-variance latents, as SD's 0.18215 does
     vae.register_to_config(scaling_factor=scale)
     print(f"VAE: PSNR {psnr:.1f} dB on fresh scenes, latent std {1 / scale:.3f}")
     empty_ids = tokenize(tokenizer, [""])
     unet, text, steps = train_unet(pool, scale, empty_ids, tokenizer, args.workdir,
-                                   args.unet_steps, args.unet_batch, 5e-4, stop_at,
+                                   args.unet_steps, args.unet_batch, args.lr, stop_at,
                                    args.resume, args.device, grounding=args.grounding, init=init)
     t2 = time.time()
     meta = {"vae_steps": args.vae_steps if init is None else previous.get("vae_steps"),
             "vae_psnr_db": round(psnr, 2), "unet_steps": steps, "grounding": args.grounding,
-            "pool": args.pool, "seed": SEED, "vae_params": n_params(vae),
+            "pool": args.pool, "object_counts": list(args.object_counts), "lr": args.lr,
+            "seed": SEED, "vae_params": n_params(vae),
             "unet_params": n_params(unet), "text_encoder_params": n_params(text),
             "this_run_minutes": {"vae": round((t1 - t0) / 60, 1),
                                  "unet": round((t2 - t1) / 60, 1)}}

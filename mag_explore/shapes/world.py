@@ -108,8 +108,12 @@ def render(objects: list[tuple[str, str, float, float, float]], background: np.n
     return np.clip(np.round(image), 0, 255).astype(np.uint8), masks
 
 
+OBJECT_COUNTS_P = (0.25, 0.45, 0.30)  # share of 1-, 2- and 3-object scenes
+
+
 def make_scene(rng: np.random.Generator, n_objects: int | None = None,
-               empty_caption_prob: float = 0.1) -> Scene:
+               empty_caption_prob: float = 0.1,
+               object_counts_p: tuple[float, float, float] = OBJECT_COUNTS_P) -> Scene:
     """One random scene: 1–3 objects of distinct colors, caption in random order.
 
     Colors are distinct within a scene so that "which blob is the red one" always has
@@ -117,7 +121,7 @@ def make_scene(rng: np.random.Generator, n_objects: int | None = None,
     they teach the model to draw every object it is asked for.
     """
     if n_objects is None:
-        n_objects = int(rng.choice([1, 2, 3], p=[0.25, 0.45, 0.30]))
+        n_objects = int(rng.choice([1, 2, 3], p=list(object_counts_p)))
     boxes = _place(rng, n_objects)
     colors = rng.choice(list(COLORS), size=len(boxes), replace=False)
     shapes = rng.choice(SHAPES, size=len(boxes))
