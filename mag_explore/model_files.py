@@ -10,8 +10,9 @@ are accepted, and that is checked from the small ``model_index.json``:
   CLIPTokenizer, ``vae`` = AutoencoderKL), SDXL base (``StableDiffusionXLPipeline``:
   also ``text_encoder_2`` = CLIPTextModelWithProjection and ``tokenizer_2``; see
   ``mag_explore.families``), from the Hugging Face hub or a local folder, and
-  ``"shapes"``, the small model shipped in the package;
-* refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder), SD3, Flux,
+  ``"shapes"``, the small model shipped in the package; Flux.1 (``FluxPipeline``) and SD3
+  (``StableDiffusion3Pipeline``), whose joint attention is hooked instead (``families.mmdit``);
+* refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder),
   PixArt (a transformer instead of a UNet), Kandinsky (image-embedding conditioning),
   DeepFloyd IF (T5), inpainting and upscaling UNets (extra input channels), ...
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from .data import DATA_ENV, data_dir
 from .families import SDXL_COMPONENTS
+from .families.mmdit import check_mmdit_components
 
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -40,7 +42,9 @@ SUPPORTED = (
     "tokenizer = CLIPTokenizer, vae = AutoencoderKL; 4 latent input channels), e.g. "
     f"{DEFAULT_GPU_MODEL!r}, 'stabilityai/stable-diffusion-2-1', or {SHAPES!r}; and SDXL base pipelines "
     "(StableDiffusionXLPipeline: also text_encoder_2 = CLIPTextModelWithProjection, tokenizer_2 = "
-    "CLIPTokenizer), e.g. 'stabilityai/stable-diffusion-xl-base-1.0'"
+    "CLIPTokenizer), e.g. 'stabilityai/stable-diffusion-xl-base-1.0'; and Flux.1 (FluxPipeline) and SD3 "
+    "(StableDiffusion3Pipeline) pipelines, e.g. 'black-forest-labs/FLUX.1-dev', "
+    "'stabilityai/stable-diffusion-3-medium-diffusers'"
 )
 
 # Components an SD 1.x/2.x pipeline must have: name -> accepted (library, class) pairs.
@@ -128,7 +132,7 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def require_safetensors(folder: Path, index: dict) -> None:
     """Say clearly when a component only has pickle weights (diffusers' error is terse)."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         sub = folder / name
         if not sub.is_dir() or _component(index, name) is None:
             continue  # check_supported reports missing components
@@ -181,7 +185,9 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
     reason = None
     sdxl = "text_encoder_2" in components or "tokenizer_2" in components
     required = {**_REQUIRED_COMPONENTS, **SDXL_COMPONENTS} if sdxl else _REQUIRED_COMPONENTS
-    if "unet" not in present:
+    if "transformer" in present and "unet" not in present:
+        reason = check_mmdit_components(present, cls)
+    elif "unet" not in present:
         denoiser = present.get("transformer") or present.get("prior") or present.get("decoder")
         what = f"its denoiser is {denoiser[1]}" if denoiser else f"its components are {sorted(present)}"
         reason = f"it has no UNet ({what}), so there is no UNet cross-attention to work on"

@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x and SDXL pipelines, and their generation defaults.
+"""Loading Stable Diffusion 1.x / 2.x, SDXL, Flux.1 and SD3 pipelines, and their generation defaults.
 
 Which models are accepted, and how that is checked before any weight is loaded, is
 :mod:`mag_explore.model_files`. Only ``.safetensors`` weights are read, and no code shipped
@@ -21,7 +21,7 @@ from .model_files import (  # noqa: F401
     DEFAULT_GPU_MODEL, SHAPES, SUPPORTED, UnsupportedModelError, check_supported, locate, require_safetensors,
     shapes_model_dir,
 )
-from .families import FAMILY_DEFAULTS, family
+from .families import FAMILY_DEFAULTS, family, native_size
 
 #: Environment variable: the model to load when none is named.
 MODEL_ENV = "MAG_EXPLORE_MODEL"
@@ -51,6 +51,8 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "mag_lambda": (int, float),
     "mag_step": (str,),
     "guide_until": (int, float),
+    "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
+    "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
 }
 
 # --------------------------------------------------------------------------- places
@@ -145,7 +147,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     verbose: bool = False,
 ):
-    """Load a Stable Diffusion 1.x/2.x or SDXL base pipeline, ready to sample on ``device``.
+    """Load a Stable Diffusion 1.x/2.x, SDXL base, Flux.1 or SD3 pipeline, ready to sample on ``device``.
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
@@ -161,11 +163,12 @@ def load_pipeline(
     Returns:
         A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
         ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
-        the sampler's own pixels).
+        the sampler's own pixels), or a ``FluxPipeline`` / ``StableDiffusion3Pipeline``
+        (an SD3 folder without T5 loads with ``text_encoder_3=None``).
 
     Raises:
-        UnsupportedModelError: the model has no UNet cross-attention (SD3, Flux,
-            PixArt, Kandinsky, inpainting, ...). Checked before any weight is loaded.
+        UnsupportedModelError: the model is none of these (PixArt, Kandinsky, inpainting,
+            ...). Checked before any weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` before the
             embedded model is built.
         OSError: the hub could not be reached or has no such model.
@@ -179,10 +182,15 @@ def load_pipeline(
         require_safetensors(Path(source), index)
 
     with library_output(verbose):  # the import warns, from_pretrained shows loading bars
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import is_accelerate_available
 
-        if "text_encoder_2" in index:
+        if "transformer" in index:  # checked above: a FluxPipeline or a StableDiffusion3Pipeline
+            cls = FluxPipeline if index.get("_class_name") == "FluxPipeline" else StableDiffusion3Pipeline
+            options = {}
+            if cls is StableDiffusion3Pipeline and _component_missing(index, "text_encoder_3"):
+                options = dict(text_encoder_3=None, tokenizer_3=None)
+        elif "text_encoder_2" in index:
             cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
         else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
             cls, options = StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
@@ -197,6 +205,11 @@ def load_pipeline(
             **{_dtype_keyword(): dtype},
         )
     return pipe.to(device)
+
+
+def _component_missing(index: dict, name: str) -> bool:
+    value = index.get(name)
+    return not (isinstance(value, (list, tuple)) and len(value) == 2 and value[1] is not None)
 
 
 # --------------------------------------------------------------------------- defaults
@@ -225,17 +238,18 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``mag_step`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
         "normalized" (ours: α noise-stds per step, see ``MaskedAttentionGuidance``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
-        (the early, layout-forming steps).
+        (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
+        Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the
+        pipelines' own ``guidance_scale`` (3.5 and 7.0), ``num_inference_steps`` (28) and no
+        negative prompt; Flux has ``true_cfg_scale`` (1.0: true CFG off).
 
     A file ``mag_explore.json`` in the pipeline's folder (a local model, or the
     embedded "shapes" model) overrides any of these keys, e.g.
     ``{"num_inference_steps": 20, "guidance_scale": 5.0}``. Hub models have no folder,
     so they get the defaults above.
     """
-    sample = pipe.unet.config.sample_size
-    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    factor = pipe.vae_scale_factor
-    defaults: dict[str, Any] = {"height": h * factor, "width": w * factor, **_GENERATION_DEFAULTS,
+    h, w = native_size(pipe)
+    defaults: dict[str, Any] = {"height": h, "width": w, **_GENERATION_DEFAULTS,
                                 **FAMILY_DEFAULTS[family(pipe)]}
 
     folder = _pipeline_folder(pipe)

@@ -10,7 +10,8 @@
           --> VAE decode --> images
 
 Without controls, ``generate`` gives the same pixels as diffusers'
-``StableDiffusionPipeline`` with the same scheduler, seed and settings (tested).
+``StableDiffusionPipeline`` with the same scheduler, seed and settings (tested); likewise for
+SDXL, Flux.1 and SD3, whose differences live in ``mag_explore.families``.
 ``Sampler`` is the same loop one step at a time, for inspecting what happens in between.
 """
 from __future__ import annotations
@@ -26,10 +27,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import AttentionStore, cross_attention_hooks
-from .families import Conditioning, check_token_positions, denoise, encode_prompt, unscale_latents, vae_in_working_dtype
+from . import families
+from .attention import AttentionStore
+from .families import Conditioning, encode_prompt, unscale_latents, vae_in_working_dtype
 from .models import model_defaults
-from .schedule import ddim_scheduler
 from .tokens import prompt_tokens, token_indices
 from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
                          check_size)
@@ -159,7 +160,7 @@ class GenerationResult:
 def encode_text(pipe, texts: list[str]) -> torch.Tensor:
     """Text embeddings (batch, tokens, features): what cross-attention attends to, for each
     text (``families.encode_prompt`` also gives SDXL's pooled embeddings and time ids)."""
-    return torch.cat([encode_prompt(pipe, text).embeddings for text in texts])
+    return torch.cat([encode_prompt(pipe, text, guidance_scale=0.0).embeddings for text in texts])
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> tuple[np.ndarray, list[Image.Image]]:
@@ -187,6 +188,8 @@ class Sampler:
         negative_prompt: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        max_sequence_length: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         height: int | None = None,
@@ -214,40 +217,43 @@ class Sampler:
         num_inference_steps = check_count(
             "num_inference_steps", defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
             maximum=pipe.scheduler.config.num_train_timesteps)
-        factor = pipe.vae_scale_factor
+        # Flux, SD3: CFG with a second pass on the negative prompt (Flux), T5's length
+        self.true_cfg_scale, self.max_sequence_length = families.check_mmdit_options(
+            pipe, defaults, true_cfg_scale, max_sequence_length)
         height, width = check_size(defaults["height"] if height is None else height,
-                                   defaults["width"] if width is None else width, factor)
+                                   defaults["width"] if width is None else width, families.size_multiple(pipe))
         self.eta = check_number("eta", eta, minimum=0)
         self.num_images = check_count("num_images", num_images)
         self.height, self.width = height, width
         self.controls, self.store, self.callbacks = list(controls), store, list(callbacks)
         self.keep_latents, self.keep_x0 = keep_latents, keep_x0
-        self.device = pipe.unet.device
+        self.device = families.denoiser(pipe).device
         seed = check_seed(seed)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         self.generator, self.seed = generator, seed
 
-        # 1. the prompt -> embeddings for both halves of classifier-free guidance
-        check_token_positions(pipe, prompt)  # SDXL: both tokenizers must agree on word positions
-        self.cond = encode_prompt(pipe, prompt, num_images, (height, width))
-        self.uncond = encode_prompt(pipe, self.negative_prompt, num_images, (height, width))
-        self.cond_embeddings, self.uncond_embeddings = self.cond.embeddings, self.uncond.embeddings
-        self.num_prompt_tokens = len(pipe.tokenizer(prompt, truncation=True).input_ids)
-        # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was)
-        if scheduler is None:
-            scheduler = ddim_scheduler(pipe, num_inference_steps, device=self.device)
-        else:
-            scheduler.set_timesteps(num_inference_steps, device=self.device)
-        self.scheduler = scheduler
+        # 1. the prompt -> embeddings for both halves of classifier-free guidance (Flux without a
+        #    negative prompt: uncond is None, one pass per step)
+        families.check_prompt(pipe, prompt)  # SDXL, SD3: both CLIP tokenizers must agree on word positions
+        text = dict(max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale)
+        self.cond = encode_prompt(pipe, prompt, num_images, (height, width), **text)
+        self.uncond = encode_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
+        self.cond_embeddings = self.cond.embeddings
+        self.uncond_embeddings = None if self.uncond is None else self.uncond.embeddings
+        self.num_prompt_tokens = families.num_prompt_tokens(pipe, prompt, self.max_sequence_length)
+        # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was):
+        #    DDIM for a UNet, the pipeline's own flow-matching scheduler (shift, mu) for Flux / SD3
+        shape = families.latent_shape(pipe, num_images, height, width)
+        self.scheduler = families.make_scheduler(pipe, num_inference_steps, shape[-2:], self.device, scheduler)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
         # 3. the initial noise x_T, scaled as the scheduler expects. x_t stays float32 across
         #    steps whatever the UNet's dtype, as in the official MAG code: in fp16, a guidance
         #    update below ~5e-4 on a latent near 1 would round away.
-        shape = (num_images, pipe.unet.config.in_channels, height // factor, width // factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=pipe.unet.dtype)
-            latents = latents * self.scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator=generator, device=self.device,
+                                   dtype=families.denoiser(pipe).dtype)
+            latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching: x_1 is the noise
         elif tuple(latents.shape) != shape or not torch.isfinite(latents).all():
             raise InputError(f"latents of shape {tuple(latents.shape)}: give finite latents of shape {shape} "
                              f"for {num_images} image(s) of {height}x{width}")
@@ -281,7 +287,7 @@ class Sampler:
                               attention, self.timesteps)
             for control in self.controls:  # e.g. MAG moves x_t before the ordinary step
                 state.latents = control.before_step(state)
-            noise = self.predict_noise(state.latents, t)
+            noise = self.predict_noise(state.latents, t, attention)
             output = self.scheduler.step(noise, t, state.latents, **self._step_kwargs(), return_dict=True)
         self.latents = output.prev_sample.float()
         check_latents_finite(self.latents, i, int(t), self._knobs())  # a NaN never becomes an image
@@ -304,15 +310,12 @@ class Sampler:
         if self._run_attention is not None:
             return nullcontext(self._run_attention)
         hooks = self.hooks
-        return cross_attention_hooks(self.pipe.unet, hooks) if hooks else nullcontext()
+        return families.attention_hooks(self.pipe, hooks) if hooks else nullcontext()
 
-    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """UNet on the batch [uncond, cond] (in the UNet's dtype), then classifier-free guidance (fp32)."""
-        model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.pipe.unet.dtype)
-        with torch.no_grad():
-            noise = denoise(self.pipe, model_input, t, Conditioning.cat([self.uncond, self.cond]))
-        noise_uncond, noise_cond = noise.float().chunk(2)
-        return noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, attention=None) -> torch.Tensor:
+        """The guided prediction (fp32): UNet on [uncond, cond] + CFG; Flux / SD3: see families.mmdit.predict."""
+        return families.predict(self.pipe, self.scheduler, latents, t, self.cond, self.uncond, self.guidance_scale,
+                                self.true_cfg_scale, attention)
 
     def _knobs(self) -> str:
         knobs = [c.knob() for c in self.controls if c.knob()]
@@ -328,7 +331,7 @@ class Sampler:
     def run(self, progress: bool = True) -> GenerationResult:
         """Do the remaining steps (with a progress bar) and decode."""
         hooks = self.hooks
-        with cross_attention_hooks(self.pipe.unet, hooks) if hooks else nullcontext() as attention:
+        with families.attention_hooks(self.pipe, hooks) if hooks else nullcontext() as attention:
             self._run_attention = attention
             try:
                 for _ in tqdm(range(self.step_index, len(self.timesteps)), desc="denoising", disable=not progress):
@@ -350,6 +353,10 @@ class Sampler:
             guidance_scale=self.guidance_scale, seed=self.seed, height=self.height, width=self.width,
             eta=self.eta, scheduler=type(self.scheduler).__name__,
         )
+        if families.is_mmdit(self.pipe):
+            settings.update(max_sequence_length=self.max_sequence_length, family=families.family(self.pipe))
+            if families.family(self.pipe) == families.FLUX:
+                settings["true_cfg_scale"] = self.true_cfg_scale
         # each control's resolved settings and diagnostics, under its short name ("mag", ...)
         for name, control in zip(control_names(self.controls), self.controls):
             if control.settings:
@@ -360,7 +367,7 @@ class Sampler:
             images=images, pixels=pixels, latents=self.latents.detach().cpu(), timesteps=self.timesteps,
             prompt=self.prompt, settings=settings, store=self.store,
             step_latents=self.step_latents, step_x0=self.step_x0, diagnostics=diagnostics,
-            tokenizer=self.pipe.tokenizer,
+            tokenizer=families.span_tokenizer(self.pipe, self.max_sequence_length),
         )
 
 

@@ -5,11 +5,17 @@ token ``<|startoftext|>`` (as in the official MAG code, which counts word ids fr
 1), a rare word may be split into several BPE tokens, and a word can occur twice.
 Getting these indices wrong is the most common silent bug in attention-control code,
 so everything here is explicit and checked.
+
+T5 (Flux.1, SD3) marks word starts with ``▁`` and has no BOS: its tokenizers, and SD3's
+joint text keys (CLIP then T5), are handled by :mod:`mag_explore.t5_tokens`, and every
+function here accepts them too.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from . import t5_tokens
 
 _END_OF_WORD = "</w>"
 
@@ -24,13 +30,22 @@ class TokenizedWord:
 
 
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
-    """The prompt's token strings without padding: BOS, the prompt's tokens, EOS."""
+    """The prompt's token strings without padding: BOS, the prompt's tokens, EOS (T5: no BOS;
+    SD3's joint keys: the 77 CLIP keys, then T5's)."""
+    if isinstance(tokenizer, t5_tokens.JointPromptTokens):
+        return tokenizer.prompt_tokens(prompt)
+    if t5_tokens.is_sentencepiece(tokenizer):
+        return t5_tokens.t5_prompt_tokens(tokenizer, prompt)
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return tokenizer.convert_ids_to_tokens(ids)
 
 
 def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
-    """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``)."""
+    """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``; T5: see t5_tokens)."""
+    if isinstance(tokenizer, t5_tokens.JointPromptTokens):
+        return tokenizer.split_words(prompt, split_words(tokenizer.clip, prompt))
+    if t5_tokens.is_sentencepiece(tokenizer):
+        return t5_tokens.t5_split_words(tokenizer, prompt)
     tokens = prompt_tokens(tokenizer, prompt)
     words: list[TokenizedWord] = []
     current: list[int] = []
@@ -87,14 +102,13 @@ def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
     query = words_of(phrase)
     if not query:
         raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
-    texts = [w.word for w in words]
-    starts = [i for i in range(len(texts) - len(query) + 1) if texts[i : i + len(query)] == query]
-    if not starts:
+    found = t5_tokens.occurrences(words, query)
+    if not found:
         raise ValueError(
-            f"{phrase!r} is not in the prompt {prompt!r}. Its words are {texts} "
+            f"{phrase!r} is not in the prompt {prompt!r}. Its words are {[w.word for w in words]} "
             f"and its tokens are {describe_tokens(tokenizer, prompt)}"
         )
-    return [[i for w in words[s : s + len(query)] for i in w.token_indices] for s in starts]
+    return found
 
 
 def describe_tokens(tokenizer, prompt: str) -> str:

@@ -116,16 +116,27 @@ _SD_COMPONENTS = {
 }
 _T5 = {"text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"]}
 
+#: model_index.json of black-forest-labs/FLUX.1-dev
+FLUX_INDEX = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
+              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              **_T5, "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+#: model_index.json of stabilityai/stable-diffusion-3-medium-diffusers
+SD3_INDEX = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.29.0.dev0",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
 UNSUPPORTED = {
-    "flux": ("FluxPipeline", {
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        **_T5, "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }, None, "FluxTransformer2DModel"),
-    "sd3": ("StableDiffusion3Pipeline", {
+    "sd3-with-ddim": ("StableDiffusion3Pipeline", {
         **{k: v for k, v in _SD_COMPONENTS.items() if k != "unet"}, **_T5,
         "transformer": ["diffusers", "SD3Transformer2DModel"],
-    }, None, "SD3Transformer2DModel"),
+    }, None, "its 'scheduler' is DDIMScheduler from 'diffusers', not FlowMatchEulerDiscreteScheduler"),
+    "flux-with-custom-transformer": ("FluxPipeline", {**FLUX_INDEX, "transformer": ["my_dits", "FluxTransformer2DModel"]},
+                                     None, "not FluxTransformer2DModel"),
     "pixart": ("PixArtAlphaPipeline", {
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
         "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
@@ -165,6 +176,12 @@ def test_unsupported_architectures_are_refused_before_loading(case, tmp_path):
     assert class_name in message and reason in message
     assert "UNet2DConditionModel" in message and "Stable Diffusion 1.x/2.x" in message and "SDXL" in message
     assert isinstance(info.value, ValueError)
+
+
+def test_real_flux_and_sd3_model_index_files_are_accepted():
+    check_supported(FLUX_INDEX)
+    check_supported(SD3_INDEX)
+    check_supported({**SD3_INDEX, "text_encoder_3": [None, None], "tokenizer_3": [None, None]})  # SD3 without T5
 
 
 def test_real_sd15_and_sd21_model_index_files_are_accepted():

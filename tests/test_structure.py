@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mag_explore"
 MAX_LINES = 400
 
 #: The engine and what it stands on. None of it may import the application layer or the shapes world.
-CORE = {"bpe", "data", "model_files", "models", "families", "schedule", "tokens", "validation",  # base
+CORE = {"bpe", "data", "model_files", "models", "families", "schedule", "tokens", "t5_tokens", "validation",  # base
         "metrics", "suites",
         "attention", "sampling", "layouts", "methods", "inversion", "editing", "plots"}
 #: Above the core: what users run and what the course uses.
 APPS = {"cli", "demo", "course", "widgets", "exercises", "checking", "learner", "solutions",  # the course's checks
-        "evaluate", "nbtools", "testing", "__main__"}
+        "evaluate", "nbtools", "testing", "testing_mmdit", "__main__"}
 #: The synthetic world: may import the core, never the reverse.
 WORLD = {"shapes"}
 

@@ -24,7 +24,8 @@ class AttentionStore(AttentionHook):
             padded position) or a list of token indices.
         heads: "mean" (average over heads, the default) or "all".
         resolutions: keep only layers whose side is in this set, e.g. ``{16, 32}``; None = all.
-        places: keep only layers in these UNet halves, e.g. ``("mid", "up")``; None = all.
+        places: keep only layers in these UNet halves, e.g. ``("mid", "up")``, or these MMDiT blocks
+            ("double", "single": Flux; "joint": SD3); None = all.
         steps: keep only these step indices; None = all.
         roles: which CFG halves to keep; ("cond",) by default.
         device, dtype: where and how the maps are kept (CPU, float16 by default).
@@ -53,8 +54,10 @@ class AttentionStore(AttentionHook):
         if isinstance(places, str):
             places = [places]
         self.places = None if places is None else set(places)
-        if self.places is not None and not self.places <= {"down", "mid", "up"}:
-            raise ValueError(f"places={sorted(self.places)}; use some of 'down', 'mid', 'up'")
+        accepted = {"down", "mid", "up", "double", "single", "joint"}  # UNet halves; Flux's blocks; SD3's
+        if self.places is not None and not self.places <= accepted:
+            raise ValueError(f"places={sorted(self.places)}; use some of 'down', 'mid', 'up' (UNet), "
+                             f"'double', 'single' (Flux), 'joint' (SD3)")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.roles = tuple(roles)
         self.device, self.dtype = torch.device(device), dtype

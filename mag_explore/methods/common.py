@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from ..attention import cross_attention_grids
+from ..families import attention_grids, span_tokenizer
 from ..layouts import MASK_MODES
 from ..validation import InputError, NonFiniteError, check_choice, check_regions_at_layers
 
@@ -26,9 +26,11 @@ def layout_for_run(layout, sampler, method: str, mask_mode: str,
     if masks_at is None:
         check_choice(f"{method} mask_mode", mask_mode, MASK_MODES)
     layout = layout.for_generation(sampler.height, sampler.width)  # warns if it had to resize
-    layout = layout.resolve(sampler.pipe.tokenizer, sampler.prompt)
+    # the text keys' indices: CLIP tokens (SD, SDXL), T5 tokens (Flux), 77 CLIP then T5 (SD3)
+    layout = layout.resolve(span_tokenizer(sampler.pipe, getattr(sampler, "max_sequence_length", None)),
+                            sampler.prompt)
     latent_hw = (sampler.height // sampler.pipe.vae_scale_factor, sampler.width // sampler.pipe.vae_scale_factor)
-    every_layer = cross_attention_grids(sampler.pipe.unet, latent_hw)
+    every_layer = attention_grids(sampler.pipe, latent_hw)
     grids = {n: hw for n, hw in every_layer.items() if uses_layer(n, hw)}
     if not grids:
         sizes = sorted({f"{h}x{w}" for h, w in every_layer.values()})

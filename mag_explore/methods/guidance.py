@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from ..families import denoise
+from ..families import denoise, denoiser, model_input as scaled_input
 
 
 def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
@@ -26,7 +26,7 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
     ``step_size`` is a number, or a function of the gradient that returns one (per image,
     broadcastable), for steps scaled by the gradient's size.
     """
-    unet = state.pipe.unet
+    unet = denoiser(state.pipe)  # the UNet, or Flux's / SD3's transformer
     # 1. only the latent requires grad; it stays float32 on an fp16 UNet (the cast is part of
     #    the graph), so the update below is made in float32, as in the official code
     latents = latents.detach().float().requires_grad_(True)
@@ -34,11 +34,11 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
     with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
             state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
         # 2. a conditional-only UNet pass; the loss hook adds up its loss layer by layer
-        model_input = state.scheduler.scale_model_input(latents, state.timestep).to(unet.dtype)
+        model_input = scaled_input(state.scheduler, latents, state.timestep).to(unet.dtype)
         denoise(state.pipe, model_input, state.timestep, state.cond)  # SDXL: with pooled embeddings, time ids
         loss = loss_hook.loss
         if loss is None:
-            raise ValueError(f"no cross-attention layer matched {loss_hook.layers_wanted}")
+            raise ValueError(f"no attention layer matched {loss_hook.layers_wanted}")
         # 3. autograd: the gradient of the loss with respect to x_t. With gradient checkpointing the
         # backward pass runs the forward again, hooks included (it must, to rebuild the loss's own
         # graph), so the hook would count every layer twice: keep what it held after the forward.

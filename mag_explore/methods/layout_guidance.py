@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
+from ..families import require_unet
 from ..sampling import Control, StepState
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import check_finite, layout_for_run
@@ -188,6 +189,8 @@ class LayoutGuidance(Control):
         return [self.hook] if self.hook is not None else []
 
     def start(self, sampler) -> None:
+        # its layer choice (mid and first up blocks) and schedule are defined on a UNet
+        require_unet(sampler.pipe, "layout guidance")
         layer_names = set(self._choose_layers(sampler.pipe.unet))
         run_layout = layout_for_run(self.layout, sampler, "layout guidance", self.mask_mode,
                                     lambda name, hw: name in layer_names, layer_masks(self.mask_mode))

@@ -29,7 +29,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..attention import AttentionContext, AttentionHook, layer_place
+from ..attention import AttentionContext, AttentionHook
+from ..families import attention_places, noise_std
 from ..layouts import MASK_MODES
 from ..models import model_defaults
 from ..sampling import Control, StepState
@@ -38,7 +39,8 @@ from .common import check_finite, layout_for_run
 from .guidance import guidance_step
 from ..validation import check_choice, check_count, check_lambda, check_number
 
-PLACES = ("down", "mid", "up")
+#: UNet halves; Flux's double- and single-stream blocks; SD3's joint blocks
+PLACES = ("down", "mid", "up", "double", "single", "joint")
 
 STEP_RULES = ("official", "normalized")
 
@@ -166,6 +168,7 @@ class MaskedAttentionGuidance(Control):
         self.step = step
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
         self.hook: MagLossHook | None = None
+        self._layer_places: dict[str, str] = {}
         self.steps: StepRange | None = None  # the resolved range, after start
         self._settings: dict = {}
         self.history: list[dict] = []
@@ -176,7 +179,7 @@ class MaskedAttentionGuidance(Control):
     def uses_layer(self, layer: str, hw: tuple[int, int]) -> bool:
         """Whether the loss reads this cross-attention layer (``resolutions`` / ``places``)."""
         return (self.resolutions is None or max(hw) in self.resolutions) and (
-            self.places is None or layer_place(layer) in self.places)
+            self.places is None or self._layer_places.get(layer) in self.places)
 
     def knob(self) -> str:
         alpha = self._settings.get("alpha", self.alpha)
@@ -184,6 +187,7 @@ class MaskedAttentionGuidance(Control):
 
     def start(self, sampler) -> None:
         # words first: a phrase not in the prompt, or a region lost at every layer, fails here
+        self._layer_places = attention_places(sampler.pipe)
         run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self.uses_layer)
         defaults = model_defaults(sampler.pipe)
         alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
@@ -209,8 +213,8 @@ class MaskedAttentionGuidance(Control):
         alpha, latents = self._settings["alpha"], state.latents.detach()
         step_size = alpha
         if self._settings["step"] == "normalized":
-            noise_std = float(1 - state.scheduler.alphas_cumprod[int(state.timestep)]) ** 0.5
-            step_size = lambda grad: normalized_step_size(grad, alpha, noise_std)  # noqa: E731
+            sigma = noise_std(state.scheduler, state.timestep)  # √(1 − ᾱ_t); flow matching: σ
+            step_size = lambda grad: normalized_step_size(grad, alpha, sigma)  # noqa: E731
         for iteration in range(self.iterations):
             moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
             check_finite("MAG", state, loss, grad, f"alpha={alpha}")

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from ..attention import AttentionContext, AttentionHook
+from ..families import require_unet
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from ..layouts import MASK_MODES
@@ -102,6 +103,8 @@ class PaintWithWords(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
+        # its weight schedule log(1 + σ) and bonus are defined on DDIM's σ and on cross-attention rows
+        require_unet(sampler.pipe, "paint-with-words")
         self._run_layout = layout_for_run(self.layout, sampler, "paint-with-words", self.mask_mode)
         self._token_groups = [self._tokens_of(r, sampler) for r in self._run_layout.regions]
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "paint-with-words steps")

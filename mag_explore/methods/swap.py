@@ -4,17 +4,26 @@ In the conditional half of classifier-free guidance, for every region and every 
 its words, the cross-attention probability becomes ``1/len(tokens)`` inside the region and
 ``0`` outside. Other tokens keep their probabilities, so rows no longer sum to one - that
 is what the official code does; ``renormalize=True`` rescales the other tokens instead.
+
+On joint attention (Flux.1, SD3) the same values are set in the image→text block of the
+joint softmax: the region tokens' probabilities become ``mask / len(tokens)``, and every
+other entry of the row (the other text tokens *and* all image tokens) keeps its value. The
+row is not renormalised: the swapped entries are exactly the official values, and the image
+keys, which hold most of each row's mass, are left as the model computed them.
+``renormalize=True`` is refused there: rescaling only the text part would not make the
+joint row sum to one, and rescaling the image keys too is a different method.
 """
 from __future__ import annotations
 
 import torch
 
 from ..attention import AttentionContext, AttentionHook
+from ..families import family, is_mmdit
 from ..models import model_defaults
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from ..layouts import MASK_MODES
-from ..validation import check_choice
+from ..validation import InputError, check_choice
 from .common import layout_for_run
 
 
@@ -49,6 +58,10 @@ class MaskedAttentionSwap(Control, AttentionHook):
         return [self]
 
     def start(self, sampler) -> None:
+        if self.renormalize and is_mmdit(sampler.pipe):
+            raise InputError(f"renormalize=True is defined for cross-attention rows; this {family(sampler.pipe)} "
+                             f"pipeline's joint attention rows also hold the image tokens (see the module doc): "
+                             f"use renormalize=False")
         self._run_layout = layout_for_run(self.layout, sampler, "swap", self.mask_mode)
         default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
         self.steps = resolve_step_range(self.while_t_above, self.step_range, default=default,

@@ -1,7 +1,4 @@
-"""Model families: how each one encodes a prompt and calls its denoiser, and nothing else.
-
-Everything above this module (the sampler, the methods, inversion) works the same for
-every family; only these few functions know the difference.
+"""The UNet families: how SD 1.x/2.x and SDXL encode a prompt and call their UNet.
 
 * **SD 1.x/2.x**: one CLIP text encoder; the UNet attends to its last hidden states
   ``(batch, 77, 768 | 1024)``.
@@ -18,12 +15,12 @@ every family; only these few functions know the difference.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .tokens import prompt_tokens
+from ..tokens import prompt_tokens
+from .conditioning import Conditioning
 
 SD, SDXL = "sd", "sdxl"
 
@@ -35,51 +32,6 @@ SDXL_COMPONENTS: dict[str, set[tuple[str, str]]] = {
     "tokenizer": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
     "tokenizer_2": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
 }
-
-#: Defaults that differ by family (see ``models.model_defaults``). SDXL's MAG step size:
-#: the loss sums over every cross-attention layer, head and pixel, and SDXL base at 1024²
-#: has about 7.6x as many of those terms as SD 1.5 at 512² (70 layers of 10-20 heads at
-#: 64² and 32², against 16 layers of 8 heads at 64² ... 8²: 1.64 M vs 0.22 M), so the
-#: official 0.08 is divided by 7.6 to keep the step on x_t of a similar size. NOT calibrated
-#: on real SDXL weights: a first guess until someone measures it on a GPU.
-FAMILY_DEFAULTS: dict[str, dict] = {SD: {}, SDXL: {"mag_alpha": 0.01}}
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What the denoiser is conditioned on, for one batch of rows.
-
-    ``embeddings`` (batch, tokens, dim) are what cross-attention attends to; SDXL adds
-    ``pooled`` (batch, dim2) and ``time_ids`` (batch, 6); both are None for SD 1.x/2.x.
-    """
-
-    embeddings: torch.Tensor
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.embeddings.shape[0]
-
-    @staticmethod
-    def cat(parts: "list[Conditioning]") -> "Conditioning":
-        """Rows of several conditionings stacked, e.g. ``cat([uncond, cond])`` for CFG."""
-        def stack(name):
-            tensors = [getattr(p, name) for p in parts]
-            return None if tensors[0] is None else torch.cat(tensors)
-        return Conditioning(stack("embeddings"), stack("pooled"), stack("time_ids"))
-
-    def unet_kwargs(self) -> dict:
-        """Keyword arguments of ``UNet2DConditionModel.forward`` besides sample and timestep."""
-        kwargs = {"encoder_hidden_states": self.embeddings}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
-
-
-def family(pipe) -> str:
-    """``"sdxl"`` for a pipeline with a second text encoder, else ``"sd"``."""
-    return SDXL if getattr(pipe, "text_encoder_2", None) is not None else SD
-
 
 def denoise(pipe, model_input: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
     """The UNet's prediction for ``model_input`` (one row per row of ``cond``)."""
@@ -93,7 +45,7 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] 
     ``force_zeros_for_empty_prompt`` is set (as diffusers). ``size`` (height, width) is
     SDXL's original and target size in ``time_ids`` (default: the model's native size).
     """
-    if family(pipe) == SD:
+    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x/2.x
         return Conditioning(_clip_hidden_states(pipe.tokenizer, pipe.text_encoder, text or "", -1)[0]
                             .to(pipe.unet.dtype).repeat(batch, 1, 1))
     dtype = pipe.text_encoder_2.dtype
@@ -141,7 +93,7 @@ def time_ids(pipe, size: tuple[int, int] | None, dtype: torch.dtype) -> torch.Te
 
 def check_token_positions(pipe, prompt: str) -> None:
     """SDXL: both tokenizers must split ``prompt`` into the same tokens (key i = token i in both halves)."""
-    if family(pipe) != SDXL:
+    if getattr(pipe, "text_encoder_2", None) is None:
         return
     first, second = prompt_tokens(pipe.tokenizer, prompt), prompt_tokens(pipe.tokenizer_2, prompt)
     if first != second:
