@@ -70,9 +70,9 @@ def occurrences(words: list[Word], query: list[str]) -> list[list[int]]:
     texts = [w.word for w in words]
     starts = [i for i in range(len(texts) - len(query) + 1) if texts[i: i + len(query)] == query]
     runs = []
-    for s in starts:  # a piece shared by two neighbouring words is listed once
+    for s in starts:  # ascending (SD3: CLIP keys, then T5 keys); a piece shared by two words is listed once
         indices = [i for w in words[s: s + len(query)] for i in w.token_indices]
-        runs.append(list(dict.fromkeys(indices)))
+        runs.append(sorted(set(indices)))
     return runs
 
 
