@@ -43,7 +43,7 @@ def add_common_options(p: argparse.ArgumentParser, steps_help: str = "denoising 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of an SD 1.x/2.x or SDXL pipeline, or 'shapes' (default: 'shapes' "
+                   help="hub id or local folder of an SD 1.x/2.x, SDXL, Flux.1 or SD3 pipeline, or 'shapes' (default: 'shapes' "
                         "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
     p.add_argument("--negative-prompt", default=None, help="default: the model's ('low quality', as the official MAG)")
     p.add_argument("--layout", help="color-label PNG of the regions")
@@ -56,11 +56,11 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-negative-lambda", action="store_true",
                    help="experimental: accept --lmbda < 0 (it rewards attention outside the regions)")
     p.add_argument("--guide-until", type=int, default=None,
-                   help="MAG guides while timestep t > T (default: the model's; 700 as the official code)")
+                   help="MAG guides while timestep t > T (default: the model's; 700 as the official code; Flux/SD3: t = 1000 sigma)")
     p.add_argument("--swap-until", type=int, default=None,
                    help="swap while timestep t > T (default: the model's guide_until; 700)")
     add_common_options(p, "denoising steps (default: the model's; 50)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD; Flux: its guidance embedding, 3.5)")
     p.add_argument("--seed", type=int, default=42, help="default 42 (the official script's)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")

@@ -41,7 +41,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .families import Conditioning, check_token_positions, denoise, encode_prompt, scale_latents, vae_in_working_dtype
+from .families import Conditioning, check_token_positions, require_unet, denoise, encode_prompt, scale_latents, vae_in_working_dtype
 from .models import model_defaults
 from .sampling import Control, GenerationResult, generate
 from .validation import check_count, check_number
@@ -190,6 +190,7 @@ def invert(
     sampler's step takes back to x_p exactly (for noise prediction), at k more UNet calls
     per step (measured gains: the README; floors: ``tests/test_inversion.py``).
     """
+    require_unet(pipe, "DDIM inversion")  # flow matching inverts differently (not implemented)
     if fixed_point_iterations < 0:
         raise ValueError(f"fixed_point_iterations={fixed_point_iterations}; use 0 (plain DDIM inversion) or more")
     defaults = model_defaults(pipe)

@@ -10,6 +10,14 @@ ten steps". The two are different numbers, so they have different names everywhe
 that selects nothing, or lies outside the schedule, is an error - not a silent no-op.
 A bare int or tuple, whose meaning a reader has to guess, is a ``TypeError`` that says
 which of the two to write.
+
+**Flow matching (Flux.1, SD3).** x_t = (1 − σ)·x_0 + σ·noise, and the scheduler's timesteps
+are t = σ · num_train_timesteps = 1000·σ. ``while_t_above=700`` therefore means σ > 0.7 (the
+comparison is on int(t), so σ in (0.700, 0.701) counts as t = 700: not above), the same
+*fraction of the way from noise* as on DDIM's t, though not the same noise level: DDIM's
+t = 700 has a noise std √(1 − ᾱ_t) ≈ 0.93 on SD's schedule. Flux and SD3 shift their σ
+toward 1 (``shift``, Flux's ``mu``), so more of their steps have σ > 0.7 than a plain
+linear schedule would give. :func:`sigma_as_timestep` writes the mapping out.
 """
 from __future__ import annotations
 
@@ -123,6 +131,13 @@ def reject_old_keywords(owner: str, given: dict) -> None:
                         + _fix_hint(given["steps"]))
     if given:
         raise TypeError(f"{owner}() got unexpected keyword arguments {sorted(given)}")
+
+
+def sigma_as_timestep(sigma: float, num_train_timesteps: int = 1000) -> int:
+    """The ``while_t_above`` threshold that means "while σ > sigma" on a flow-matching schedule (t = 1000·σ)."""
+    if not 0 <= sigma < 1:
+        raise ValueError(f"sigma={sigma!r}: give a noise level in [0, 1)")
+    return int(round(sigma * num_train_timesteps))
 
 
 def ddim_scheduler(pipe, num_inference_steps: int, device=None):

@@ -21,6 +21,7 @@ from mag_explore.layouts import Layout, rect
 from mag_explore.methods import LayoutGuidance, MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords
 from mag_explore.models import load_pipeline, model_defaults
 from mag_explore.sampling import Control, Hooks, Sampler, generate
+from mag_explore.schedule import sigma_as_timestep
 from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -247,6 +248,9 @@ def test_while_t_above_700_is_sigma_above_0_7(pipes, layout):
     sigmas = sampler.scheduler.sigmas[:-1]
     assert mag.diagnostics["step"] == [i for i, s in enumerate(sigmas) if s > 0.7] != []
     assert 0 < len(mag.diagnostics["step"]) < 8
+    assert sigma_as_timestep(0.7) == 700 and mag.settings["while_t_above"] == 700
+    with pytest.raises(ValueError, match="sigma=1.5"):
+        sigma_as_timestep(1.5)
 
 
 def test_baselines_say_they_are_not_defined_on_joint_attention(pipes, layout):

@@ -62,6 +62,7 @@ def test_sd3_joint_keys_are_clip_then_t5_at_77(clip, t5):
     assert token_indices(joint, prompt, "red square") == [11, 12, 77 + 6, 77 + 7]
     tokens = prompt_tokens(joint, prompt)
     assert len(tokens) == 77 + 9 and tokens[77:79] == ["▁a", "▁pur"] and tokens[-1] == "</s>"
+    assert token_indices(joint, "a red circle and a red square", "red square") == [6, 7, 82, 83]  # the README's
     without_t5 = JointPromptTokens(clip, None)
     assert token_indices(without_t5, prompt, "red square") == [11, 12]  # T5 keys are zeros then
 

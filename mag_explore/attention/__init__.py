@@ -1,4 +1,4 @@
-"""Cross-attention: the processor that exposes it, the hook protocol, the store."""
+"""Cross-attention (UNet) and joint attention (Flux, SD3): the processors that expose it, the hook protocol, the store."""
 from .hooks import AttentionContext, AttentionHook
 from .processor import (
     AttentionController,
@@ -10,6 +10,7 @@ from .processor import (
     layer_place,
     remove_cross_attention_hooks,
 )
+from .joint import JointAttentionProcessor, joint_attention_hooks, joint_attention_layer_names
 from .store import AttentionStore
 
 __all__ = [
@@ -18,10 +19,13 @@ __all__ = [
     "AttentionHook",
     "AttentionStore",
     "CrossAttentionProcessor",
+    "JointAttentionProcessor",
     "attention_resolution",
     "cross_attention_hooks",
     "cross_attention_grids",
     "cross_attention_layer_names",
+    "joint_attention_hooks",
+    "joint_attention_layer_names",
     "layer_place",
     "remove_cross_attention_hooks",
 ]

@@ -118,7 +118,9 @@ class MaskedAttentionGuidance(Control):
             is accepted by either keyword.
         iterations: gradient steps per denoising step (official 1).
         resolutions: use only layers whose larger side is in this set (None: all layers).
-        places: use only these UNet halves, e.g. ("mid", "up") (None: all).
+        places: use only these UNet halves, e.g. ("mid", "up"), or MMDiT blocks: "double",
+            "single" (Flux), "joint" (SD3) (None: all). On Flux and SD3 the loss reads the
+            image→text block of each joint softmax (``mag_explore.attention.joint``).
         gradient_checkpointing: recompute activations in the backward pass: less memory,
             more time. Measured for SD1.5 at 512² in fp32 on a CPU (bench/mag_memory.py),
             one guided step adds 1.98 GB to the 4.7 GB of the loaded pipeline, 1.39 GB with
