@@ -99,8 +99,8 @@ def check_token_positions(pipe, prompt: str) -> None:
     if first != second:
         differ = next(i for i, (a, b) in enumerate(zip(first + [None], second + [None])) if a != b)
         raise ValueError(
-            f"the two tokenizers of this SDXL model split {prompt!r} differently from token {differ} on: "
-            f"tokenizer gives {first}, tokenizer_2 gives {second}. Each cross-attention key joins token i of "
+            f"the two tokenizers of this model (SDXL or SD3: two CLIPs) split {prompt!r} differently from token "
+            f"{differ} on: tokenizer gives {first}, tokenizer_2 gives {second}. Each text key joins token i of "
             f"both encoders, so word positions would be ambiguous; use tokenizers with the same vocabulary."
         )
 
