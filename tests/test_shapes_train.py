@@ -101,3 +101,19 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
     vae_again = load_pipeline(str(again), device="cpu").vae
     for (name, a), b in zip(pipe.vae.state_dict().items(), vae_again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
+    from mag_explore.shapes.recipe import STAGES, stage_commands
+
+    commands = stage_commands(tmp_path / "model", tmp_path / "work", threads=1, device="cpu", resume=False)
+    assert len(commands) == len(STAGES) >= 2
+    outs = [c[c.index("--out") + 1] for c in commands]
+    assert outs[-1] == str(tmp_path / "model") and len(set(outs)) == len(outs)
+    assert "--init-from" not in commands[0]  # stage 1 trains the VAE and the UNet from scratch
+    for previous_out, command in zip(outs, commands[1:]):
+        assert command[command.index("--init-from") + 1] == previous_out
+    workdirs = [c[c.index("--workdir") + 1] for c in commands]
+    assert len(set(workdirs)) == len(workdirs)  # no stage resumes another stage's checkpoint
+    for command in commands:  # every stage has a fixed length: the recipe never depends on wall time
+        assert "--unet-steps" in command and "--max-minutes" not in command

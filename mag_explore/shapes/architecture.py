@@ -88,7 +88,7 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
     defaults_path = out / "mag_explore.json"
     defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {
-        "height": SIZE, "width": SIZE, "guidance_scale": 5.0, "num_inference_steps": 50,
+        "height": SIZE, "width": SIZE, "guidance_scale": 3.0, "num_inference_steps": 50,
         # A starting point only: the shipped model's calibration (README, "MAG on the embedded
         # model"). Measure a new model with bench/mag_steps.py and bench/mag_suite.py, and edit this file.
         "mag_step": "normalized", "mag_alpha": 0.03,

@@ -19,11 +19,8 @@ pulled onto that object's mask. Without it a model this small learns to read the
 prompt from the EOS and padding tokens and its word maps tie to nothing (README, "The
 embedded model", has the measurement).
 
-The shipped model is two runs (README, "The embedded model", has the wall times)::
-
-    python -m mag_explore.shapes.train --out M1 --workdir checkpoints/shapes --grounding 0
-    python -m mag_explore.shapes.train --init-from M1 --out mag_explore/data/models/shapes \
-        --workdir checkpoints/shapes2 --pool 12800 --unet-steps 6000 --max-minutes 80 --grounding 0.05
+The shipped model is two runs of this command; ``python -m mag_explore.shapes.recipe``
+runs them in order with their fixed step counts (``recipe.STAGES``).
 """
 from __future__ import annotations
 
