@@ -143,16 +143,19 @@ def word_maps(result: GenerationResult, words, layers=None, steps=None) -> dict[
 @legible
 def plot_word_grid(rows: dict, title: str, images: dict | None = None, cmap: str = CMAP) -> plt.Figure:
     """``rows``: row label -> {word: (h, w) map}. One shared colour scale per row (its max in the label);
-    ``images``: row label -> image, drawn first in the row."""
+    ``images``: row label -> image, drawn first in its row (rows without one leave that panel empty)."""
     words = list(next(iter(rows.values())))
     extra = 1 if images else 0
     ncols = len(words) + extra
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.6 * ncols + 1.2, 2.8 * len(rows) + 0.6), squeeze=False)
     for r, (label, maps) in enumerate(rows.items()):
         vmax = max(float(m.max()) for m in maps.values())
-        if images:
+        if images and label in images:
             axes[r, 0].imshow(np.asarray(images[label]))
             axes[r, 0].set_title("image", fontsize=FONT)
+        elif images:  # a row without an image: an empty first panel that still carries the row's label
+            for spine in axes[r, 0].spines.values():
+                spine.set_visible(False)
         for c, word in enumerate(words):
             ax = axes[r, c + extra]
             heat = maps[word]
