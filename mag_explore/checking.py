@@ -9,11 +9,13 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import solutions
 from .learner import GuidanceInputs
+from .sampling import Sampler
 
 
 @dataclass
@@ -144,6 +146,41 @@ def _loss_cases() -> dict:
     }
 
 
+def _joint_cases() -> dict:
+    """q, k over a joint sequence [text; image] and the number of text tokens (rotary already applied)."""
+    g = torch.Generator().manual_seed(5)
+
+    def qk(batch, heads, text, image, d, scale=1.0):
+        return (scale * torch.randn(batch, heads, text + image, d, generator=g),
+                scale * torch.randn(batch, heads, text + image, d, generator=g), text)
+
+    return {
+        "batch 2, 3 heads, 7 text + 4×6 image tokens, d 8": qk(2, 3, 7, 24, 8),
+        "more text than image tokens: 16 text + 2×3 image, one head, d 16": qk(1, 1, 16, 6, 16),
+        "as many text as image tokens (9 + 3×3): the two blocks have the same shape": qk(1, 2, 9, 9, 4),
+        "large logits (a plain exp overflows)": qk(1, 2, 5, 6, 8, scale=6.0),
+    }
+
+
+def _diagnose_joint(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, text: int) -> str:
+    """A hint when the image→text block equals a known wrong variant."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    variants = {
+        "you normalised over the text keys only (as cross-attention does): in joint attention one softmax "
+        "runs over all keys, text and image, and only then is the image→text block cut out":
+            scores[..., text:, :text].softmax(-1),
+        "that is the text→image block (rows text, columns image), transposed: rows are the image queries "
+        "[text:], columns the text keys [:text]": scores.softmax(-1)[..., :text, text:].transpose(-1, -2),
+        "the scale is missing: divide the scores by √d": (q @ k.transpose(-1, -2)).softmax(-1)[..., text:, :text],
+        "the softmax ran over the queries (dim -2): each *row* (one query) must sum to one over all keys":
+            scores.softmax(-2)[..., text:, :text],
+    }
+    for hint, wrong in variants.items():
+        if got.shape == wrong.shape and torch.allclose(got.detach().float(), wrong, atol=1e-5):
+            return "; " + hint
+    return ""
+
+
 class _ToyDenoiser:
     """A tiny differentiable stand-in for the UNet: two layers (6×4 and 3×2) of softmax attention."""
 
@@ -181,3 +218,49 @@ class _ToyDenoiser:
 
     def inputs(self) -> GuidanceInputs:
         return GuidanceInputs(self.x_t.clone(), self.cond, self.uncond, self.token_groups, self.attention)
+
+
+# ============================================================================ rules and hints of the checks
+def _check_swap_rules(got: torch.Tensor, given: torch.Tensor, masks, groups, cond_rows, case: str) -> None:
+    swapped = sorted({t for g in groups for t in g})
+    others = [t for t in range(given.shape[-1]) if t not in swapped]
+    uncond = [r for r in range(given.shape[0]) if r not in cond_rows]
+    got = got.detach()
+    for row in uncond:
+        if not torch.equal(got[row], given[row]):
+            raise _Failed(f"on case '{case}' row {row} (the unconditional half) changed: swap edits the cond rows only")
+    for mask, tokens in zip(masks, groups):
+        want = (mask / len(tokens))[None, :, None].expand(given.shape[1], -1, len(tokens))
+        for row in cond_rows:
+            if not torch.allclose(got[row][..., tokens], want, atol=1e-6):
+                wrong = (got[row][..., tokens] - want).abs().argmax()
+                head, pixel, t = np.unravel_index(int(wrong), want.shape)
+                where = "inside" if mask[pixel] > 0 else "outside"
+                raise _Failed(f"on case '{case}' row {row}, head {head}, pixel {pixel} ({where} the mask), token "
+                              f"{tokens[t]}: yours {float(got[row][head, pixel, tokens[t]]):.4g}, expected "
+                              f"{float(want[head, pixel, t]):.4g} (1/len(tokens) = 1/{len(tokens)} inside, 0 outside)")
+    if not torch.equal(got[..., others], given[..., others]):
+        raise _Failed(f"on case '{case}' the other tokens' probabilities changed: the official swap does not "
+                      "renormalise (rows no longer sum to one, and that is intended)")
+
+
+def _diagnose_loss(value: float, probs, masks, groups, lmbda: float) -> str:
+    """A hint when a loss equals a known wrong variant."""
+    ref = solutions.mag_loss
+    variants = {
+        "λ seems ignored (your value is the loss with λ = 1): multiply the outside sum by lmbda": ref(probs, masks, groups, 1.0),
+        "only the inside term is there: add λ · Σ A[outside]": ref(probs, masks, groups, 0.0),
+        "the sign is flipped: attention inside must *lower* the loss (−Σ inside + λ Σ outside)": -ref(probs, masks, groups, lmbda),
+        "you averaged: MAG sums over batch, heads and pixels": ref(probs, masks, groups, lmbda) / probs[..., 0].numel(),
+    }
+    for hint, wrong in variants.items():
+        if abs(value - float(wrong)) <= 1e-4 * max(1.0, abs(float(wrong))) and not np.isclose(value, float(ref(probs, masks, groups, lmbda))):
+            return "; " + hint
+    return ""
+
+
+def _final_latents(pipe, layout, controls, steps: int) -> torch.Tensor:
+    sampler = Sampler(pipe, layout.prompt, seed=0, num_inference_steps=steps, controls=controls)
+    while not sampler.done:
+        sampler.step()
+    return sampler.latents

@@ -19,6 +19,7 @@ check_full_mag         04     the same step through the engine vs ``MaskedAttent
 check_mask_iou         05     ``mask_iou(a, b)`` -> float
 check_paired_difference 05    ``paired_difference(scores_a, scores_b)`` -> mean of b − a
 check_guidance_loss    07     your own ``loss_fn`` for ``MaskedAttentionGuidance``
+check_joint_probs      08     ``joint_probs(q, k, num_text_tokens)`` -> the image→text block
 =====================  =====  =============================================================
 """
 from __future__ import annotations
@@ -29,15 +30,16 @@ import numpy as np
 import torch
 
 from . import solutions
-from .checking import (Verdict, _call, _compare, _Failed, _loss_cases, _scalar, _swap_cases, _ToyDenoiser, _verdict,
+from .checking import (Verdict, _call, _check_swap_rules, _compare, _diagnose_joint, _diagnose_loss, _Failed,
+                       _final_latents, _joint_cases, _loss_cases, _scalar, _swap_cases, _ToyDenoiser, _verdict,
                        show_solution)
-from .learner import GuidanceInputs, LearnerMAG, SwapHook, capture_qk, run_learner_mag  # noqa: F401 (re-exported)
+from .learner import (GuidanceInputs, LearnerMAG, SwapHook, capture_joint_qk, capture_qk,  # noqa: F401 (re-exported)
+                      run_learner_mag)
 from .methods import MaskedAttentionGuidance
-from .sampling import Sampler
 
-__all__ = ["Verdict", "check_attention_probs", "check_full_mag", "check_guidance_loss", "check_mag_loss",
-           "check_mag_step", "check_mask_iou", "check_paired_difference", "check_swap_edit", "show_solution",
-           "GuidanceInputs", "LearnerMAG", "SwapHook", "capture_qk"]
+__all__ = ["Verdict", "check_attention_probs", "check_full_mag", "check_guidance_loss", "check_joint_probs",
+           "check_mag_loss", "check_mag_step", "check_mask_iou", "check_paired_difference", "check_swap_edit",
+           "show_solution", "GuidanceInputs", "LearnerMAG", "SwapHook", "capture_joint_qk", "capture_qk"]
 
 
 # ============================================================================ 01
@@ -76,29 +78,6 @@ def check_attention_probs(fn: Callable, captured: dict | None = None) -> Verdict
 
 
 # ============================================================================ 03
-def _check_swap_rules(got: torch.Tensor, given: torch.Tensor, masks, groups, cond_rows, case: str) -> None:
-    swapped = sorted({t for g in groups for t in g})
-    others = [t for t in range(given.shape[-1]) if t not in swapped]
-    uncond = [r for r in range(given.shape[0]) if r not in cond_rows]
-    got = got.detach()
-    for row in uncond:
-        if not torch.equal(got[row], given[row]):
-            raise _Failed(f"on case '{case}' row {row} (the unconditional half) changed: swap edits the cond rows only")
-    for mask, tokens in zip(masks, groups):
-        want = (mask / len(tokens))[None, :, None].expand(given.shape[1], -1, len(tokens))
-        for row in cond_rows:
-            if not torch.allclose(got[row][..., tokens], want, atol=1e-6):
-                wrong = (got[row][..., tokens] - want).abs().argmax()
-                head, pixel, t = np.unravel_index(int(wrong), want.shape)
-                where = "inside" if mask[pixel] > 0 else "outside"
-                raise _Failed(f"on case '{case}' row {row}, head {head}, pixel {pixel} ({where} the mask), token "
-                              f"{tokens[t]}: yours {float(got[row][head, pixel, tokens[t]]):.4g}, expected "
-                              f"{float(want[head, pixel, t]):.4g} (1/len(tokens) = 1/{len(tokens)} inside, 0 outside)")
-    if not torch.equal(got[..., others], given[..., others]):
-        raise _Failed(f"on case '{case}' the other tokens' probabilities changed: the official swap does not "
-                      "renormalise (rows no longer sum to one, and that is intended)")
-
-
 def check_swap_edit(fn: Callable, pipe=None, layout=None, num_inference_steps: int = 4) -> Verdict:
     """``fn(probs, masks, token_groups, cond_rows)`` -> the swapped probs (a new tensor).
 
@@ -129,29 +108,7 @@ def check_swap_edit(fn: Callable, pipe=None, layout=None, num_inference_steps: i
     return _verdict("check_swap_edit", fn, solutions.swap_edit, run)
 
 
-def _final_latents(pipe, layout, controls, steps: int) -> torch.Tensor:
-    sampler = Sampler(pipe, layout.prompt, seed=0, num_inference_steps=steps, controls=controls)
-    while not sampler.done:
-        sampler.step()
-    return sampler.latents
-
-
 # ============================================================================ 04: the loss
-def _diagnose_loss(value: float, probs, masks, groups, lmbda: float) -> str:
-    """A hint when a loss equals a known wrong variant."""
-    ref = solutions.mag_loss
-    variants = {
-        "λ seems ignored (your value is the loss with λ = 1): multiply the outside sum by lmbda": ref(probs, masks, groups, 1.0),
-        "only the inside term is there: add λ · Σ A[outside]": ref(probs, masks, groups, 0.0),
-        "the sign is flipped: attention inside must *lower* the loss (−Σ inside + λ Σ outside)": -ref(probs, masks, groups, lmbda),
-        "you averaged: MAG sums over batch, heads and pixels": ref(probs, masks, groups, lmbda) / probs[..., 0].numel(),
-    }
-    for hint, wrong in variants.items():
-        if abs(value - float(wrong)) <= 1e-4 * max(1.0, abs(float(wrong))) and not np.isclose(value, float(ref(probs, masks, groups, lmbda))):
-            return "; " + hint
-    return ""
-
-
 def check_mag_loss(fn: Callable) -> Verdict:
     """``fn(probs, masks, token_groups, lmbda)`` -> MAG's loss of one layer (a tensor, or (loss, …))."""
     def run(f):
@@ -372,3 +329,29 @@ def check_guidance_loss(fn: Callable, pipe=None, layout=None, alpha: float = 0.3
         return len(values)
 
     return _verdict("check_guidance_loss", fn, solutions.share_loss, run)
+
+
+# ============================================================================ 08
+def check_joint_probs(fn: Callable, captured: dict | None = None) -> Verdict:
+    """``fn(q, k, num_text_tokens)`` with q, k (batch, heads, text + image, d) -> the image→text block.
+
+    Fixed cases (more text than image tokens, blocks of equal shape, large logits), then -
+    given the output of ``capture_joint_qk`` - the block the hook recorded in a real layer.
+    """
+    def run(f):
+        cases = dict(_joint_cases())
+        if captured is not None:
+            cases[f"the real layer {captured['layer']} ({captured['place']}) at step 0"] = (
+                captured["q"], captured["k"], captured["num_text_tokens"])
+        for case, (q, k, text) in cases.items():
+            real = captured is not None and q is captured["q"]
+            want = captured["probs"] if real else solutions.joint_image_text_probs(q, k, text)
+            got = _call(f, case, q.clone(), k.clone(), text)
+            try:
+                _compare(got, want, case, atol=1e-4 if real else 1e-5, dims="(batch, head, image token, text token)")
+            except _Failed as failure:  # say which known mistake it is, if it is one
+                hint = _diagnose_joint(got, q.float(), k.float(), text) if isinstance(got, torch.Tensor) else ""
+                raise _Failed(f"{failure}{hint}") from None
+        return len(cases)
+
+    return _verdict("check_joint_probs", fn, solutions.joint_image_text_probs, run)

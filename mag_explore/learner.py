@@ -2,6 +2,7 @@
 
 * :func:`capture_qk` - one layer's queries, keys and the probabilities the hook recorded
   at the first step (notebook 01: compute softmax(QKᵀ/√d) yourself and compare);
+  :func:`capture_joint_qk`, the same for a joint-attention layer of Flux / SD3 (notebook 08);
 * :class:`SwapHook` - a swap edit ``fn(probs, masks, token_groups, cond_rows)`` as a
   sampler control (notebook 03);
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
@@ -84,6 +85,67 @@ def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
         q, k = (x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2).float() for x in (q, k))
     return {"layer": layer, "q": q, "k": k, "probs": recorder.probs}
 
+
+
+class _FirstJointInputs(AttentionHook):
+    """At step 0 in ``layer``: the attention module's inputs of that call, and the image→text block it gave."""
+
+    def __init__(self, layer: str):
+        self.layer, self.latest, self.inputs, self.probs, self.ctx, self.rows = layer, None, None, None, None, []
+
+    def active(self, ctx: AttentionContext) -> bool:
+        return ctx.phase == "denoise" and ctx.layer == self.layer and ctx.step_index == 0 and self.probs is None
+
+    def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
+        rows = ctx.rows("cond")
+        if rows:  # Flux with true CFG also runs an uncond pass: keep the (first) cond one
+            self.inputs, self.ctx, self.rows = self.latest, ctx, rows
+            self.probs = probs[rows].detach().float().clone()
+
+
+def capture_joint_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
+                     num_inference_steps: int | None = None, **options) -> dict:
+    """At step 0 of a Flux or SD3 run: one joint layer's q and k over the whole sequence, and its image→text block.
+
+    Returns ``q``, ``k`` (batch, heads, text + image, d), float32, **rotary embeddings applied**
+    as diffusers does (Flux; SD3 has none), in the order [text; image] (SD3's own order, image
+    first, is turned round: a softmax does not care how its keys are ordered), and
+    ``q_no_rotary`` / ``k_no_rotary`` (the same before the rotation); ``num_text_tokens``;
+    ``probs``, what a hook recorded (batch, heads, image tokens, text tokens); ``layer``, ``place``.
+    """
+    from .attention.joint import flux_qkv, joint_attention_layer_names, sd3_qkv
+
+    names = joint_attention_layer_names(pipe.transformer)
+    layer = names[0] if layer is None else layer
+    if layer not in names:
+        raise ValueError(f"layer {layer!r} is not a joint-attention layer; layers: {names}")
+    module = pipe.transformer.get_submodule(layer)
+    recorder = _FirstJointInputs(layer)
+
+    def keep_inputs(mod, args, kwargs):
+        recorder.latest = dict(kwargs, hidden_states=args[0] if args else kwargs["hidden_states"])
+
+    handle = module.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    try:
+        Sampler(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps, controls=[Hooks(recorder)],
+                **options).step()
+    finally:
+        handle.remove()
+    inputs, ctx = recorder.inputs, recorder.ctx
+    hidden, text = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+    with torch.no_grad():
+        if ctx.text_first:  # Flux: [text; image] already
+            q, k, _ = flux_qkv(module, hidden, text, inputs.get("image_rotary_emb"))
+            q0, k0, _ = flux_qkv(module, hidden, text, None)
+        else:  # SD3: [image; text] -> [text; image]; no rotary
+            q, k, _ = sd3_qkv(module, hidden, text)
+            n = hidden.shape[1]
+            q, k = (torch.cat([x[:, :, n:], x[:, :, :n]], dim=2) for x in (q, k))
+            q0, k0 = q, k
+    q, k, q0, k0 = (x[recorder.rows].float() for x in (q, k, q0, k0))  # the cond rows, as probs
+    return {"layer": layer, "place": ctx.place, "q": q, "k": k, "q_no_rotary": q0, "k_no_rotary": k0,
+            "num_text_tokens": ctx.num_text_tokens, "probs": recorder.probs, "height": ctx.height,
+            "width": ctx.width}
 
 # ---------------------------------------------------------------------------- 03: swap
 class SwapHook(Control, AttentionHook):

@@ -33,8 +33,18 @@ from .families.mmdit import check_mmdit_components
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: Reserved name of the model shipped in the package (``mag_explore/data/models/shapes``).
 SHAPES = "shapes"
+#: Reserved name of the embedded MMDiT model (``mag_explore/data/models/shapes_flux``): a tiny FluxPipeline.
+SHAPES_FLUX = "shapes_flux"
 #: What a pipeline folder such as the shipped "shapes" model consists of (weights: see require_safetensors).
 PIPELINE_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "unet", "vae")
+#: The same for a FluxPipeline folder such as "shapes_flux".
+FLUX_PIPELINE_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2",
+                       "transformer", "vae")
+#: The embedded models, by name: the parts their folder must have, and how to rebuild it.
+EMBEDDED = {
+    SHAPES: (PIPELINE_PARTS, "python -m mag_explore.shapes.train --out {folder}"),
+    SHAPES_FLUX: (FLUX_PIPELINE_PARTS, "python -m mag_explore.shapes.train_mmdit --out {folder}"),
+}
 
 SUPPORTED = (
     "Stable Diffusion 1.x/2.x pipelines in diffusers format (StableDiffusionPipeline-style: "
@@ -44,7 +54,7 @@ SUPPORTED = (
     "(StableDiffusionXLPipeline: also text_encoder_2 = CLIPTextModelWithProjection, tokenizer_2 = "
     "CLIPTokenizer), e.g. 'stabilityai/stable-diffusion-xl-base-1.0'; and Flux.1 (FluxPipeline) and SD3 "
     "(StableDiffusion3Pipeline) pipelines, e.g. 'black-forest-labs/FLUX.1-dev', "
-    "'stabilityai/stable-diffusion-3-medium-diffusers'"
+    f"'stabilityai/stable-diffusion-3-medium-diffusers', or the embedded {SHAPES_FLUX!r}"
 )
 
 # Components an SD 1.x/2.x pipeline must have: name -> accepted (library, class) pairs.
@@ -68,8 +78,14 @@ class UnsupportedModelError(ValueError):
 
 def shapes_model_dir() -> Path:
     """Where the shipped ``"shapes"`` model lives: ``<data>/models/shapes``."""
-    return data_dir() / "models" / SHAPES
+    return embedded_model_dir(SHAPES)
 
+
+def embedded_model_dir(name: str) -> Path:
+    """Where an embedded model (``"shapes"``, ``"shapes_flux"``) lives: ``<data>/models/<name>``."""
+    if name not in EMBEDDED:
+        raise ValueError(f"{name!r} is not an embedded model; the embedded models are {sorted(EMBEDDED)}")
+    return data_dir() / "models" / name
 
 
 
@@ -84,16 +100,16 @@ def _looks_like_path(name: str) -> bool:
 
 def locate(name: str) -> tuple[str, dict, dict | None]:
     """Find the model: ``(folder or hub id, model_index.json, unet/config.json or None)``."""
-    if name == SHAPES:
-        folder = shapes_model_dir()
-        missing = [part for part in PIPELINE_PARTS if not (folder / part).exists()]
+    if name in EMBEDDED:
+        folder = embedded_model_dir(name)
+        parts, rebuild = EMBEDDED[name]
+        missing = [part for part in parts if not (folder / part).exists()]
         if missing:
             raise FileNotFoundError(
-                f"The {SHAPES!r} model that ships with mag-explore is incomplete: {folder} lacks "
-                f"{', '.join(missing)}. Reinstall mag-explore (the wheel carries it), point ${DATA_ENV} "
-                f"at a data folder that has models/{SHAPES}, rebuild it with "
-                f"`python -m mag_explore.shapes.train --out {folder}`, or load a Stable Diffusion model "
-                f"instead, e.g. load_pipeline({DEFAULT_GPU_MODEL!r}) on a GPU."
+                f"The {name!r} model that ships with mag-explore is incomplete: {folder} lacks "
+                f"{', '.join(missing)}. Reinstall mag-explore (the wheel carries it), point ${DATA_ENV} at a "
+                f"data folder that has models/{name}, rebuild it with `{rebuild.format(folder=folder)}`, or "
+                f"load another model instead, e.g. load_pipeline({DEFAULT_GPU_MODEL!r}) on a GPU."
             )
         return _locate_folder(folder)
     path = Path(name).expanduser()

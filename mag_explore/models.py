@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-# data_path, SUPPORTED, UnsupportedModelError, check_supported, shapes_model_dir: importable from here too
+# data_path, SUPPORTED, UnsupportedModelError, check_supported, shapes_model_dir, ...: importable from here too
 from .data import data_path  # noqa: F401
 from .model_files import (  # noqa: F401
-    DEFAULT_GPU_MODEL, SHAPES, SUPPORTED, UnsupportedModelError, check_supported, locate, require_safetensors,
-    shapes_model_dir,
+    DEFAULT_GPU_MODEL, EMBEDDED, SHAPES, SHAPES_FLUX, SUPPORTED, UnsupportedModelError, check_supported,
+    embedded_model_dir, locate, require_safetensors, shapes_model_dir,
 )
 from .families import FAMILY_DEFAULTS, family, native_size
 
@@ -151,7 +151,9 @@ def load_pipeline(
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
-            ``save_pretrained``, or ``"shapes"`` (the embedded model). ``None``: see
+            ``save_pretrained``, or the name of an embedded model: ``"shapes"`` (a tiny
+            Stable Diffusion) or ``"shapes_flux"`` (a tiny Flux.1-shaped MMDiT), both trained on
+            the shapes world (``mag_explore/data/models/<name>``). ``None``: see
             :func:`resolve_model_name` (``$MAG_EXPLORE_MODEL``, else SD1.5 on CUDA and
             ``"shapes"`` elsewhere).
         device: where to run; default :func:`default_device` (cuda, mps, cpu).
@@ -169,8 +171,8 @@ def load_pipeline(
     Raises:
         UnsupportedModelError: the model is none of these (PixArt, Kandinsky, inpainting,
             ...). Checked before any weight is loaded.
-        FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` before the
-            embedded model is built.
+        FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` / ``"shapes_flux"``
+            before the embedded model is built (the message names its folder).
         OSError: the hub could not be reached or has no such model.
     """
     device = torch.device(device) if device is not None else default_device()

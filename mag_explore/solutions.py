@@ -21,6 +21,18 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
+# -- 08: the image→text block of a joint softmax ---------------------------------------------
+def joint_image_text_probs(q: torch.Tensor, k: torch.Tensor, num_text_tokens: int) -> torch.Tensor:
+    """The image→text block of softmax(Q Kᵀ / √d) over the *whole* joint sequence [text; image].
+
+    q, k: (batch, heads, text + image tokens, d), rotary embeddings already applied.
+    Returns (batch, heads, image tokens, text tokens); its rows sum to less than one.
+    """
+    d = q.shape[-1]
+    scores = q.float() @ k.float().transpose(-1, -2) / d ** 0.5  # every token against every token
+    probs = scores.softmax(dim=-1)                              # one softmax over text *and* image keys
+    return probs[..., num_text_tokens:, :num_text_tokens]       # rows: image queries; columns: text keys
+
 # -- 03: the masked-attention swap, as a hook's edit ---------------------------------------
 def swap_edit(probs: torch.Tensor, masks: torch.Tensor, token_groups: Sequence[Sequence[int]],
               cond_rows: Sequence[int]) -> torch.Tensor:

@@ -242,3 +242,68 @@ def test_show_solution_prints_source(capsys):
     assert "autograd.grad" in capsys.readouterr().out
     with pytest.raises(ValueError, match="mag_loss"):
         exercises.show_solution("nope")
+
+
+# ============================================================================ 08
+@pytest.fixture(scope="module")
+def mmdit_pipes():
+    from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    return {"flux": tiny_flux_pipeline(seed=0), "sd3": tiny_sd3_pipeline(seed=0)}
+
+
+def test_joint_solution_is_the_image_text_block_of_one_softmax_over_all_keys():
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)  # 2 text + 3 image tokens
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / 2.0  # √4
+    expected = torch.exp(scores) / torch.exp(scores).sum(-1, keepdim=True)  # over all 5 keys
+    got = solutions.joint_image_text_probs(q, k, 2)
+    assert got.shape == (1, 2, 3, 2) and torch.allclose(got, expected[..., 2:, :2], atol=1e-6)
+    assert (got.sum(-1) < 1).all()  # the rest of each row is on the image keys
+
+
+@pytest.mark.parametrize("name,layer", [("flux", "transformer_blocks.0.attn"), ("flux", "single_transformer_blocks.1.attn"),
+                                        ("sd3", "transformer_blocks.1.attn")])
+def test_joint_probs_check_on_a_captured_layer(mmdit_pipes, name, layer):
+    captured = exercises.capture_joint_qk(mmdit_pipes[name], PROMPT, layer=layer, num_inference_steps=2, height=32, width=32,
+                                          max_sequence_length=8)
+    text = captured["num_text_tokens"]
+    assert text == (8 if name == "flux" else 77 + 8) and captured["q"].shape[2] == text + 16  # 4×4 image tokens
+    assert captured["probs"].shape == (1, 2, 16, text)  # the cond row only (SD3's batch is [uncond, cond])
+    assert exercises.check_joint_probs(solutions.joint_image_text_probs, captured).passed
+    without = solutions.joint_image_text_probs(captured["q_no_rotary"], captured["k_no_rotary"], text)
+    if name == "flux":  # the rotary embedding changes the scores; SD3 has none
+        assert not torch.allclose(without, captured["probs"], atol=1e-4)
+    else:
+        assert torch.allclose(without, captured["probs"], atol=1e-5)
+
+
+def test_joint_probs_check_names_the_usual_mistakes(capsys):
+    def scores(q, k):
+        return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+
+    def text_keys_only(q, k, n):
+        return scores(q, k)[..., n:, :n].softmax(-1)
+
+    def text_to_image(q, k, n):
+        return scores(q, k).softmax(-1)[..., :n, n:].transpose(-1, -2)
+
+    def no_sqrt(q, k, n):
+        return (q @ k.transpose(-1, -2)).softmax(-1)[..., n:, :n]
+
+    def over_queries(q, k, n):
+        return scores(q, k).softmax(-2)[..., n:, :n]
+
+    def whole_matrix(q, k, n):
+        return scores(q, k).softmax(-1)
+
+    assert failed_with(exercises.check_joint_probs(text_keys_only), "text keys only", "all keys")
+    assert failed_with(exercises.check_joint_probs(text_to_image), "text→image block")
+    assert failed_with(exercises.check_joint_probs(no_sqrt), "√d")
+    assert failed_with(exercises.check_joint_probs(over_queries), "dim -2")
+    assert failed_with(exercises.check_joint_probs(whole_matrix), "shape")
+
+    def unwritten(q, k, n):
+        raise NotImplementedError
+
+    verdict = exercises.check_joint_probs(unwritten)
+    assert verdict.used_solution and verdict.function is solutions.joint_image_text_probs

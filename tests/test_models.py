@@ -232,6 +232,32 @@ def test_a_missing_shapes_model_says_what_is_missing(tmp_path, monkeypatch):
         load_pipeline("shapes", device="cpu")
 
 
+def test_shapes_flux_loads_the_embedded_mmdit_model_by_name(tmp_path, monkeypatch):
+    """ "shapes_flux" resolves to <data>/models/shapes_flux, here a tiny random FluxPipeline saved there."""
+    from diffusers import FluxPipeline
+
+    from mag_explore.testing_mmdit import TINY_MMDIT_DEFAULTS, tiny_flux_pipeline
+
+    folder = tmp_path / "models" / "shapes_flux"
+    monkeypatch.setenv("MAG_EXPLORE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:  # not there yet: the message names the folder
+        load_pipeline("shapes_flux", device="cpu")
+    message = str(info.value)
+    assert f"'shapes_flux' model that ships with mag-explore is incomplete: {folder} lacks model_index.json" in message
+    assert "transformer" in message and "train_mmdit" in message and "MAG_EXPLORE_DATA" in message
+
+    built = tiny_flux_pipeline(folder, seed=0)
+    pipe = load_pipeline("shapes_flux", device="cpu")
+    assert isinstance(pipe, FluxPipeline) and model_defaults(pipe)["height"] == TINY_MMDIT_DEFAULTS["height"]
+    for name, weight in built.transformer.state_dict().items():
+        assert torch.equal(pipe.transformer.state_dict()[name], weight), name
+    assert resolve_model_name("shapes_flux", "cuda") == "shapes_flux"  # a name, never replaced by the GPU default
+
+    shutil.rmtree(folder / "transformer")
+    with pytest.raises(FileNotFoundError, match=r"shapes_flux lacks transformer\. "):
+        load_pipeline("shapes_flux", device="cpu")
+
+
 def test_shapes_folder_and_defaults_file(sd15_folder, tmp_path, monkeypatch):
     shapes = tmp_path / "models" / "shapes"
     shutil.copytree(sd15_folder, shapes)
