@@ -160,7 +160,7 @@ def test_two_step_training_run_writes_a_loadable_flux_pipeline(tmp_path):
     assert not [f for f in out.rglob("*") if f.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
     pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.vae.config.shift_factor == 0.0 and pipe.vae_scale_factor == 4
-    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
@@ -183,12 +183,12 @@ def test_shipped_folder_is_small_safetensors_with_flux_conventions(pipe):
     assert not [f for f in files if f.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
     assert pipe.transformer.config.in_channels == 16 and not pipe.transformer.config.guidance_embeds
     assert pipe.scheduler.config.use_dynamic_shifting
-    ids = pipe.tokenizer_2("a red circle", padding="max_length", max_length=32).input_ids
+    ids = pipe.tokenizer_2("a red circle", padding="max_length", max_length=mmdit.MAX_SEQUENCE_LENGTH).input_ids
     assert pipe.tokenizer_2.convert_ids_to_tokens(ids[:4]) == ["▁a", "▁red", "▁circle", "</s>"]
 
 
 def test_shipped_model_generates_a_64px_image_in_a_few_steps(pipe):
-    image = pipe("a blue square", height=64, width=64, num_inference_steps=3, max_sequence_length=32,
+    image = pipe("a blue square", height=64, width=64, num_inference_steps=3, max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH,
                  negative_prompt="", true_cfg_scale=3.0, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]
     assert image.shape == (64, 64, 3) and 0 <= image.min() and image.max() <= 1
@@ -199,7 +199,7 @@ def test_shipped_model_draws_what_it_is_asked(pipe):
     prompts = check_prompts(8, seed=100)
     good = 0
     for i, prompt in enumerate(prompts):
-        image = pipe(prompt, height=64, width=64, num_inference_steps=28, max_sequence_length=32,
+        image = pipe(prompt, height=64, width=64, num_inference_steps=28, max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH,
                      negative_prompt="", true_cfg_scale=3.0, generator=torch.Generator().manual_seed(100 + i),
                      output_type="np").images[0]
         score = score_image((image * 255).round().astype(np.uint8), prompt)

@@ -181,6 +181,13 @@ def predict(models, noisy, sigma, t5_ids, clip_ids):
                        img_ids=image_ids(noisy.device), return_dict=False)[0]
 
 
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over 200 steps, then cosine down to a tenth of the peak at the last step."""
+    warm = min(1.0, (step + 1) / 200)
+    progress = min(1.0, step / max(steps - 1, 1))
+    return peak * warm * (0.1 + 0.45 * (1 + np.cos(np.pi * progress)))
+
+
 def build(args, t5_tokenizer):
     torch.manual_seed(SEED + 1)
     return (mmdit.make_transformer(args.layers, args.single_layers), mmdit.make_clip(mmdit.clip_tokenizer()),
@@ -211,6 +218,7 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
                  **{f"ema_{n}": m.state_dict() for n, m in zip(names, emas)}}
         save_checkpoint(ckpt_path, **state, opt=opt.state_dict(), step=step)
 
+    recent = []
     last_save, bar = time.time(), tqdm(total=args.steps, initial=step, desc="MMDiT+text")
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 31 + step)  # seed by step: exact resume
@@ -222,8 +230,8 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g).to(device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
-        for group in opt.param_groups:  # short linear warm-up, then constant
-            group["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
         with grounding_processor(models[0], tok5.shape[1], keep=args.grounding > 0) as proc:
             pred = predict(models, noisy, sigma, tok5, tokc)
         flow = F.mse_loss(pred, pack(noise - x0))
@@ -237,6 +245,7 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         for ema, model in zip(emas, models):
             ema_update(ema, model, decay)
         step += 1
+        recent.append(flow.item())
         bar.update(1)
         bar.set_postfix(flow=f"{flow.item():.4f}", ground=f"{ground.item():.3f}")
         out_of_time = stop_at is not None and time.time() > stop_at
@@ -247,6 +256,8 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
             print(f"stopping at step {step}: --max-minutes reached")
             break
     bar.close()
+    if recent:
+        print(f"mean flow loss of the last {min(len(recent), 200)} steps: {np.mean(recent[-200:]):.4f}")
     return [m.eval() for m in emas], step, first
 
 
@@ -259,7 +270,7 @@ def parse_args(argv):
     p.add_argument("--pool", type=int, default=12800, help="scenes in the pre-encoded pool")
     p.add_argument("--grounding", type=float, default=0.1,
                    help="weight of the token grounding loss on the image→text maps (0: off)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to a tenth)")
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
     p.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
