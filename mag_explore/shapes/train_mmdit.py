@@ -185,7 +185,8 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     """Linear warm-up over 200 steps, then cosine down to a tenth of the peak at the last step."""
     warm = min(1.0, (step + 1) / 200)
     progress = min(1.0, step / max(steps - 1, 1))
-    return peak * warm * (0.1 + 0.45 * (1 + np.cos(np.pi * progress)))
+    # A Python float: a numpy one in the optimizer's state would not load with weights_only.
+    return float(peak * warm * (0.1 + 0.45 * (1 + np.cos(np.pi * progress))))
 
 
 def build(args, t5_tokenizer):
