@@ -225,7 +225,10 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         g = torch.Generator().manual_seed(SEED * 31 + step)  # seed by step: exact resume
         idx = torch.randint(0, len(latents), (args.batch,), generator=g)
         drop = (torch.rand(args.batch, 1, generator=g) < 0.1).to(device)  # CFG: caption -> ""
-        tok5, tokc = torch.where(drop, empty_t5, t5_ids[idx]), torch.where(drop, empty_clip, clip_ids[idx])
+        # Also the pooled CLIP vector alone, often: it enters every block's modulation, a global
+        # route around the joint attention that would leave the T5 words' maps free to mean nothing.
+        drop_pooled = drop | (torch.rand(args.batch, 1, generator=g) < args.pooled_drop).to(device)
+        tok5, tokc = torch.where(drop, empty_t5, t5_ids[idx]), torch.where(drop_pooled, empty_clip, clip_ids[idx])
         named = torch.where(drop, -1, token_object[idx])
         sigma = sample_sigmas(args.batch, g, mu).to(device)
         x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g).to(device)
@@ -271,6 +274,8 @@ def parse_args(argv):
     p.add_argument("--pool", type=int, default=12800, help="scenes in the pre-encoded pool")
     p.add_argument("--grounding", type=float, default=0.1,
                    help="weight of the token grounding loss on the image→text maps (0: off)")
+    p.add_argument("--pooled-drop", type=float, default=0.3,
+                   help="share of captions whose pooled CLIP vector alone is that of '' (T5 tokens kept)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to a tenth)")
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
@@ -284,8 +289,9 @@ def parse_args(argv):
     for name in ("steps", "batch", "pool", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be at least 1")
-    if args.grounding < 0 or not 0 <= args.ema_decay < 1:
-        p.error(f"--grounding {args.grounding} must be >= 0 and --ema-decay {args.ema_decay} in [0, 1)")
+    if args.grounding < 0 or not 0 <= args.ema_decay < 1 or not 0 <= args.pooled_drop <= 1:
+        p.error(f"--grounding {args.grounding} must be >= 0, --ema-decay {args.ema_decay} in [0, 1) "
+                f"and --pooled-drop {args.pooled_drop} in [0, 1]")
     return args
 
 
@@ -304,8 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                           args, stop_at)
     t2 = time.time()
     transformer, clip, t5 = models
-    meta = {"steps": steps, "batch": args.batch, "pool": args.pool, "grounding": args.grounding, "lr": args.lr,
-            "ema_decay": args.ema_decay, "seed": SEED, "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH,
+    meta = {"steps": steps, "batch": args.batch, "pool": args.pool, "grounding": args.grounding,
+            "pooled_drop": args.pooled_drop, "lr": args.lr, "ema_decay": args.ema_decay, "seed": SEED, "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH,
             "transformer_params": mmdit.n_params(transformer), "clip_params": mmdit.n_params(clip),
             "t5_params": mmdit.n_params(t5), "vae_params": mmdit.n_params(vae),
             "vae": "the shapes model's, frozen (shift_factor 0)",
