@@ -306,12 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     pool = encode_pool(vae, t5_tokenizer, clip_tokenizer, args.workdir, args.pool, args.device)
     t1 = time.time()
     empty = tokenize(t5_tokenizer, clip_tokenizer, [""])
-    models, steps, first = train(pool, vae.config.scaling_factor, empty, build(args, t5_tokenizer), args.workdir,
-                          args, stop_at)
+    models, steps, first = train(pool, vae.config.scaling_factor, empty, build(args, t5_tokenizer),
+                                 args.workdir, args, stop_at)
     t2 = time.time()
     transformer, clip, t5 = models
     meta = {"steps": steps, "batch": args.batch, "pool": args.pool, "grounding": args.grounding,
-            "pooled_drop": args.pooled_drop, "lr": args.lr, "ema_decay": args.ema_decay, "seed": SEED, "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH,
+            "pooled_drop": args.pooled_drop, "lr": args.lr, "ema_decay": args.ema_decay, "seed": SEED,
+            "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH, "layers": args.layers, "single_layers": args.single_layers,
             "transformer_params": mmdit.n_params(transformer), "clip_params": mmdit.n_params(clip),
             "t5_params": mmdit.n_params(t5), "vae_params": mmdit.n_params(vae),
             "vae": "the shapes model's, frozen (shift_factor 0)",
