@@ -195,16 +195,16 @@ def test_shipped_model_generates_a_64px_image_in_a_few_steps(pipe):
 
 
 def test_shipped_model_draws_what_it_is_asked(pipe):
-    # 8 prompts at the shipped defaults (28 steps, true CFG 3); floor set below the measured figure.
+    # The first 8 of the 32 measured prompts and seeds (README: all 32 had every color and no other,
+    # 81 % of the shapes right; these 8: 8/8 and 11 of 12 shapes), at the shipped defaults; floors set below.
     prompts = check_prompts(8, seed=100)
-    good = 0
+    colors_ok, shapes = 0, []
     for i, prompt in enumerate(prompts):
         image = pipe(prompt, height=64, width=64, num_inference_steps=28, max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH,
                      negative_prompt="", true_cfg_scale=3.0, generator=torch.Generator().manual_seed(100 + i),
                      output_type="np").images[0]
         score = score_image((image * 255).round().astype(np.uint8), prompt)
-        good += score["all_present"] and not score["unrequested"]
-    assert good >= FIDELITY_FLOOR, f"{good}/8 images with every requested color and no other"
-
-
-FIDELITY_FLOOR = 5
+        colors_ok += score["all_present"] and not score["unrequested"]
+        shapes += [o["shape_ok"] for o in score["objects"] if o["present"]]
+    assert colors_ok >= 6, f"{colors_ok}/8 images with every requested color and no other"
+    assert np.mean(shapes) >= 0.6, f"{np.mean(shapes):.2f} of the present objects in the right shape"
