@@ -1,6 +1,6 @@
 """How well the embedded MMDiT model ("shapes_flux") draws its prompts, and where its words attend.
 
-    python -m mag_explore.shapes.check_mmdit                 # 32 prompts at CFG 3, 64 scenes
+    python -m mag_explore.shapes.check_mmdit                     # 32 prompts at CFG 3, 64 scenes
     python -m mag_explore.shapes.check_mmdit --cfg 3 5 --write   # ... and record in mag_explore.json
 
 Plain FluxPipeline generation (no control), one image per 1–2-object prompt of
@@ -64,9 +64,9 @@ def generate(pipe, prompt: str, seed: int, cfg: float, steps: int) -> tuple[np.n
     """One image, and its image→text map averaged over the conditional passes (tokens, text)."""
     layers = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     with grounding_processor(pipe.transformer, mmdit.MAX_SEQUENCE_LENGTH) as proc:
-        out = pipe(prompt, height=64, width=64, num_inference_steps=steps, max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH,
-                   negative_prompt="", true_cfg_scale=cfg, generator=torch.Generator().manual_seed(seed),
-                   output_type="np")
+        out = pipe(prompt, height=64, width=64, num_inference_steps=steps,
+                   max_sequence_length=mmdit.MAX_SEQUENCE_LENGTH, negative_prompt="", true_cfg_scale=cfg,
+                   generator=torch.Generator().manual_seed(seed), output_type="np")
     # FluxPipeline calls the transformer for the prompt, then for the negative prompt, each step.
     passes = [proc.maps[i:i + layers] for i in range(0, len(proc.maps), layers)]
     cond = passes[::2] if cfg > 1 else passes

@@ -1,6 +1,6 @@
 """Train the embedded MMDiT model "shapes_flux": a tiny Flux.1-shaped pipeline of the shapes world.
 
-Command (the shipped model, ≈ 35 minutes on one CPU thread)::
+Command (the shipped model: ≈ 30 minutes on one CPU thread, README has the figures)::
 
     OMP_NUM_THREADS=1 python -m mag_explore.shapes.train_mmdit --out mag_explore/data/models/shapes_flux \
         --workdir checkpoints/shapes_flux --steps 3600 --threads 1
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     transformer, clip, t5 = models
     meta = {"steps": steps, "batch": args.batch, "pool": args.pool, "grounding": args.grounding,
             "pooled_drop": args.pooled_drop, "lr": args.lr, "ema_decay": args.ema_decay, "seed": SEED,
-            "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH, "layers": args.layers, "single_layers": args.single_layers,
+            "max_sequence_length": mmdit.MAX_SEQUENCE_LENGTH, "layers": args.layers,
+            "single_layers": args.single_layers,
             "transformer_params": mmdit.n_params(transformer), "clip_params": mmdit.n_params(clip),
             "t5_params": mmdit.n_params(t5), "vae_params": mmdit.n_params(vae),
             "vae": "the shapes model's, frozen (shift_factor 0)",
