@@ -198,8 +198,12 @@ def export(out: Path, vae, transformer, clip, t5, t5_tokenizer, meta: dict, meas
     old = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {
         "height": 64, "width": 64, "num_inference_steps": 28,
-        # CFG is FluxPipeline's true CFG: negative_prompt "" and true_cfg_scale = guidance_scale.
-        "guidance_scale": 3.0, "negative_prompt": "",
+        # CFG is FluxPipeline's true CFG: negative_prompt "" and true_cfg_scale = guidance_scale
+        # (the transformer has no guidance embedding, so guidance_scale alone does nothing).
+        "guidance_scale": 3.0, "true_cfg_scale": 3.0, "negative_prompt": "",
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        # MAG: the paper's step; alpha from the suite (README, "The embedded MMDiT model").
+        "mag_step": "official", "mag_alpha": 0.3,
         "description": "Tiny Flux.1-shaped pipeline (MMDiT: double- and single-stream joint attention, "
                        "CLIP pooled + T5 tokens, flow matching) trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles. Call FluxPipeline "
