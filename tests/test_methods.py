@@ -367,3 +367,20 @@ def test_generate_shows_its_options():
         assert shown[name].default == sampler[name].default, name
     with pytest.raises(TypeError, match="steps"):  # an option it does not list is refused, not ignored
         generate(None, "a red circle", steps=10)
+
+
+def test_a_single_place_or_resolution_is_one_value_not_its_letters(sd15_pipe, layout):
+    # What `--sweep mag.places=up` and `--sweep mag.resolutions=16` pass: one value, not a list.
+    assert MaskedAttentionGuidance(layout, resolutions=8).resolutions == {8}
+    mag = MaskedAttentionGuidance(layout, places="up", step_range=(0, 1))
+    assert mag.places == {"up"}
+    sampler, hooks = first_state(sd15_pipe, layout, mag)
+    with hooks as controller:
+        controller.set_step(0, sampler.scheduler.timesteps[0])
+        state = StepState(sd15_pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
+                          sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
+        guidance_step(state, sampler.latents, mag.hook, 1.0)
+    up = [n for n, _ in sd15_pipe.unet.named_modules() if n.endswith(".attn2") and n.startswith("up_blocks.")]
+    assert sorted(mag.hook.layers) == sorted(up) and up
+    with pytest.raises(ValueError, match="upp"):
+        MaskedAttentionGuidance(layout, places="upp")

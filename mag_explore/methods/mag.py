@@ -163,6 +163,10 @@ class MaskedAttentionGuidance(Control):
         self.lmbda = None if lmbda is None else check_lambda(lmbda, self.allow_negative_lambda)
         self.while_t_above, self.step_range = while_t_above, step_range
         self.iterations = check_count("iterations", iterations)
+        if isinstance(resolutions, int) and not isinstance(resolutions, bool):
+            resolutions = (resolutions,)  # one resolution, as a sweep passes it: resolutions=16
+        if isinstance(places, str):
+            places = (places,)  # "up" is one place, not the letters "u" and "p"
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES)
