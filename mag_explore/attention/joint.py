@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .hooks import AttentionContext, AttentionHook
-from .processor import AttentionController
+from .processor import AttentionController, join_installation
 
 
 def joint_attention_layer_names(transformer) -> list[str]:
@@ -195,13 +195,9 @@ def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook]) -> Iterat
     hooks = list(hooks)
     current = next((p.controller for p in transformer.attn_processors.values()
                     if isinstance(p, JointAttentionProcessor)), None)
-    if current is not None and current.installed:  # nested: join the installation, do not stack
-        current.hooks.extend(hooks)
-        try:
+    if current is not None and current.installed:
+        with join_installation(current, hooks):  # nested: join, do not stack
             yield current
-        finally:
-            for hook in hooks:
-                current.hooks.remove(hook)
         return
     originals = transformer.attn_processors
     if current is not None:  # left behind by a block entered by hand and never left: unwrap first

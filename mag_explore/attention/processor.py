@@ -228,6 +228,20 @@ def remove_cross_attention_hooks(unet) -> int:
 
 
 @contextmanager
+def join_installation(controller, hooks: list) -> Iterator:
+    """Add ``hooks`` to processors a surrounding ``with`` block installed, and take them out after.
+
+    Re-running a cell inside another hook block must not wrap the processors twice.
+    """
+    controller.hooks.extend(hooks)
+    try:
+        yield controller
+    finally:
+        for hook in hooks:
+            controller.hooks.remove(hook)
+
+
+@contextmanager
 def cross_attention_hooks(unet, hooks: Iterable[AttentionHook]) -> Iterator[AttentionController]:
     """Run ``hooks`` on every cross-attention layer of ``unet`` inside a ``with`` block.
 
@@ -238,13 +252,8 @@ def cross_attention_hooks(unet, hooks: Iterable[AttentionHook]) -> Iterator[Atte
     hooks = list(hooks)
     controller = _installed_controller(unet)
     if controller is not None and controller.installed:
-        # Nested: join the installation that is already there instead of stacking.
-        controller.hooks.extend(hooks)
-        try:
+        with join_installation(controller, hooks):  # nested: join, do not stack
             yield controller
-        finally:
-            for hook in hooks:
-                controller.hooks.remove(hook)
         return
     if controller is not None:  # left behind by a block that never exited: clean up first
         remove_cross_attention_hooks(unet)

@@ -72,6 +72,15 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------- export
+def drop_source_paths(out: Path) -> None:
+    """Remove ``_name_or_path`` from a saved pipeline's configs: loading from a folder
+    (``--init-from``, the shipped VAE) leaves that machine's path in them."""
+    for config in out.glob("*/config.json"):
+        fields = json.loads(config.read_text())
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
 def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -81,10 +90,7 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    for config in out.glob("*/config.json"):  # --init-from leaves the source folder's path in them
-        fields = json.loads(config.read_text())
-        if fields.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    drop_source_paths(out)
     defaults_path = out / "mag_explore.json"
     defaults = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {

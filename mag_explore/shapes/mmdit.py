@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data import data_path
+from .architecture import drop_source_paths
 from .world import WORDS
 
 SHAPES_MODEL = data_path("models", "shapes")
@@ -190,10 +191,7 @@ def export(out: Path, vae, transformer, clip, t5, t5_tokenizer, meta: dict, meas
                         transformer=transformer.cpu())
     pipe.save_pretrained(out, safe_serialization=True)
     copy_clip_tokenizer(out / "tokenizer")  # the shapes files as they are, without save_pretrained's extras
-    for config in out.glob("*/config.json"):  # no machine-specific source paths in the shipped configs
-        fields = json.loads(config.read_text())
-        if fields.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    drop_source_paths(out)  # no machine-specific source paths in the shipped configs
     defaults_path = out / "mag_explore.json"
     old = json.loads(defaults_path.read_text()) if defaults_path.exists() else {}
     defaults = {

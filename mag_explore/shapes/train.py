@@ -68,7 +68,18 @@ def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int,
     images = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1
     ids = tokenize(tokenizer, [s.caption for s in scenes])
     color_ids = {tokenizer(c, add_special_tokens=False).input_ids[0]: c for c in COLORS}
-    masks = torch.zeros(n, 3, grid, grid)
+    masks, token_object = grounding_targets(scenes, ids, color_ids, grid)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), ids, masks, token_object
+
+
+def grounding_targets(scenes, ids: torch.Tensor, color_ids: dict[int, str], grid: int):
+    """Object masks (n, 3, grid, grid) as the share of each cell an object covers, and for
+    every token the index of the object it names, or -1.
+
+    ``color_ids`` maps a color word's token id to the color; the token after it is the
+    shape word of the same object ("<color> <shape>").
+    """
+    masks = torch.zeros(len(scenes), 3, grid, grid)
     token_object = torch.full(ids.shape, -1, dtype=torch.int8)
     for i, scene in enumerate(scenes):
         for k, obj in enumerate(scene.objects):
@@ -76,9 +87,9 @@ def scene_batch_grounded(seed: int, n: int, tokenizer, grid: int,
             masks[i, k] = F.adaptive_avg_pool2d(cover, grid)[0, 0]
         index = {obj.color: k for k, obj in enumerate(scene.objects)}
         for pos, token in enumerate(ids[i].tolist()):
-            if token in color_ids:  # "<color> <shape>": both words name the same object
+            if token in color_ids:  # both words name the same object
                 token_object[i, pos] = token_object[i, pos + 1] = index[color_ids[token]]
-    return torch.from_numpy(images).permute(0, 3, 1, 2), ids, masks, token_object
+    return masks, token_object
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

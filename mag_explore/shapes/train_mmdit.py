@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import mmdit
-from .train import SEED, ema_update, grounding_loss, load_checkpoint, save_checkpoint
+from .train import SEED, ema_update, grounding_loss, grounding_targets, load_checkpoint, save_checkpoint
 from .world import COLORS, SIZE, make_scene
 
 CHECKPOINT_SECONDS = 300
@@ -63,17 +63,8 @@ def scene_batch(seed: int, n: int, t5_tokenizer, clip_tokenizer, grid: int = GRI
     scenes = [make_scene(rng, empty_caption_prob=0.0) for _ in range(n)]
     images = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1
     t5_ids, clip_ids = tokenize(t5_tokenizer, clip_tokenizer, [s.caption for s in scenes])
-    color_ids = {t5_tokenizer.convert_tokens_to_ids("▁" + c): c for c in COLORS}
-    masks = torch.zeros(n, 3, grid, grid)
-    token_object = torch.full(t5_ids.shape, -1, dtype=torch.int8)
-    for i, scene in enumerate(scenes):
-        for k, obj in enumerate(scene.objects):
-            cover = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
-            masks[i, k] = F.adaptive_avg_pool2d(cover, grid)[0, 0]
-        index = {obj.color: k for k, obj in enumerate(scene.objects)}
-        for pos, token in enumerate(t5_ids[i].tolist()):
-            if token in color_ids:  # "▁<color> ▁<shape>": both pieces name the same object
-                token_object[i, pos] = token_object[i, pos + 1] = index[color_ids[token]]
+    color_ids = {t5_tokenizer.convert_tokens_to_ids("▁" + c): c for c in COLORS}  # "▁red ▁circle"
+    masks, token_object = grounding_targets(scenes, t5_ids, color_ids, grid)
     return torch.from_numpy(images).permute(0, 3, 1, 2), t5_ids, clip_ids, masks, token_object
 
 
