@@ -30,8 +30,10 @@ def test_the_wheel_runs_the_demo_from_another_folder(tmp_path):
     # offline with this interpreter's setuptools when it is new enough (make install puts one in),
     # else pip fetches the build requirements of pyproject.toml
     offline = int(setuptools.__version__.split(".")[0]) >= 77
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, ROOT,
-        *(["--no-build-isolation", "--no-index"] if offline else []))
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, ROOT,
+                *(["--no-build-isolation", "--no-index"] if offline else []))
+    # make install builds the same way: a newcomer's first command must not print pages of warnings
+    assert "BuildBackendWarning" not in built.stderr + built.stdout, built.stderr[-2000:]
     (wheel,) = wheels.glob("mag_explore-*.whl")
 
     # the fresh venv sees neither the checkout (PYTHONPATH) nor a data folder given elsewhere
