@@ -61,6 +61,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="swap while timestep t > T (default: the model's guide_until; 700)")
     add_common_options(p, "denoising steps (default: the model's; 50)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD; Flux: its guidance embedding, 3.5)")
+    p.add_argument("--true-cfg", type=float, default=None,
+                   help="Flux only: CFG with a second, negative-prompt pass (default: the model's; 1 = off; 3 on shapes_flux)")
     p.add_argument("--seed", type=int, default=42, help="default 42 (the official script's)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
@@ -173,8 +175,9 @@ def check_method_numbers(args) -> None:
     """The numbers shared by generate and edit, checked before any model is loaded."""
     if args.num_inference_steps is not None:
         check_count("--num-inference-steps", args.num_inference_steps)
-    if args.cfg is not None:
-        check_number("--cfg", args.cfg, minimum=0)
+    for flag, value in (("--cfg", args.cfg), ("--true-cfg", getattr(args, "true_cfg", None))):
+        if value is not None:
+            check_number(flag, value, minimum=0)
     if args.alpha is not None:
         check_number("--alpha", args.alpha, minimum=0)
     if args.lmbda is not None:
@@ -196,6 +199,7 @@ def check_generate_args(args) -> None:
 
 
 def run_generate(args) -> str:
+    from . import families
     from .attention import AttentionStore
     from .methods import make_controls
     from .models import load_pipeline
@@ -210,14 +214,17 @@ def run_generate(args) -> str:
         if value is not None and args.method != method:
             raise InputError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
     pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
+    if args.true_cfg is not None and families.family(pipe) != families.FLUX:
+        raise InputError(f"--true-cfg {args.true_cfg} is a setting of Flux pipelines, not of this "
+                         f"{families.family(pipe)} pipeline; use --cfg")
     # settings left as None are resolved from the model's defaults when the run starts
     experimental = {"allow_negative_lambda": True} if args.allow_negative_lambda else {}
     controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, while_t_above=threshold,
                              **experimental)
     store = AttentionStore() if args.save_attention else None
     result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.cfg, seed=args.seed, height=args.height, width=args.width,
-                      controls=controls, store=store)
+                      guidance_scale=args.cfg, true_cfg_scale=args.true_cfg, seed=args.seed, height=args.height,
+                      width=args.width, controls=controls, store=store)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)

@@ -72,6 +72,8 @@ def test_generate_writes_what_the_python_api_makes(mag_run, sd15_pipe):
      "'dog' is not in the prompt"),
     (["--layout", str(LAYOUT_PNG), "--word-ids", "__import__('os').system('echo hacked')"], "word"),
     (["--method", "none", "--height", "60"], "multiples of 8"),
+    (["--method", "none", "--true-cfg", "2"], "--true-cfg 2.0 is a setting of Flux pipelines"),
+    (["--method", "none", "--true-cfg", "nan"], "--true-cfg"),
 ])
 def test_bad_input_is_one_line_and_non_zero(sd15_folder, tmp_path, capfd, args, message):
     # in-process (the same main() as `python -m mag_explore`), to keep the suite fast

@@ -282,3 +282,15 @@ def test_cli_generate_with_mag(folders, tmp_path, name):
     assert "wrote" in done.stdout and Image.open(out).size == (32, 32)
     layers = {"flux": 3, "sd3": 2}[name]
     assert len(AttentionStore.load(tmp_path / "maps.safetensors").layers) == layers
+
+
+def test_cli_true_cfg_is_fluxpipelines_true_cfg_scale(folders, pipes, tmp_path):
+    from mag_explore.cli import main
+
+    out = tmp_path / "true_cfg.png"
+    code = main(["generate", "--model", str(folders["flux"]), "--prompt", PROMPT, "--method", "none", "--seed", "0",
+                 "--negative-prompt", "low quality", "--true-cfg", "4", "--out", str(out)])
+    assert code == 0
+    reference = theirs(pipes["flux"], negative_prompt="low quality", true_cfg_scale=4.0)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), (reference * 255).round().astype(np.uint8))
+    assert not np.array_equal(reference, theirs(pipes["flux"], negative_prompt="low quality")[0])
