@@ -26,3 +26,29 @@ def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     assert analytical["guided_steps"] == 1  # of 5 DDIM steps (801, 601, ...), only t = 801 is above 700
     table = stem.with_suffix(".md").read_text()
     assert result["device"] in table and "| ours + MAG, gradient checkpointing |" in table
+
+
+def test_gpu_train_script_trains_measures_and_packs_both_models(tmp_path):
+    """bench/gpu_train.py --smoke: the retraining run prepared for a lent GPU, same code, a few CPU steps."""
+    import subprocess
+    import sys
+    import tarfile
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--smoke", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:2] == ["logs.txt", "shapes.tar.0"] and "summary.md" in names and "shapes_flux.tar.1" in names
+    assert len(names) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in out.iterdir())  # what a device call brings back
+    summary = (out / "summary.md").read_text()
+    # each model's reproducing command, its steps and its suite rows
+    assert "python -m mag_explore.shapes.train --out" in summary and "--unet-steps 2" in summary
+    assert "python -m mag_explore.shapes.train_mmdit --out" in summary and summary.count("steps reached: 2 (asked 2)") == 2
+    assert summary.count("| none | 2 |") == 2 and summary.count("| mag | 2 |") == 2
+    for name, weights in (("shapes", "unet"), ("shapes_flux", "transformer")):
+        whole = tmp_path / f"{name}.tar"
+        whole.write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob(f"{name}.tar.*"), key=lambda p: int(p.suffix[1:]))))
+        with tarfile.open(whole) as tar:
+            members = tar.getnames()
+        assert f"{name}/mag_explore.json" in members and f"{name}/{weights}/diffusion_pytorch_model.safetensors" in members

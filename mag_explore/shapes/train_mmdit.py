@@ -1,9 +1,9 @@
 """Train the embedded MMDiT model "shapes_flux": a tiny Flux.1-shaped pipeline of the shapes world.
 
-Command (the shipped model: ≈ 30 minutes on one CPU thread, README has the figures)::
+Command (the shipped model: ≈ 90 minutes on one CPU thread, README has the figures)::
 
     OMP_NUM_THREADS=1 python -m mag_explore.shapes.train_mmdit --out mag_explore/data/models/shapes_flux \
-        --workdir checkpoints/shapes_flux --steps 3600 --threads 1
+        --workdir checkpoints/shapes_flux --steps 6500 --layers 3 --single-layers 6 --threads 1
 
 The VAE is the shapes model's (kept frozen). A fixed pool of captioned scenes is encoded once
 (cached in ``--workdir``); then the ``FluxTransformer2DModel``, the ``CLIPTextModel`` (pooled
@@ -260,7 +260,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("mag_explore/data/models/shapes_flux"))
     p.add_argument("--workdir", type=Path, default=Path("checkpoints/shapes_flux"))
-    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--steps", type=int, default=6500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pool", type=int, default=12800, help="scenes in the pre-encoded pool")
     p.add_argument("--grounding", type=float, default=0.1,
@@ -269,8 +269,8 @@ def parse_args(argv):
                    help="share of captions whose pooled CLIP vector alone is that of '' (T5 tokens kept)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to a tenth)")
     p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--layers", type=int, default=2, help="double-stream blocks")
-    p.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
+    p.add_argument("--layers", type=int, default=3, help="double-stream blocks")
+    p.add_argument("--single-layers", type=int, default=6, help="single-stream blocks")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training (and export) once this run has taken this long")
     p.add_argument("--resume", action="store_true")
