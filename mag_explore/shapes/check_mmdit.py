@@ -38,9 +38,12 @@ MODEL = data_path("models", "shapes_flux")
 
 
 def load(folder: Path = MODEL):
-    from diffusers import FluxPipeline
+    from ..models import library_output
 
-    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    with library_output(verbose=False):  # no "requires torchvision" notices while loading
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
