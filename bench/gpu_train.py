@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -117,12 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, command in todo.items():
         folder = args.work / name
         meta = json.loads((folder / "mag_explore.json").read_text())["training"]
-        steps = meta.get("unet_steps", meta.get("steps"))
+        reached, asked = (meta["unet_steps"], args.unet_steps) if name == "shapes" else (meta["steps"], args.flux_steps)
         lines += [f"## {name}", "", "    python -m " + " ".join(command), "",
-                  f"steps reached: {steps} (asked {command[command.index('--unet-steps' if name == 'shapes' else '--steps') + 1]})",
-                  "", measure(name, folder, args, logs), ""]
+                  f"steps reached: {reached} (asked {asked})", "", measure(name, folder, args, logs), ""]
         pack(folder, name, args.out)
-        shutil.rmtree(args.work / f"eval_{name}", ignore_errors=True)
     (args.out / "summary.md").write_text("\n".join(lines))
     gather_logs(logs, args.out)
     print("\n".join(lines))

@@ -117,3 +117,18 @@ def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
     assert len(set(workdirs)) == len(workdirs)  # no stage resumes another stage's checkpoint
     for command in commands:  # every stage has a fixed length: the recipe never depends on wall time
         assert "--unet-steps" in command and "--max-minutes" not in command
+
+
+def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys):
+    import time
+
+    from mag_explore.shapes.train import CHECKPOINT_SECONDS, checkpoint_now
+
+    now = time.time()
+    assert checkpoint_now(5, 10, last_save=now, stop_at=None) == (False, False)
+    assert checkpoint_now(5, 10, last_save=now, stop_at=now + 60) == (False, False)
+    assert checkpoint_now(5, 10, last_save=now - CHECKPOINT_SECONDS - 1, stop_at=None) == (True, False)
+    assert checkpoint_now(10, 10, last_save=now, stop_at=None) == (True, False)  # the last step is always saved
+    assert capsys.readouterr().out == ""
+    assert checkpoint_now(5, 10, last_save=now, stop_at=now - 1) == (True, True)  # out of minutes: save, then stop
+    assert "stopping at step 5: --max-minutes reached" in capsys.readouterr().out

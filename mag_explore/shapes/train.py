@@ -108,6 +108,14 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
+def checkpoint_now(step: int, steps: int, last_save: float, stop_at: float | None) -> tuple[bool, bool]:
+    """(save, stop): save every CHECKPOINT_SECONDS, at the last step and when ``--max-minutes`` ran out; stop then."""
+    out_of_time = stop_at is not None and time.time() > stop_at
+    if out_of_time:
+        print(f"stopping at step {step}: --max-minutes reached")
+    return time.time() - last_save > CHECKPOINT_SECONDS or step == steps or out_of_time, out_of_time
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -289,12 +297,11 @@ def train_unet(pool: dict, scale: float, empty_ids: torch.Tensor,
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{diffusion.item():.4f}", ground=f"{ground.item():.3f}")
-        out_of_time = stop_at is not None and time.time() > stop_at
-        if time.time() - last_save > CHECKPOINT_SECONDS or step == steps or out_of_time:
+        save_now, stop = checkpoint_now(step, steps, last_save, stop_at)
+        if save_now:
             save()
             last_save = time.time()
-        if out_of_time:
-            print(f"stopping at step {step}: --max-minutes reached")
+        if stop:
             break
     bar.close()
     return ema_unet.eval(), ema_text.eval(), step

@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import mmdit
-from .train import SEED, ema_update, grounding_loss, grounding_targets, load_checkpoint, save_checkpoint
+from .train import SEED, checkpoint_now, ema_update, grounding_loss, grounding_targets, load_checkpoint, save_checkpoint
 from .world import COLORS, SIZE, make_scene
 
-CHECKPOINT_SECONDS = 300
 LATENT = SIZE // 4  # 16: the VAE's latent side
 GRID = LATENT // 2  # 8: Flux packs 2×2 latent patches into one image token
 
@@ -243,12 +242,11 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         recent.append(flow.item())
         bar.update(1)
         bar.set_postfix(flow=f"{flow.item():.4f}", ground=f"{ground.item():.3f}")
-        out_of_time = stop_at is not None and time.time() > stop_at
-        if time.time() - last_save > CHECKPOINT_SECONDS or step == args.steps or out_of_time:
+        save_now, stop = checkpoint_now(step, args.steps, last_save, stop_at)
+        if save_now:
             save()
             last_save = time.time()
-        if out_of_time:
-            print(f"stopping at step {step}: --max-minutes reached")
+        if stop:
             break
     bar.close()
     if recent:
