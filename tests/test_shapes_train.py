@@ -132,3 +132,19 @@ def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys)
     assert capsys.readouterr().out == ""
     assert checkpoint_now(5, 10, last_save=now, stop_at=now - 1) == (True, True)  # out of minutes: save, then stop
     assert "stopping at step 5: --max-minutes reached" in capsys.readouterr().out
+
+
+def test_unet_learning_rate_schedules():
+    import math
+
+    from mag_explore.shapes.train import learning_rate
+
+    peak, steps = 1e-3, 1000
+    # a 300-step linear warm-up in both schedules
+    assert learning_rate(0, steps, peak, "constant") == pytest.approx(peak / 300)
+    assert learning_rate(0, steps, peak, "cosine") == pytest.approx(peak / 300)
+    # constant after it; cosine from the peak down to a tenth of it at the last step
+    assert learning_rate(999, steps, peak, "constant") == pytest.approx(peak)
+    assert learning_rate(299, steps, peak, "cosine") == pytest.approx(
+        peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 299 / 999))))
+    assert learning_rate(999, steps, peak, "cosine") == pytest.approx(peak / 10)
