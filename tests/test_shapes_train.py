@@ -148,3 +148,8 @@ def test_unet_learning_rate_schedules():
     assert learning_rate(299, steps, peak, "cosine") == pytest.approx(
         peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 299 / 999))))
     assert learning_rate(999, steps, peak, "cosine") == pytest.approx(peak / 10)
+    # the MMDiT trainer's: a 200-step warm-up
+    assert learning_rate(99, steps, peak, "cosine", warmup=200) == pytest.approx(
+        0.5 * peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 99 / 999))))
+    with pytest.raises(ValueError, match="'cosin'.*'constant', 'cosine'"):
+        learning_rate(0, steps, peak, "cosin")

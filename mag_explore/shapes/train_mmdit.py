@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import mmdit
-from .train import SEED, checkpoint_now, ema_update, grounding_loss, grounding_targets, load_checkpoint, save_checkpoint
+from .train import (SEED, checkpoint_now, ema_update, grounding_loss, grounding_targets, learning_rate, load_checkpoint,
+                    save_checkpoint)
 from .world import COLORS, SIZE, make_scene
 
 LATENT = SIZE // 4  # 16: the VAE's latent side
@@ -171,14 +172,6 @@ def predict(models, noisy, sigma, t5_ids, clip_ids):
                        img_ids=image_ids(noisy.device), return_dict=False)[0]
 
 
-def learning_rate(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over 200 steps, then cosine down to a tenth of the peak at the last step."""
-    warm = min(1.0, (step + 1) / 200)
-    progress = min(1.0, step / max(steps - 1, 1))
-    # A Python float: a numpy one in the optimizer's state would not load with weights_only.
-    return float(peak * warm * (0.1 + 0.45 * (1 + np.cos(np.pi * progress))))
-
-
 def build(args, t5_tokenizer):
     torch.manual_seed(SEED + 1)
     return (mmdit.make_transformer(args.layers, args.single_layers), mmdit.make_clip(mmdit.clip_tokenizer()),
@@ -225,7 +218,7 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
+            group["lr"] = learning_rate(step, args.steps, args.lr, "cosine", warmup=200)
         with grounding_processor(models[0], tok5.shape[1], keep=args.grounding > 0) as proc:
             pred = predict(models, noisy, sigma, tok5, tokc)
         flow = F.mse_loss(pred, pack(noise - x0))
