@@ -37,6 +37,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "mag_alpha": 0.08,
     "mag_lambda": 0.5,
     "mag_step": "official",
+    "mag_mask_mode": "nearest",
     "guide_until": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
@@ -50,6 +51,7 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "mag_alpha": (int, float),
     "mag_lambda": (int, float),
     "mag_step": (str,),
+    "mag_mask_mode": (str,),
     "guide_until": (int, float),
     "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
     "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
@@ -239,6 +241,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         (``families.FAMILY_DEFAULTS``).
         ``mag_step`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
         "normalized" (ours: α noise-stds per step, see ``MaskedAttentionGuidance``).
+        ``mag_mask_mode`` (``"nearest"``): how MAG resizes a region's mask to each layer's grid,
+        "nearest" (the official code's) or "area" (each cell weighted by the share of it the
+        region covers; see ``Layout.masks_at``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
         Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the

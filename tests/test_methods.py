@@ -356,6 +356,37 @@ def test_mag_without_alpha_uses_the_models_alpha(shapes_pipe, layout_64):
     assert default.settings["mag"]["alpha"] == alpha
 
 
+def test_mag_mask_mode_comes_from_the_model_defaults(tmp_path, sd15_folder):
+    """``mask_mode=None`` is the model's ``mag_mask_mode``: "nearest" (official) unless its
+    mag_explore.json says otherwise; a value it cannot use is refused, naming the choices."""
+    import json
+    import shutil
+
+    from mag_explore.layouts import ellipse
+    from mag_explore.models import load_pipeline
+
+    # an ellipse's edge cuts the layers' cells: nearest and area masks differ there
+    layout = Layout.from_shapes(64, 64, [ellipse("red circle", 0.3, 0.4, 0.22, 0.3), rect("blue square", 0.55, 0.1, 0.95, 0.7)])
+
+    run = dict(num_inference_steps=4, seed=0, progress=False)
+    plain = generate(load_pipeline(str(sd15_folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)],
+                     **run)
+    assert plain.settings["mag"]["mask_mode"] == "nearest"
+    folder = tmp_path / "model"
+    shutil.copytree(sd15_folder, folder)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_mask_mode": "area"}))
+    pipe = load_pipeline(str(folder), device="cpu")
+    default = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+    area = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, mask_mode="area")], **run)
+    nearest = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, mask_mode="nearest")], **run)
+    assert default.settings["mag"]["mask_mode"] == "area"
+    np.testing.assert_array_equal(default.pixels, area.pixels)
+    assert not np.array_equal(default.pixels, nearest.pixels)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_mask_mode": "cubic"}))
+    with pytest.raises(ValueError, match="mag_mask_mode='cubic': use one of 'nearest', 'area'"):
+        generate(load_pipeline(str(folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+
+
 def test_generate_shows_its_options():
     import inspect
 

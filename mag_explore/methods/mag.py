@@ -125,7 +125,9 @@ class MaskedAttentionGuidance(Control):
             more time. Measured for SD1.5 at 512² in fp32 on a CPU (bench/mag_memory.py),
             one guided step adds 1.98 GB to the 4.7 GB of the loaded pipeline, 1.39 GB with
             checkpointing; in fp16 about half of each, so a 16 GB GPU holds either.
-        mask_mode: "nearest" (official), "area" or "bilinear".
+        mask_mode: how a region's mask is resized to each layer's grid: "nearest" (official),
+            "area" (the share of each cell the region covers) or "bilinear"; None: the
+            model's ``mag_mask_mode`` ("nearest" on Stable Diffusion).
         loss_fn: replace the loss (same signature as ``mag_loss_terms``) to try your own.
         allow_negative_lambda: accept λ < 0 (it rewards attention *outside* the regions;
             for experiments only).
@@ -150,7 +152,7 @@ class MaskedAttentionGuidance(Control):
         resolutions: Iterable[int] | None = None,
         places: Iterable[str] | None = None,
         gradient_checkpointing: bool = False,
-        mask_mode: str = "nearest",
+        mask_mode: str | None = None,
         loss_fn=mag_loss_terms,
         allow_negative_lambda: bool = False,
         **removed,
@@ -169,7 +171,7 @@ class MaskedAttentionGuidance(Control):
             places = (places,)  # "up" is one place, not the letters "u" and "p"
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
-        check_choice("mask_mode", mask_mode, MASK_MODES)
+        check_choice("mask_mode", mask_mode, MASK_MODES) if mask_mode is not None else None
         check_choice("step", step, STEP_RULES) if step is not None else None
         self.step = step
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
@@ -194,18 +196,20 @@ class MaskedAttentionGuidance(Control):
     def start(self, sampler) -> None:
         # words first: a phrase not in the prompt, or a region lost at every layer, fails here
         self._layer_places = attention_places(sampler.pipe)
-        run_layout = layout_for_run(self.layout, sampler, "MAG", self.mask_mode, self.uses_layer)
         defaults = model_defaults(sampler.pipe)
+        mask_mode = check_choice("mag_mask_mode", defaults["mag_mask_mode"] if self.mask_mode is None
+                                 else self.mask_mode, MASK_MODES)
+        run_layout = layout_for_run(self.layout, sampler, "MAG", mask_mode, self.uses_layer)
         alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
         lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
         step = check_choice("mag_step", defaults["mag_step"] if self.step is None else self.step, STEP_RULES)
         self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
                                         default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
-        self.hook = MagLossHook(run_layout, lmbda, mask_mode=self.mask_mode,
+        self.hook = MagLossHook(run_layout, lmbda, mask_mode=mask_mode,
                                 loss_fn=self.loss_fn, resolutions=self.resolutions, places=self.places)
         self._settings = {"alpha": alpha, "lmbda": lmbda, "step": step, **self.steps.as_keywords(),
-                          "iterations": self.iterations, "mask_mode": self.mask_mode,
+                          "iterations": self.iterations, "mask_mode": mask_mode,
                           "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn))}
         self.history = []
 
