@@ -97,6 +97,8 @@ def add_evaluate_parser(commands) -> None:
     ev.add_argument("--suite", default=str(DATA / "suites" / "shapes.json"), help="suite JSON of layouts")
     ev.add_argument("--methods", default="none,swap,mag,pww,lg", help="comma-separated methods")
     ev.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per layout and method")
+    ev.add_argument("--first-seed", type=int, default=0, metavar="K",
+                    help="seeds K..K+N-1 instead: held-out seeds to confirm a setting chosen on 0..N-1")
     add_common_options(ev)
     ev.add_argument("--segmenter", default=None,
                     help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
@@ -253,6 +255,7 @@ def run_evaluate(args) -> str:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
     check_count("--seeds", args.seeds)
+    check_count("--first-seed", args.first_seed, minimum=0)
     if args.num_inference_steps is not None:
         check_count("--num-inference-steps", args.num_inference_steps)
     if not Path(args.suite).is_file():
@@ -264,7 +267,7 @@ def run_evaluate(args) -> str:
             load_segmenter(args.segmenter)
         except ImportError as error:
             raise InputError(f"--segmenter {args.segmenter!r}: cannot import it ({error})") from None
-    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out,
+    return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, first_seed=args.first_seed,
                           num_inference_steps=args.num_inference_steps, device=args.device,
                           segmenter=args.segmenter, sweeps=args.sweep, fresh=args.fresh, verbose=args.verbose)
 

@@ -136,3 +136,17 @@ def test_settings_reach_the_controls_and_bad_options_are_named():
         controls_for("pww", layout, {"alpha": 0.1})
     with pytest.raises(ValueError, match="while_t_above=700"):
         controls_for("swap", layout, {"steps": 700})
+
+
+def test_first_seed_runs_held_out_seeds(sd15_folder, tmp_path, capsys):
+    suite = {"layouts": [json.loads(SUITE.read_text())["layouts"][0]]}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    code = cli.main(["evaluate", "--model", str(sd15_folder), "--suite", str(tmp_path / "suite.json"),
+                     "--methods", "none", "--seeds", "2", "--first-seed", "4", "--steps", "2", "--out", str(tmp_path / "e")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert [r["seed"] for r in read_csv(tmp_path / "e" / "results.csv")] == [4, 5]
+    assert "1 layouts × 2 seeds (4, 5)" in printed.out
+    code = cli.main(["evaluate", "--model", str(sd15_folder), "--suite", str(tmp_path / "suite.json"),
+                     "--methods", "none", "--seeds", "1", "--first-seed", "-1", "--out", str(tmp_path / "f")])
+    assert code == 2 and "--first-seed=-1" in capsys.readouterr().err

@@ -77,10 +77,13 @@ def existing_rows(out: Path) -> list[dict]:
 
 
 def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[str], seeds: int, out: str | Path,
-                   *, num_inference_steps: int | None = None, device: str | None = None,
+                   *, first_seed: int = 0, num_inference_steps: int | None = None, device: str | None = None,
                    segmenter: str | Segmenter | None = None, sweeps: Sequence[str] = (), settings: Settings | None = None,
                    fresh: bool = False, progress: bool = True, verbose: bool = False) -> str:
-    """What ``python -m mag_explore evaluate`` does; returns the summary table (process 0) or a line."""
+    """What ``python -m mag_explore evaluate`` does; returns the summary table (process 0) or a line.
+
+    Each layout and method runs with seeds ``first_seed .. first_seed + seeds - 1``.
+    """
     from ..models import load_pipeline, model_defaults
     from ..shapes.world import COLORS
 
@@ -89,6 +92,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
     check_count("seeds", seeds)
+    check_count("first_seed", first_seed, minimum=0)
     if num_inference_steps is not None:  # checked before anything is written to `out`
         check_count("num_inference_steps", num_inference_steps, maximum=1000)
     check_methods(methods)
@@ -100,7 +104,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     pipe = load_pipeline(model, device=device, verbose=verbose)
     defaults = model_defaults(pipe)
     suite = load_suite(suite_path, defaults["height"], defaults["width"], palette=COLORS)
-    seed_list = list(range(seeds))
+    seed_list = list(range(first_seed, first_seed + seeds))
     items = work_items(suite, methods, seed_list, settings)
     out = Path(out)
     spec = segmenter if isinstance(segmenter, str) or segmenter is None else getattr(segmenter, "__name__", "custom")
@@ -135,7 +139,9 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
         return f"process {rank} of {world}: {len(new_rows)} images; process 0 writes {out / RESULTS}"
     rows = order_rows(before + new_rows, [i.key for i in items])
     images.update(_images_from_disk(out / "images", suite, methods, seed_list[0], images))
-    title = (f"{len(suite)} layouts × {seeds} seeds, model {model or 'default'}, "
+    used = sorted({int(r["seed"]) for r in rows})  # this run's and any earlier run's in `out`
+    which = f"{len(used)} seeds" if used == list(range(len(used))) else f"{len(used)} seeds ({', '.join(map(str, used))})"
+    title = (f"{len(suite)} layouts × {which}, model {model or 'default'}, "
              f"{info['num_inference_steps']} steps; 95 % CI: bootstrap over layouts")
     table = write_reports(suite, methods, rows, images, out, title)
     shutil.rmtree(out / PARTS, ignore_errors=True)  # all in results.csv now
