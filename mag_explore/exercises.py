@@ -185,7 +185,9 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
                    num_inference_steps: int = 4) -> Verdict:
     """Your step through the engine (``LearnerMAG``) vs ``MaskedAttentionGuidance``: the same final latent.
 
-    Guides the first two of ``num_inference_steps`` steps, same seed, on ``pipe``.
+    Guides the first two of ``num_inference_steps`` steps, same seed, on ``pipe``, with the
+    paper's step rule on both sides (your x_t − α∇L as you wrote it: a normalized rule would
+    rescale away a wrong α) and the model's masks.
     """
     from .models import model_defaults
 
@@ -197,12 +199,12 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
         case = f"{num_inference_steps} steps, MAG in steps 0-1, α {alpha}, λ {lmbda}"
         try:
             ours = run_learner_mag(pipe, layout, f, alpha, lmbda, step_range=(0, 2),
-                                   num_inference_steps=num_inference_steps)
+                                   num_inference_steps=num_inference_steps, step="official")
         except NotImplementedError:
             raise
         except Exception as error:
             raise _Failed(f"on case '{case}' the run stopped: {type(error).__name__}: {error}") from None
-        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2))
+        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2), step="official")
         want = _final_latents(pipe, layout, [reference], num_inference_steps)
         _compare(ours, want, case, atol=1e-4, rtol=1e-3, dims="(image, channel, y, x) of the final latent")
         return 1

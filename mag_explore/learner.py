@@ -8,7 +8,10 @@
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
   control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
   (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_step``: the
-  UNet on x_t with the conditional prompt only, phase "guidance", weights frozen.
+  UNet on x_t with the conditional prompt only, phase "guidance", weights frozen. The
+  learner writes the paper's step, x_t − α∇L; on a model whose MAG uses our normalized step
+  (the embedded shapes model) the engine rescales that update to α noise-stds, exactly as
+  ``MaskedAttentionGuidance`` does, and resizes masks as the model's MAG does.
 
 Both act like the package's methods: ``while_t_above=T`` (active while t > T) or
 ``step_range=(start, stop)`` (step indices); neither: the model's ``guide_until``.
@@ -21,11 +24,14 @@ from typing import Callable
 import torch
 
 from .attention import AttentionContext, AttentionHook
+from .families import noise_std
 from .methods.common import check_finite, layout_for_run
 from .methods.guidance import frozen_weights
+from .methods.mag import STEP_RULES, normalized_step_size
 from .models import model_defaults
 from .sampling import Control, Hooks, Sampler, StepState
 from .schedule import StepRange, resolve_step_range
+from .validation import check_choice
 
 
 def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
@@ -203,13 +209,13 @@ class _LayerCollector(AttentionHook):
     """Keeps every layer's probabilities (with the graph) and masks during one guidance pass."""
 
     def __init__(self):
-        self.layout, self.layers = None, []
+        self.layout, self.mask_mode, self.layers = None, "nearest", []
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "guidance"
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
-        masks = self.layout.masks_at(ctx.height, ctx.width, device=probs.device).flatten(1)
+        masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device).flatten(1)
         self.layers.append((probs.float(), masks.float()))
 
 
@@ -217,14 +223,20 @@ class LearnerMAG(Control):
     """MAG with a learner's step: before each guided step, ``x_t = step_fn(inputs, alpha, lmbda)``.
 
     ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
-    finite and shaped like x_t.
+    finite and shaped like x_t. The step rule and the masks' resizing are the model's MAG
+    defaults (``mag_step``, ``mag_mask_mode``) unless given: with ``step="normalized"`` the
+    learner's update d = x_t' − x_t is rescaled to α·σ_t / rms(d) · d, which for d = −α∇L is
+    the package's normalized step exactly.
     """
 
     name = "my_mag"
 
     def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
-                 while_t_above: int | None = None, step_range: tuple | None = None):
+                 while_t_above: int | None = None, step_range: tuple | None = None,
+                 step: str | None = None, mask_mode: str | None = None):
         resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
+        self.step, self.mask_mode = step, mask_mode
+        self.rule = None  # the step rule of the run, after start
         self.layout, self.step_fn = layout, step_fn
         self.alpha, self.lmbda = float(alpha), float(lmbda)
         self.while_t_above, self.step_range = while_t_above, step_range
@@ -236,13 +248,17 @@ class LearnerMAG(Control):
         return [self.collector]
 
     def start(self, sampler) -> None:
-        self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", "nearest")
+        defaults = model_defaults(sampler.pipe)
+        self.rule = check_choice("step", self.step or defaults["mag_step"], STEP_RULES)
+        self.collector.mask_mode = self.mask_mode or defaults["mag_mask_mode"]
+        self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode)
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
         self.guided_steps = []
 
     @property
     def settings(self) -> dict:
-        return {"alpha": self.alpha, "lmbda": self.lmbda, **self.steps.as_keywords()} if self.steps else {}
+        return {"alpha": self.alpha, "lmbda": self.lmbda, "step": self.rule, "mask_mode": self.collector.mask_mode,
+                **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:
         unet, collector = state.pipe.unet, self.collector
@@ -265,8 +281,13 @@ class LearnerMAG(Control):
             raise ValueError(f"your MAG step returned {getattr(new, 'shape', type(new).__name__)}; "
                              f"it must return the new x_t, shaped {tuple(state.latents.shape)}")
         check_finite("your MAG step", state, new.float().sum(), new, f"alpha={self.alpha}")
+        new = new.detach().float()
+        if self.rule == "normalized":  # your step's direction, α noise-stds long (MaskedAttentionGuidance's rule)
+            update = new - state.latents.detach().float()
+            sigma = noise_std(state.scheduler, state.timestep)
+            new = state.latents.detach().float() + normalized_step_size(update, self.alpha, sigma) * update
         self.guided_steps.append(state.step_index)
-        return new.detach().to(state.latents.dtype)
+        return new.to(state.latents.dtype)
 
     @property
     def diagnostics(self) -> dict:
@@ -274,10 +295,10 @@ class LearnerMAG(Control):
 
 
 def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, step_range: tuple,
-                    seed: int = 0, num_inference_steps: int | None = None) -> torch.Tensor:
+                    seed: int = 0, num_inference_steps: int | None = None, step: str | None = None) -> torch.Tensor:
     """The final latent of a run with :class:`LearnerMAG` (used by ``check_full_mag``)."""
     sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps,
-                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range)])
+                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range, step=step)])
     while not sampler.done:
         sampler.step()
     return sampler.latents

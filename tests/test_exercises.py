@@ -185,6 +185,39 @@ def test_full_mag_check_runs_the_learners_step_through_the_engine(sd15_pipe, lay
                        "final latent")
 
 
+def test_learner_mag_follows_the_models_step_rule_and_masks(tmp_path, sd15_folder, layout):
+    """On a model whose MAG uses the normalized step and area masks (the embedded shapes model
+    does), the learner's paper step through LearnerMAG lands where the package's MAG does; the
+    check still runs the paper's rule, so a wrong α is caught there too."""
+    import json
+    import shutil
+
+    import mag_explore as mx
+    from mag_explore.learner import run_learner_mag
+
+    folder = tmp_path / "model"
+    shutil.copytree(sd15_folder, folder)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_step": "normalized", "mag_mask_mode": "area"}))
+    pipe = mx.load_pipeline(str(folder), device="cpu")
+    ours = run_learner_mag(pipe, layout, solutions.mag_step, 0.05, 0.5, step_range=(0, 2), num_inference_steps=3)
+    sampler = mx.Sampler(pipe, layout.prompt, seed=0, num_inference_steps=3,
+                         controls=[mx.MaskedAttentionGuidance(layout, alpha=0.05, step_range=(0, 2))])
+    while not sampler.done:
+        sampler.step()
+    assert sampler.controls[0].settings["mask_mode"] == "area"
+    torch.testing.assert_close(ours, sampler.latents, atol=1e-4, rtol=1e-3)
+    official = run_learner_mag(pipe, layout, solutions.mag_step, 0.05, 0.5, step_range=(0, 2), num_inference_steps=3,
+                               step="official")
+    assert not torch.allclose(official, ours, atol=1e-3)  # the rule matters on this model
+
+    def half_alpha(step, alpha, lmbda):
+        return solutions.mag_step(step, alpha / 2, lmbda)
+
+    assert exercises.check_full_mag(pipe, layout, solutions.mag_step, alpha=0.5, num_inference_steps=3).passed
+    assert failed_with(exercises.check_full_mag(pipe, layout, half_alpha, alpha=0.5, num_inference_steps=3),
+                       "final latent")
+
+
 # ============================================================================ 05
 def test_iou_and_paired_difference_checks():
     assert exercises.check_mask_iou(solutions.mask_iou).passed
