@@ -101,6 +101,16 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
     vae_again = load_pipeline(str(again), device="cpu").vae
     for (name, a), b in zip(pipe.vae.state_dict().items(), vae_again.state_dict().values()):
         assert torch.equal(a, b), name
+    # --vae-from keeps that VAE too, but starts the UNet from scratch (not from the export's).
+    fresh = tmp_path / "fresh"
+    train.main(["--out", str(fresh), "--workdir", str(tmp_path / "work3"), "--vae-from", str(out),
+                "--unet-steps", "1", "--unet-batch", "4", "--pool", "8", "--threads", "1"])
+    third = load_pipeline(str(fresh), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), third.vae.state_dict().values()))
+    record = json.loads((fresh / "mag_explore.json").read_text())["training"]
+    assert record["vae_steps"] == 2 and "continued_from" not in record and record["vae_from"]["vae_steps"] == 2
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(fresh), "--init-from", str(out), "--vae-from", str(out)])
 
 
 def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
@@ -153,3 +163,56 @@ def test_unet_learning_rate_schedules():
         0.5 * peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 99 / 999))))
     with pytest.raises(ValueError, match="'cosin'.*'constant', 'cosine'"):
         learning_rate(0, steps, peak, "cosin")
+
+
+def _tiny_model_folder(folder, vae):
+    """A folder with a VAE and a defaults file, as write_decoder reads and writes them."""
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "mag_explore.json").write_text(json.dumps({"training": {"steps": 1}}))
+    return folder
+
+
+def test_decoder_finetune_trains_the_decoder_and_leaves_the_latent_space_alone(tmp_path):
+    from mag_explore.shapes import train_decoder
+    from mag_explore.shapes.architecture import make_vae
+
+    torch.manual_seed(0)
+    vae = make_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    train_decoder.finetune_decoder(vae, steps=2, batch=2, lr=1e-3, workdir=tmp_path, resume=False)
+    after = vae.state_dict()
+    encoder_keys = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder_keys and decoder_keys and len(encoder_keys) + len(decoder_keys) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder_keys)  # same latents for the same image
+    assert any(not torch.equal(before[k], after[k]) for k in decoder_keys)
+    # Resuming at the last step does nothing more: the checkpoint holds step 2.
+    again = make_vae()
+    train_decoder.finetune_decoder(again, steps=2, batch=2, lr=1e-3, workdir=tmp_path, resume=True)
+    assert all(torch.equal(after[k], again.state_dict()[k]) for k in after)
+
+
+def test_write_decoder_keeps_each_folders_config_and_refuses_another_encoder(tmp_path):
+    from mag_explore.shapes import train_decoder
+    from mag_explore.shapes.architecture import make_vae
+
+    torch.manual_seed(0)
+    source = make_vae()
+    flux_like = make_vae()
+    flux_like.load_state_dict(source.state_dict())
+    flux_like.register_to_config(shift_factor=0.0)  # shapes_flux's VAE config differs in this
+    target = _tiny_model_folder(tmp_path / "flux", flux_like)
+    with torch.no_grad():
+        source.decoder.conv_out.bias += 1.0
+    train_decoder.write_decoder(source, target, {"steps": 7})
+    from diffusers import AutoencoderKL
+    written = AutoencoderKL.from_pretrained(target / "vae")
+    assert written.config.shift_factor == 0.0
+    for key, value in source.state_dict().items():
+        assert torch.equal(written.state_dict()[key], value), key
+    record = json.loads((target / "mag_explore.json").read_text())["training"]
+    assert record == {"steps": 1, "decoder_finetune": {"steps": 7}}
+
+    other = _tiny_model_folder(tmp_path / "other", make_vae())  # fresh weights: another encoder
+    with pytest.raises(ValueError, match="another encoder"):
+        train_decoder.write_decoder(source, other, {"steps": 7})

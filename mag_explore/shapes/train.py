@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from an exported model folder: keep its VAE, start the UNet and "
                         "text encoder from its weights (stage 1 is skipped)")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="take the VAE of an exported model folder (stage 1 is skipped) and train the UNet "
+                        "and text encoder from scratch")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop stage 2 (and export) once this run has taken this long")
     p.add_argument("--resume", action="store_true")
@@ -358,8 +361,14 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     stop_at = t0 + 60 * args.max_minutes if args.max_minutes else None
-    init, previous = None, None
-    if args.init_from is not None:
+    init, previous, vae_record = None, None, None
+    if args.init_from is not None and args.vae_from is not None:
+        p.error("--init-from already keeps that model's VAE; give --init-from or --vae-from, not both")
+    if args.vae_from is not None:
+        vae = load_exported(args.vae_from)[0].to(args.device).eval()
+        vae_record = json.loads((args.vae_from / "mag_explore.json").read_text()).get("training", {})
+        tokenizer = make_tokenizer(args.workdir / "tokenizer")
+    elif args.init_from is not None:
         vae, unet0, text0, tokenizer = load_exported(args.init_from)
         vae, init = vae.to(args.device).eval(), (unet0, text0)
         previous = json.loads((args.init_from / "mag_explore.json").read_text()).get("training")
@@ -381,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                                    args.resume, args.device, grounding=args.grounding, init=init,
                                    lr_schedule=args.lr_schedule)
     t2 = time.time()
-    meta = {"vae_steps": args.vae_steps if init is None else previous.get("vae_steps"),
+    kept = previous or vae_record  # the VAE came from another run
+    meta = {"vae_steps": args.vae_steps if kept is None else kept.get("vae_steps"),
             "vae_psnr_db": round(psnr, 2), "unet_steps": steps, "grounding": args.grounding,
             "pool": args.pool, "object_counts": list(args.object_counts), "lr": args.lr,
             "lr_schedule": args.lr_schedule,
@@ -391,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "unet": round((t2 - t1) / 60, 1)}}
     if previous is not None:
         meta["continued_from"] = previous
+    if vae_record is not None:
+        meta["vae_from"] = {k: vae_record[k] for k in ("vae_steps", "vae_psnr_db", "decoder_finetune") if k in vae_record}
     export(args.out, vae, unet, text, tokenizer, meta)
     print(json.dumps(meta, indent=2))
 
