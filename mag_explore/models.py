@@ -38,6 +38,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "mag_lambda": 0.5,
     "mag_step": "official",
     "mag_mask_mode": "nearest",
+    "mag_loss": "official",
     "guide_until": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
@@ -52,6 +53,7 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "mag_lambda": (int, float),
     "mag_step": (str,),
     "mag_mask_mode": (str,),
+    "mag_loss": (str,),
     "guide_until": (int, float),
     "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
     "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
@@ -244,6 +246,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``mag_mask_mode`` (``"nearest"``): how MAG resizes a region's mask to each layer's grid,
         "nearest" (the official code's) or "area" (each cell weighted by the share of it the
         region covers; see ``Layout.masks_at``).
+        ``mag_loss`` (``"official"``): MAG's loss, "official" (the paper's) or "balanced" (ours:
+        the outside term weighted by the region's area over the outside's; see
+        ``MaskedAttentionGuidance``).
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
         Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the

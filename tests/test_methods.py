@@ -415,3 +415,55 @@ def test_a_single_place_or_resolution_is_one_value_not_its_letters(sd15_pipe, la
     assert sorted(mag.hook.layers) == sorted(up) and up
     with pytest.raises(ValueError, match="upp"):
         MaskedAttentionGuidance(layout, places="upp")
+
+
+def test_balanced_loss_matches_the_formula_by_hand():
+    """Ours: −Σ A[in] + λ·(|M|/|1 − M|)·Σ A[out]; the outside term of a word attending evenly
+    equals its inside term, so at λ = 1 turning such a word down changes nothing."""
+    from mag_explore.methods import balanced_loss_terms, mag_loss_terms
+
+    torch.manual_seed(0)
+    probs = torch.rand(2, 3, 16, 5).softmax(-1)
+    masks = torch.zeros(2, 16)
+    masks[0, :4] = 1.0          # a quarter of the pixels
+    masks[1, 6:14] = 0.5        # soft ("area") mask values count by their weight
+    groups = [[1, 2], [4]]
+    loss, inside, outside = balanced_loss_terms(probs, masks, groups, lmbda=0.7)
+    want = 0.0
+    for mask, tokens in zip(masks, groups):
+        a = probs[..., tokens].sum(-1)
+        i, o = float((a * mask).sum()), float((a * (1 - mask)).sum())
+        want += -i + 0.7 * float(mask.sum()) / float((1 - mask).sum()) * o
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    _, official_inside, official_outside = mag_loss_terms(probs, masks, groups, lmbda=0.7)
+    torch.testing.assert_close(inside, official_inside)
+    torch.testing.assert_close(outside, official_outside)
+    even = torch.full((1, 1, 16, 2), 0.5)
+    for scale in (1.0, 0.1):
+        assert float(balanced_loss_terms(even * scale, masks[:1], [[0]], lmbda=1.0)[0]) == pytest.approx(0.0, abs=1e-6)
+        assert float(mag_loss_terms(even * scale, masks[:1], [[0]], lmbda=1.0)[0]) == pytest.approx(
+            scale * 0.5 * (12 - 4))  # the paper's loss falls as the word is turned down
+
+
+def test_mag_loss_by_name_from_the_model_defaults(tmp_path, sd15_folder):
+    import json
+    import shutil
+
+    from mag_explore.models import load_pipeline
+
+    # regions of a quarter and three eighths of the image (the two losses agree on halves)
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.25, 1), rect("blue square", 0.5, 0, 0.875, 1)])
+
+    run = dict(num_inference_steps=4, seed=0, progress=False)
+    folder = tmp_path / "model"
+    shutil.copytree(sd15_folder, folder)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_loss": "balanced"}))
+    pipe = load_pipeline(str(folder), device="cpu")
+    default = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+    named = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, loss_fn="balanced")], **run)
+    official = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, loss_fn="official")], **run)
+    assert default.settings["mag"]["loss_fn"] == "balanced" and official.settings["mag"]["loss_fn"] == "official"
+    np.testing.assert_array_equal(default.pixels, named.pixels)
+    assert not np.array_equal(default.pixels, official.pixels)
+    with pytest.raises(ValueError, match="loss_fn='fair': use one of 'official', 'balanced'"):
+        MaskedAttentionGuidance(layout, loss_fn="fair")

@@ -10,13 +10,13 @@ from ..schedule import reject_old_keywords
 from .common import NonFiniteGuidanceError
 from .guidance import guidance_step
 from .layout_guidance import LayoutGuidance, layout_loss_terms
-from .mag import MaskedAttentionGuidance, MagLossHook, mag_loss_terms
+from .mag import MaskedAttentionGuidance, MagLossHook, balanced_loss_terms, mag_loss_terms
 from .paint_with_words import PaintWithWords, noise_level, pww_bonus
 from .swap import MaskedAttentionSwap
 
 __all__ = ["LayoutGuidance", "MaskedAttentionGuidance", "MagLossHook", "MaskedAttentionSwap",
-           "NonFiniteGuidanceError", "PaintWithWords", "guidance_step", "layout_loss_terms", "mag_loss_terms",
-           "noise_level", "pww_bonus"]
+           "NonFiniteGuidanceError", "PaintWithWords", "balanced_loss_terms", "guidance_step", "layout_loss_terms",
+           "mag_loss_terms", "noise_level", "pww_bonus"]
 
 #: Method names of ``make_controls``: the short ``name`` of each control class.
 METHODS = {"swap": MaskedAttentionSwap, "mag": MaskedAttentionGuidance, "pww": PaintWithWords, "lg": LayoutGuidance}

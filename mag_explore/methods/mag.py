@@ -9,6 +9,14 @@ Before each denoising step in range:
 3. one SGD step on the latent: x_t ← x_t − α ∇ₓ L;
 4. the ordinary classifier-free-guidance step continues from the new x_t.
 
+``loss_fn="balanced"`` is a second variant of ours: the outside term of each region is
+weighted by its area over the outside area, λ·|M_r|/|1 − M_r|. The paper's loss rewards turning a
+word down *everywhere* as soon as its attention outside is more than 1/λ times its attention
+inside, which a small region's word always has at first (its attention is spread over the image):
+on the embedded shapes model, MAG then erases objects of small regions instead of moving them. With
+the balanced weight a word attending evenly gains nothing by being turned down (at λ = 1 the two
+terms cancel), so only *moving* its attention lowers the loss.
+
 ``step="normalized"`` is a variant of ours, not the paper's: x_t ← x_t − α σ_t ∇L / rms(∇L),
 σ_t = √(1 − ᾱ_t) the noise level of x_t, so every guided step moves x_t by α noise-stds
 whatever the gradient's size. On the embedded shapes model the official step follows the
@@ -69,6 +77,26 @@ def mag_loss_terms(
     return (-inside_t + lmbda * outside_t).sum(), inside_t, outside_t
 
 
+def balanced_loss_terms(
+    probs: torch.Tensor, masks: torch.Tensor, token_groups: Sequence[Sequence[int]], lmbda: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ours: −Σ A[inside] + λ·(|M|/|1 − M|)·Σ A[outside] per region (|M|: the mask's area at this
+    layer), so a word's attention spread evenly costs nothing to keep; same signature and
+    returns as :func:`mag_loss_terms`."""
+    inside, outside, weighted = [], [], []
+    for mask, tokens in zip(masks, token_groups):
+        attention = probs[..., list(tokens)].sum(-1)  # (batch, heads, pixels)
+        inside.append((attention * mask).sum())
+        outside.append((attention * (1 - mask)).sum())
+        weighted.append(mask.sum() / (1 - mask).sum().clamp_min(1e-12) * outside[-1])
+    inside_t, outside_t = torch.stack(inside), torch.stack(outside)
+    return (-inside_t + lmbda * torch.stack(weighted)).sum(), inside_t, outside_t
+
+
+#: MAG's losses by name: the paper's, and ours with the area-balanced outside term
+LOSSES = {"official": mag_loss_terms, "balanced": balanced_loss_terms}
+
+
 class MagLossHook(AttentionHook):
     """Adds up the MAG loss over the cross-attention layers of one guidance pass.
 
@@ -125,10 +153,13 @@ class MaskedAttentionGuidance(Control):
             more time. Measured for SD1.5 at 512² in fp32 on a CPU (bench/mag_memory.py),
             one guided step adds 1.98 GB to the 4.7 GB of the loaded pipeline, 1.39 GB with
             checkpointing; in fp16 about half of each, so a 16 GB GPU holds either.
+        loss_fn: the loss by name, "official" (the paper's, :func:`mag_loss_terms`) or
+            "balanced" (ours, :func:`balanced_loss_terms`), or your own function with
+            ``mag_loss_terms``' signature; None: the model's ``mag_loss`` ("official" on
+            Stable Diffusion).
         mask_mode: how a region's mask is resized to each layer's grid: "nearest" (official),
             "area" (the share of each cell the region covers) or "bilinear"; None: the
             model's ``mag_mask_mode`` ("nearest" on Stable Diffusion).
-        loss_fn: replace the loss (same signature as ``mag_loss_terms``) to try your own.
         allow_negative_lambda: accept λ < 0 (it rewards attention *outside* the regions;
             for experiments only).
 
@@ -153,7 +184,7 @@ class MaskedAttentionGuidance(Control):
         places: Iterable[str] | None = None,
         gradient_checkpointing: bool = False,
         mask_mode: str | None = None,
-        loss_fn=mag_loss_terms,
+        loss_fn=None,
         allow_negative_lambda: bool = False,
         **removed,
     ):
@@ -172,6 +203,8 @@ class MaskedAttentionGuidance(Control):
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES) if mask_mode is not None else None
+        if loss_fn is not None and not callable(loss_fn):
+            check_choice("loss_fn", loss_fn, LOSSES)
         check_choice("step", step, STEP_RULES) if step is not None else None
         self.step = step
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
@@ -199,6 +232,9 @@ class MaskedAttentionGuidance(Control):
         defaults = model_defaults(sampler.pipe)
         mask_mode = check_choice("mag_mask_mode", defaults["mag_mask_mode"] if self.mask_mode is None
                                  else self.mask_mode, MASK_MODES)
+        loss_fn = check_choice("mag_loss", defaults["mag_loss"], LOSSES) if self.loss_fn is None else self.loss_fn
+        loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", repr(loss_fn))
+        loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         run_layout = layout_for_run(self.layout, sampler, "MAG", mask_mode, self.uses_layer)
         alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
         lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
@@ -207,10 +243,10 @@ class MaskedAttentionGuidance(Control):
                                         default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
         self.hook = MagLossHook(run_layout, lmbda, mask_mode=mask_mode,
-                                loss_fn=self.loss_fn, resolutions=self.resolutions, places=self.places)
+                                loss_fn=loss_fn, resolutions=self.resolutions, places=self.places)
         self._settings = {"alpha": alpha, "lmbda": lmbda, "step": step, **self.steps.as_keywords(),
                           "iterations": self.iterations, "mask_mode": mask_mode,
-                          "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn))}
+                          "loss_fn": loss_name}
         self.history = []
 
     @property
