@@ -127,6 +127,13 @@ def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
     assert len(set(workdirs)) == len(workdirs)  # no stage resumes another stage's checkpoint
     for command in commands:  # every stage has a fixed length: the recipe never depends on wall time
         assert "--unet-steps" in command and "--max-minutes" not in command
+    # then the decoder of the exported model, and of no other folder
+    from mag_explore.shapes import train_decoder
+    from mag_explore.shapes.recipe import decoder_command
+
+    argv = decoder_command(tmp_path / "model", tmp_path / "work", threads=1, resume=False)
+    parsed = train_decoder.build_parser().parse_args(argv)
+    assert parsed.model == tmp_path / "model" and parsed.also == [] and parsed.steps == 3000
 
 
 def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys):

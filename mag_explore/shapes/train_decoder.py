@@ -130,9 +130,7 @@ def write_decoder(vae, folder: Path, meta: dict) -> None:
     defaults_path.write_text(json.dumps(defaults, indent=2, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from diffusers import AutoencoderKL
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=MODEL, help="the model whose VAE to start from and write")
     p.add_argument("--also", type=Path, nargs="*", default=[FLUX_MODEL],
@@ -143,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path("checkpoints/decoder"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffusers import AutoencoderKL
+
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(args.model / "vae", use_safetensors=True).eval()
