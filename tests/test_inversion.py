@@ -374,12 +374,14 @@ def shapes_cases():
 @pytest.mark.slow
 def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
     # No latent decodes better than the VAE's own encoding, so its PSNR is the ceiling
-    # (measured 26.1 / 27.2 / 28.2 / 26.4 dB on these scenes). Plain DDIM inversion (25 steps)
-    # redraws them at 26.0 / 26.9 / 25.2 / 18.6 dB: its one approximation (noise predicted a
-    # level too low) costs up to 7.8 dB here. Five fixed-point iterations per step remove it:
-    # 25.6 / 27.0 / 27.9 / 25.9 dB, within 0.5 dB of the ceiling. So: iterated, every scene
-    # within 1.5 dB of its ceiling and its objects found again where they were (color IoU
-    # >= 0.8); plain, never below 17 dB and on average at least 1 dB worse (measured 2.4).
+    # (measured 34.1 / 34.9 / 36.8 / 34.6 dB on these scenes with the fine-tuned decoder;
+    # 26.1 / 27.2 / 28.2 / 26.4 before it). Plain DDIM inversion (25 steps) redraws them at
+    # 32.8 / 33.5 / 25.6 / 18.2 dB: its one approximation (noise predicted a level too low)
+    # costs up to 16 dB here. Five fixed-point iterations per step: 30.2 / 33.8 / 36.0 /
+    # 32.6 dB, within 4 dB of the ceiling. So: iterated, every scene within 4.5 dB of its
+    # ceiling and above 29 dB, its objects found again where they were (color IoU >= 0.8,
+    # measured >= 0.96); plain, never below 17 dB and on average at least 1 dB worse
+    # (measured 5.6).
     pipe, cases = shapes_cases
     plain, iterated = [], []
     for (moved, kept, _), (image, masks, prompt, inversion) in zip(EDITS, cases):
@@ -389,7 +391,7 @@ def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
         reconstructed = reconstruct(pipe, exact, progress=False).image
         plain.append(psnr(image, reconstruct(pipe, inversion, progress=False).image))
         iterated.append(psnr(image, reconstructed))
-        assert iterated[-1] >= limit - 1.5 and plain[-1] >= 17.0, (prompt, limit, plain[-1], iterated[-1])
+        assert iterated[-1] >= max(limit - 4.5, 29.0) and plain[-1] >= 17.0, (prompt, limit, plain[-1], iterated[-1])
         found = color_ious(reconstructed, {moved[0]: masks[0], kept[0]: masks[1]})
         assert min(found.values()) >= 0.8, found
     assert np.mean(iterated) >= np.mean(plain) + 1.0, (plain, iterated)

@@ -139,7 +139,7 @@ def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
 def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys):
     import time
 
-    from mag_explore.shapes.train import CHECKPOINT_SECONDS, checkpoint_now
+    from mag_explore.shapes.train_loop import CHECKPOINT_SECONDS, checkpoint_now
 
     now = time.time()
     assert checkpoint_now(5, 10, last_save=now, stop_at=None) == (False, False)
@@ -154,7 +154,7 @@ def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys)
 def test_unet_learning_rate_schedules():
     import math
 
-    from mag_explore.shapes.train import learning_rate
+    from mag_explore.shapes.train_loop import learning_rate
 
     peak, steps = 1e-3, 1000
     # a 300-step linear warm-up in both schedules

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .architecture import drop_source_paths
-from .train import SEED, learning_rate, load_checkpoint, save_checkpoint, scene_batch
+from .train import SEED, scene_batch
+from .train_loop import learning_rate, load_checkpoint, save_checkpoint
 from .world import make_scene, score_image
 
 MODEL = Path("mag_explore/data/models/shapes")

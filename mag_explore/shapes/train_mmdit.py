@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import mmdit
-from .train import (SEED, checkpoint_now, ema_update, grounding_loss, grounding_targets, learning_rate, load_checkpoint,
-                    save_checkpoint)
+from .train import SEED, grounding_loss, grounding_targets
+from .train_loop import checkpoint_now, ema_update, learning_rate, load_checkpoint, save_checkpoint
 from .world import COLORS, SIZE, make_scene
 
 LATENT = SIZE // 4  # 16: the VAE's latent side
