@@ -225,8 +225,9 @@ MAG_SAMPLE = (6, 7, 9, 11, 15, 19)
 def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
     # Measured on the shipped weights (python -m mag_explore evaluate, these 12 images): no control
     # IoU 0.09 with 8 of 12 images faithful; MAG at the shipped defaults (the paper's step, α 0.3,
-    # area masks) IoU 0.78 with 12 of 12 faithful (every colour and shape right, nothing else).
-    # Floors: 10 of 12, mean IoU >= 0.6.
+    # area masks, our balanced loss at λ 1) IoU 0.58 with 12 of 12 faithful (every colour and
+    # shape right, nothing else); the paper's loss at λ 0.5 places more here (0.78, also 12 of 12)
+    # but keeps fewer prompts over the whole suite (README). Floors: 10 of 12, mean IoU >= 0.45.
     from mag_explore.evaluate import color_segmenter, load_suite, shapes_fidelity
     from mag_explore.methods import make_controls
     from mag_explore.models import load_pipeline, model_defaults
@@ -235,7 +236,8 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
 
     flux = load_pipeline("shapes_flux", device="cpu", dtype=torch.float32)
     d = model_defaults(flux)
-    assert (d["mag_step"], d["mag_alpha"], d["mag_mask_mode"]) == ("official", 0.3, "area")
+    assert (d["mag_step"], d["mag_alpha"], d["mag_mask_mode"], d["mag_loss"], d["mag_lambda"]) == (
+        "official", 0.3, "area", "balanced", 1.0)
     suite = load_suite(MODEL.parents[1] / "suites" / "shapes.json", 64, 64)
     ious, faithful = [], 0
     for index in MAG_SAMPLE:
@@ -246,4 +248,4 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
             masks = color_segmenter(image, layout.labels)
             ious.append(np.mean([mask_iou(m, r.mask) for m, r in zip(masks, layout.regions)]))
             faithful += shapes_fidelity(image, layout.prompt)["fidelity"] == 1.0
-    assert faithful >= 10 and np.mean(ious) >= 0.6, (faithful, ious)
+    assert faithful >= 10 and np.mean(ious) >= 0.45, (faithful, ious)

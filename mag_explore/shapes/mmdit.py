@@ -201,8 +201,10 @@ def export(out: Path, vae, transformer, clip, t5, t5_tokenizer, meta: dict, meas
         "guidance_scale": 3.0, "true_cfg_scale": 3.0, "negative_prompt": "",
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         # MAG: the paper's step and alpha 0.3, masks resized by area (the share of each 8×8 token a
-        # region covers); chosen on the suite (README, "The embedded MMDiT model").
-        "mag_step": "official", "mag_alpha": 0.3, "mag_mask_mode": "area",
+        # region covers), our balanced loss at lambda 1; chosen on the suite (README, "The
+        # embedded MMDiT model").
+        "mag_step": "official", "mag_alpha": 0.3, "mag_mask_mode": "area", "mag_loss": "balanced",
+        "mag_lambda": 1.0,
         "description": "Tiny Flux.1-shaped pipeline (MMDiT: double- and single-stream joint attention, "
                        "CLIP pooled + T5 tokens, flow matching) trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles. Call FluxPipeline "
