@@ -39,6 +39,7 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "mag_step": "official",
     "mag_mask_mode": "nearest",
     "mag_loss": "official",
+    "mag_resolutions": None,
     "guide_until": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
@@ -54,6 +55,7 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "mag_step": (str,),
     "mag_mask_mode": (str,),
     "mag_loss": (str,),
+    "mag_resolutions": (list, type(None)),  # MAG's loss reads only layers of these sizes
     "guide_until": (int, float),
     "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
     "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
@@ -249,6 +251,8 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``mag_loss`` (``"official"``): MAG's loss, "official" (the paper's) or "balanced" (ours:
         the outside term weighted by the region's area over the outside's; see
         ``MaskedAttentionGuidance``).
+        ``mag_resolutions`` (None: every layer): the layer sizes (the larger side, e.g. ``[16]``)
+            whose cross-attention MAG's loss reads.
         ``guide_until`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
         Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the

@@ -445,6 +445,43 @@ def test_balanced_loss_matches_the_formula_by_hand():
             scale * 0.5 * (12 - 4))  # the paper's loss falls as the word is turned down
 
 
+def test_mag_resolutions_come_from_the_model_defaults(tmp_path, sd15_folder):
+    """``resolutions=None`` is the model's ``mag_resolutions``: every layer unless its
+    mag_explore.json names layer sizes; a bad entry is refused, naming the key."""
+    import json
+    import shutil
+
+    from mag_explore.attention import AttentionStore
+    from mag_explore.models import load_pipeline
+
+    layout = Layout.from_shapes(64, 64, [rect("red circle", 0, 0, 0.5, 1), rect("blue square", 0.5, 0, 1, 1)])
+    run = dict(num_inference_steps=4, seed=0, progress=False)
+    store = AttentionStore()
+    generate(load_pipeline(str(sd15_folder), device="cpu"), PROMPT, store=store, **run)
+    sizes = sorted(max(hw) for hw in store.resolutions_seen)
+    plain = generate(load_pipeline(str(sd15_folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)],
+                     **run)
+    assert plain.settings["mag"]["resolutions"] is None
+    assert len(sizes) >= 2, sizes  # the tiny model has layers of several sizes: leaving some out must show
+    folder = tmp_path / "model"
+    shutil.copytree(sd15_folder, folder)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": [sizes[-1]]}))
+    pipe = load_pipeline(str(folder), device="cpu")
+    default = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+    named = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, resolutions=sizes[-1])], **run)
+    every = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, resolutions=sizes)], **run)
+    assert default.settings["mag"]["resolutions"] == [sizes[-1]]
+    np.testing.assert_array_equal(default.pixels, named.pixels)
+    np.testing.assert_array_equal(plain.pixels, every.pixels)
+    assert not np.array_equal(default.pixels, every.pixels)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": [0]}))
+    with pytest.raises(ValueError, match="mag_resolutions"):
+        generate(load_pipeline(str(folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": 16}))
+    with pytest.raises(ValueError, match="mag_resolutions=16 must be list or null"):
+        generate(load_pipeline(str(folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
+
+
 def test_mag_loss_by_name_from_the_model_defaults(tmp_path, sd15_folder):
     import json
     import shutil

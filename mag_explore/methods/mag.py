@@ -145,7 +145,8 @@ class MaskedAttentionGuidance(Control):
         step_range: or guide during step indices ``(start, stop)`` instead; a ``StepRange``
             is accepted by either keyword.
         iterations: gradient steps per denoising step (official 1).
-        resolutions: use only layers whose larger side is in this set (None: all layers).
+        resolutions: use only layers whose larger side is in this set (None: the model's
+            ``mag_resolutions``; all layers on Stable Diffusion).
         places: use only these UNet halves, e.g. ("mid", "up"), or MMDiT blocks: "double",
             "single" (Flux), "joint" (SD3) (None: all). On Flux and SD3 the loss reads the
             image→text block of each joint softmax (``mag_explore.attention.joint``).
@@ -201,6 +202,7 @@ class MaskedAttentionGuidance(Control):
         if isinstance(places, str):
             places = (places,)  # "up" is one place, not the letters "u" and "p"
         self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
+        self._resolutions = self.resolutions  # in effect: the model's mag_resolutions fill a None in start
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES) if mask_mode is not None else None
         if loss_fn is not None and not callable(loss_fn):
@@ -219,7 +221,7 @@ class MaskedAttentionGuidance(Control):
 
     def uses_layer(self, layer: str, hw: tuple[int, int]) -> bool:
         """Whether the loss reads this cross-attention layer (``resolutions`` / ``places``)."""
-        return (self.resolutions is None or max(hw) in self.resolutions) and (
+        return (self._resolutions is None or max(hw) in self._resolutions) and (
             self.places is None or self._layer_places.get(layer) in self.places)
 
     def knob(self) -> str:
@@ -233,6 +235,9 @@ class MaskedAttentionGuidance(Control):
         mask_mode = check_choice("mag_mask_mode", defaults["mag_mask_mode"] if self.mask_mode is None
                                  else self.mask_mode, MASK_MODES)
         loss_fn = check_choice("mag_loss", defaults["mag_loss"], LOSSES) if self.loss_fn is None else self.loss_fn
+        self._resolutions = self.resolutions if self.resolutions is not None else (
+            None if defaults["mag_resolutions"] is None
+            else {check_count("mag_resolutions", r) for r in defaults["mag_resolutions"]})
         loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", repr(loss_fn))
         loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         run_layout = layout_for_run(self.layout, sampler, "MAG", mask_mode, self.uses_layer)
@@ -243,10 +248,11 @@ class MaskedAttentionGuidance(Control):
                                         default=StepRange(while_t_above=int(defaults["guide_until"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
         self.hook = MagLossHook(run_layout, lmbda, mask_mode=mask_mode,
-                                loss_fn=loss_fn, resolutions=self.resolutions, places=self.places)
+                                loss_fn=loss_fn, resolutions=self._resolutions, places=self.places)
         self._settings = {"alpha": alpha, "lmbda": lmbda, "step": step, **self.steps.as_keywords(),
                           "iterations": self.iterations, "mask_mode": mask_mode,
-                          "loss_fn": loss_name}
+                          "loss_fn": loss_name,
+                          "resolutions": None if self._resolutions is None else sorted(self._resolutions)}
         self.history = []
 
     @property
