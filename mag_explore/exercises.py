@@ -204,7 +204,8 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
             raise
         except Exception as error:
             raise _Failed(f"on case '{case}' the run stopped: {type(error).__name__}: {error}") from None
-        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2), step="official")
+        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2), step="official",
+                                            loss_fn="official")  # your loss is the paper's
         want = _final_latents(pipe, layout, [reference], num_inference_steps)
         _compare(ours, want, case, atol=1e-4, rtol=1e-3, dims="(image, channel, y, x) of the final latent")
         return 1

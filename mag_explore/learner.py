@@ -210,9 +210,13 @@ class _LayerCollector(AttentionHook):
 
     def __init__(self):
         self.layout, self.mask_mode, self.layers = None, "nearest", []
+        self.resolutions: set[int] | None = None  # None: every layer
+
+    def uses_size(self, layer: str, hw: tuple[int, int]) -> bool:
+        return self.resolutions is None or max(hw) in self.resolutions
 
     def active(self, ctx: AttentionContext) -> bool:
-        return ctx.phase == "guidance"
+        return ctx.phase == "guidance" and self.uses_size(ctx.layer, (ctx.height, ctx.width))
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
         masks = self.layout.masks_at(ctx.height, ctx.width, mode=self.mask_mode, device=probs.device).flatten(1)
@@ -224,7 +228,8 @@ class LearnerMAG(Control):
 
     ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
     finite and shaped like x_t. The step rule and the masks' resizing are the model's MAG
-    defaults (``mag_step``, ``mag_mask_mode``) unless given: with ``step="normalized"`` the
+    defaults (``mag_step``, ``mag_mask_mode``, ``mag_resolutions``: which layers the step
+    gets) unless given: with ``step="normalized"`` the
     learner's update d = x_t' − x_t is rescaled to α·σ_t / rms(d) · d, which for d = −α∇L is
     the package's normalized step exactly.
     """
@@ -233,9 +238,10 @@ class LearnerMAG(Control):
 
     def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
                  while_t_above: int | None = None, step_range: tuple | None = None,
-                 step: str | None = None, mask_mode: str | None = None):
+                 step: str | None = None, mask_mode: str | None = None,
+                 resolutions: list[int] | None = None):
         resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
-        self.step, self.mask_mode = step, mask_mode
+        self.step, self.mask_mode, self.resolutions = step, mask_mode, resolutions
         self.rule = None  # the step rule of the run, after start
         self.layout, self.step_fn = layout, step_fn
         self.alpha, self.lmbda = float(alpha), float(lmbda)
@@ -251,13 +257,18 @@ class LearnerMAG(Control):
         defaults = model_defaults(sampler.pipe)
         self.rule = check_choice("step", self.step or defaults["mag_step"], STEP_RULES)
         self.collector.mask_mode = self.mask_mode or defaults["mag_mask_mode"]
-        self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode)
+        resolutions = self.resolutions if self.resolutions is not None else defaults["mag_resolutions"]
+        self.collector.resolutions = None if resolutions is None else set(resolutions)
+        self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode,
+                                               self.collector.uses_size)
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
         self.guided_steps = []
 
     @property
     def settings(self) -> dict:
+        resolutions = self.collector.resolutions
         return {"alpha": self.alpha, "lmbda": self.lmbda, "step": self.rule, "mask_mode": self.collector.mask_mode,
+                "resolutions": None if resolutions is None else sorted(resolutions),
                 **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:

@@ -186,9 +186,10 @@ def test_full_mag_check_runs_the_learners_step_through_the_engine(sd15_pipe, lay
 
 
 def test_learner_mag_follows_the_models_step_rule_and_masks(tmp_path, sd15_folder, layout):
-    """On a model whose MAG uses the normalized step and area masks (the embedded shapes model
-    does), the learner's paper step through LearnerMAG lands where the package's MAG does; the
-    check still runs the paper's rule, so a wrong α is caught there too."""
+    """On a model whose MAG uses the normalized step, area masks, some layers only and the
+    balanced loss (the embedded shapes model does), the learner's paper step through LearnerMAG
+    lands where the package's MAG with the paper's loss does; the check still runs the paper's
+    rule and loss, so a wrong α is caught there too."""
     import json
     import shutil
 
@@ -197,15 +198,23 @@ def test_learner_mag_follows_the_models_step_rule_and_masks(tmp_path, sd15_folde
 
     folder = tmp_path / "model"
     shutil.copytree(sd15_folder, folder)
-    (folder / "mag_explore.json").write_text(json.dumps({"mag_step": "normalized", "mag_mask_mode": "area"}))
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_step": "normalized", "mag_mask_mode": "area",
+                                                          "mag_resolutions": [8, 4], "mag_loss": "balanced"}))
     pipe = mx.load_pipeline(str(folder), device="cpu")
     ours = run_learner_mag(pipe, layout, solutions.mag_step, 0.05, 0.5, step_range=(0, 2), num_inference_steps=3)
-    sampler = mx.Sampler(pipe, layout.prompt, seed=0, num_inference_steps=3,
-                         controls=[mx.MaskedAttentionGuidance(layout, alpha=0.05, step_range=(0, 2))])
-    while not sampler.done:
-        sampler.step()
-    assert sampler.controls[0].settings["mask_mode"] == "area"
-    torch.testing.assert_close(ours, sampler.latents, atol=1e-4, rtol=1e-3)
+
+    def package_latents(**options):
+        sampler = mx.Sampler(pipe, layout.prompt, seed=0, num_inference_steps=3,
+                             controls=[mx.MaskedAttentionGuidance(layout, alpha=0.05, step_range=(0, 2), **options)])
+        while not sampler.done:
+            sampler.step()
+        return sampler.latents, sampler.controls[0].settings
+
+    package, settings = package_latents(loss_fn="official")
+    assert (settings["mask_mode"], settings["resolutions"]) == ("area", [4, 8])
+    torch.testing.assert_close(ours, package, atol=1e-4, rtol=1e-3)
+    every_layer, _ = package_latents(loss_fn="official", resolutions=[8, 4, 2])
+    assert not torch.allclose(every_layer, ours, atol=1e-3)  # the layers matter on this model
     official = run_learner_mag(pipe, layout, solutions.mag_step, 0.05, 0.5, step_range=(0, 2), num_inference_steps=3,
                                step="official")
     assert not torch.allclose(official, ours, atol=1e-3)  # the rule matters on this model
