@@ -60,8 +60,11 @@ def test_both_embedded_models_decode_with_the_same_sharpened_decoder(pipe):
     flux_vae = AutoencoderKL.from_pretrained(MODEL.parent / "shapes_flux" / "vae")
     for (name, a), b in zip(pipe.vae.state_dict().items(), flux_vae.state_dict().values()):
         assert torch.equal(a, b), name
-    record = json.loads((MODEL / "mag_explore.json").read_text())["training"]["decoder_finetune"]
+    # the UNet was trained on that VAE (train --vae-from), whose record carries the fine-tune
+    record = json.loads((MODEL / "mag_explore.json").read_text())["training"]["vae_from"]["decoder_finetune"]
     assert "encoder and quant_conv frozen" in record["note"]
+    flux_record = json.loads((MODEL.parent / "shapes_flux" / "mag_explore.json").read_text())["training"]
+    assert flux_record["decoder_finetune"] == record
 
 
 @pytest.mark.slow
@@ -99,11 +102,12 @@ MAG_SAMPLE = (6, 7, 9, 11, 15, 19)
 
 @pytest.mark.slow
 def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
-    # Measured on the shipped weights with bench/mag_drift.py (these 6 layouts x seeds 0, 1):
-    # no control IoU 0.08, fidelity 0.92; the official step at the old default alpha 0.3:
-    # IoU 0.44, fidelity 0.50 (red objects drawn orange or yellow); the shipped normalized
-    # step, alpha 0.03: IoU 0.57, fidelity 0.92 (11 of 12). Floors: 10 of 12 images with every
-    # colour and shape right and nothing else, mean IoU >= 0.5.
+    # Measured on the shipped weights (python -m mag_explore evaluate, these 6 layouts x seeds
+    # 0, 1): no control IoU 0.10, 12 of 12 faithful; MAG at the shipped defaults (normalized step,
+    # alpha 0.03, balanced loss at lambda 1, area masks, the 16x16 layers) IoU 0.47, 11 of 12
+    # faithful (every colour and shape right, nothing else); the earlier defaults (all layers,
+    # nearest masks, the paper's loss at lambda 0.5) IoU 0.59, also 11 of 12 here, but they keep
+    # fewer prompts over the whole suite (README). Floors: 10 of 12, mean IoU >= 0.4.
     from mag_explore.evaluate import color_segmenter, load_suite, shapes_fidelity
     from mag_explore.methods import make_controls
     from mag_explore.models import load_pipeline, model_defaults
@@ -112,7 +116,8 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
 
     pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     d = model_defaults(pipe)
-    assert (d["mag_step"], d["mag_alpha"]) == ("normalized", 0.03)
+    assert (d["mag_step"], d["mag_alpha"], d["mag_lambda"], d["mag_mask_mode"], d["mag_loss"], d["mag_resolutions"]) == (
+        "normalized", 0.03, 1.0, "area", "balanced", [16])
     suite = load_suite(MODEL.parents[1] / "suites" / "shapes.json", 64, 64)
     ious, faithful = [], 0
     for index in MAG_SAMPLE:
@@ -123,4 +128,4 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
             masks = color_segmenter(image, layout.labels)
             ious.append(np.mean([mask_iou(m, r.mask) for m, r in zip(masks, layout.regions)]))
             faithful += shapes_fidelity(image, layout.prompt)["fidelity"] == 1.0
-    assert faithful >= 10 and np.mean(ious) >= 0.5, (faithful, ious)
+    assert faithful >= 10 and np.mean(ious) >= 0.4, (faithful, ious)

@@ -114,26 +114,28 @@ def test_a_tiny_training_run_exports_a_loadable_pipeline_with_its_record(tmp_pat
 
 
 def test_the_recipe_chains_its_stages_into_the_output_folder(tmp_path):
-    from mag_explore.shapes.recipe import STAGES, stage_commands
+    from mag_explore.shapes import train, train_decoder
+    from mag_explore.shapes.recipe import stage_commands
 
-    commands = stage_commands(tmp_path / "model", tmp_path / "work", threads=1, device="cpu", resume=False)
-    assert len(commands) == len(STAGES) >= 2
-    outs = [c[c.index("--out") + 1] for c in commands]
-    assert outs[-1] == str(tmp_path / "model") and len(set(outs)) == len(outs)
-    assert "--init-from" not in commands[0]  # stage 1 trains the VAE and the UNet from scratch
-    for previous_out, command in zip(outs, commands[1:]):
-        assert command[command.index("--init-from") + 1] == previous_out
-    workdirs = [c[c.index("--workdir") + 1] for c in commands]
-    assert len(set(workdirs)) == len(workdirs)  # no stage resumes another stage's checkpoint
-    for command in commands:  # every stage has a fixed length: the recipe never depends on wall time
-        assert "--unet-steps" in command and "--max-minutes" not in command
-    # then the decoder of the exported model, and of no other folder
-    from mag_explore.shapes import train_decoder
-    from mag_explore.shapes.recipe import decoder_command
-
-    argv = decoder_command(tmp_path / "model", tmp_path / "work", threads=1, resume=False)
-    parsed = train_decoder.build_parser().parse_args(argv)
-    assert parsed.model == tmp_path / "model" and parsed.also == [] and parsed.steps == 3000
+    stages = stage_commands(tmp_path / "model", tmp_path / "work", threads=1, device="cpu", resume=False)
+    assert [module for module, _ in stages] == ["train", "train_decoder", "train"]
+    (_, vae), (_, decoder), (_, unet) = stages
+    vae_args = train.build_parser().parse_args(vae)
+    decoder_args = train_decoder.build_parser().parse_args(decoder)
+    unet_args = train.build_parser().parse_args(unet)
+    # 1: the VAE alone, into a folder of the work dir
+    assert vae_args.unet_steps == 0 and vae_args.vae_from is None and vae_args.init_from is None
+    assert vae_args.out.parent == tmp_path / "work"
+    # 2: its decoder sharpened there, and in no other folder
+    assert decoder_args.model == vae_args.out and decoder_args.also == [] and decoder_args.steps == 3000
+    # 3: the UNet from scratch on that VAE, exported to the output folder
+    assert unet_args.vae_from == vae_args.out and unet_args.out == tmp_path / "model"
+    assert unet_args.init_from is None and unet_args.grounding > 0 and unet_args.unet_steps > 0
+    assert unet_args.max_minutes is None  # a fixed length: the recipe never depends on wall time
+    workdirs = [vae_args.workdir, decoder_args.workdir, unet_args.workdir]
+    assert len(set(workdirs)) == 3  # no stage resumes another stage's checkpoint
+    assert all("--resume" in argv for _, argv in
+               stage_commands(tmp_path / "model", tmp_path / "work", threads=1, device="cpu", resume=True))
 
 
 def test_checkpoint_now_saves_on_time_at_the_end_and_when_out_of_minutes(capsys):

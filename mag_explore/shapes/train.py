@@ -11,7 +11,8 @@ with Stable Diffusion's own betas, so "t > 700" means the same as on SD. EMA wei
 are what gets saved. Both stages checkpoint to ``--workdir`` every few minutes and
 ``--resume`` continues from there; ``--max-minutes`` ends stage 2 early (at that total
 run time) and exports what it has. ``--init-from FOLDER`` continues from an exported
-model instead (its VAE is kept, stage 1 skipped).
+model instead (its VAE is kept, stage 1 skipped); ``--vae-from FOLDER`` takes only that
+model's VAE and trains the UNet and text encoder from scratch.
 
 Stage 2 adds a token grounding loss (``--grounding``, see ``grounding_loss``): the pool
 knows which object each color and shape word names, so the word's cross-attention is
@@ -19,8 +20,9 @@ pulled onto that object's mask. Without it a model this small learns to read the
 prompt from the EOS and padding tokens and its word maps tie to nothing (README, "The
 embedded model", has the measurement).
 
-The shipped model is two runs of this command; ``python -m mag_explore.shapes.recipe``
-runs them in order with their fixed step counts (``recipe.STAGES``).
+The shipped model is two runs of this command (the VAE alone, then ``--vae-from`` it after
+``train_decoder`` sharpened its decoder); ``python -m mag_explore.shapes.recipe`` runs the
+three stages in order with their fixed step counts.
 """
 from __future__ import annotations
 
@@ -283,7 +285,7 @@ def train_unet(pool: dict, scale: float, empty_ids: torch.Tensor,
     return ema_unet.eval(), ema_text.eval(), step
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("mag_explore/data/models/shapes"))
     p.add_argument("--workdir", type=Path, default=Path("checkpoints/shapes"))
@@ -311,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
