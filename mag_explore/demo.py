@@ -14,7 +14,7 @@ from .schedule import resolve_step_range
 from .shapes.scoring import iou_text, region_iou
 
 
-def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=0, out="outputs/demo.png",
+def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=1, out="outputs/demo.png",
                 device=None, verbose: bool = False) -> Path:
     pipe = load_pipeline(model, device=device, verbose=verbose)
     d = model_defaults(pipe)
@@ -40,8 +40,10 @@ def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=0, 
             ax.axis("off")
     used = results["mag"].settings  # what the run really used, not what the defaults say
     mag = used["mag"]
+    layers = "all layers" if mag.get("resolutions") is None else "×".join(["/".join(map(str, mag["resolutions"]))] * 2) + " layers"
     fig.suptitle(f'"{layout.prompt}" — {used["num_inference_steps"]} DDIM steps, CFG {used["guidance_scale"]}, '
-                 f'seed {seed}\nMAG ({mag["step"]} step) α={mag["alpha"]}, λ={mag["lmbda"]}, '
+                 f'seed {seed}\nMAG ({mag["step"]} step, {mag["loss_fn"]} loss, {layers}, {mag["mask_mode"]} masks) '
+                 f'α={mag["alpha"]}, λ={mag["lmbda"]}, '
                  f'while {resolve_step_range(mag.get("while_t_above"), mag.get("step_range"))}; '
                  "maps: all steps and layers, head mean", fontsize=TITLE)
     fig.tight_layout()
