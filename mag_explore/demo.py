@@ -40,7 +40,8 @@ def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=1, 
             ax.axis("off")
     used = results["mag"].settings  # what the run really used, not what the defaults say
     mag = used["mag"]
-    layers = "all layers" if mag.get("resolutions") is None else "×".join(["/".join(map(str, mag["resolutions"]))] * 2) + " layers"
+    sizes = mag.get("resolutions")
+    layers = "all layers" if sizes is None else ", ".join(f"{r}×{r}" for r in sizes) + " layers"
     fig.suptitle(f'"{layout.prompt}" — {used["num_inference_steps"]} DDIM steps, CFG {used["guidance_scale"]}, '
                  f'seed {seed}\nMAG ({mag["step"]} step, {mag["loss_fn"]} loss, {layers}, {mag["mask_mode"]} masks) '
                  f'α={mag["alpha"]}, λ={mag["lmbda"]}, '

@@ -27,7 +27,7 @@ from .attention import AttentionContext, AttentionHook
 from .families import noise_std
 from .methods.common import check_finite, layout_for_run
 from .methods.guidance import frozen_weights
-from .methods.mag import STEP_RULES, normalized_step_size
+from .methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
 from .models import model_defaults
 from .sampling import Control, Hooks, Sampler, StepState
 from .schedule import StepRange, resolve_step_range
@@ -212,7 +212,7 @@ class _LayerCollector(AttentionHook):
         self.layout, self.mask_mode, self.layers = None, "nearest", []
         self.resolutions: set[int] | None = None  # None: every layer
 
-    def uses_size(self, layer: str, hw: tuple[int, int]) -> bool:
+    def uses_size(self, layer: str, hw: tuple[int, int]) -> bool:  # layout_for_run's uses_layer
         return self.resolutions is None or max(hw) in self.resolutions
 
     def active(self, ctx: AttentionContext) -> bool:
@@ -257,8 +257,7 @@ class LearnerMAG(Control):
         defaults = model_defaults(sampler.pipe)
         self.rule = check_choice("step", self.step or defaults["mag_step"], STEP_RULES)
         self.collector.mask_mode = self.mask_mode or defaults["mag_mask_mode"]
-        resolutions = self.resolutions if self.resolutions is not None else defaults["mag_resolutions"]
-        self.collector.resolutions = None if resolutions is None else set(resolutions)
+        self.collector.resolutions = layer_sizes_in_effect(self.resolutions, defaults)
         self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode,
                                                self.collector.uses_size)
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)

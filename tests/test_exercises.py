@@ -215,6 +215,9 @@ def test_learner_mag_follows_the_models_step_rule_and_masks(tmp_path, sd15_folde
     torch.testing.assert_close(ours, package, atol=1e-4, rtol=1e-3)
     every_layer, _ = package_latents(loss_fn="official", resolutions=[8, 4, 2])
     assert not torch.allclose(every_layer, ours, atol=1e-3)  # the layers matter on this model
+    with pytest.raises(ValueError, match="resolution"):
+        mx.generate(pipe, layout.prompt, num_inference_steps=3, progress=False,
+                    controls=[exercises.LearnerMAG(layout, solutions.mag_step, 0.05, resolutions=[0])])
     official = run_learner_mag(pipe, layout, solutions.mag_step, 0.05, 0.5, step_range=(0, 2), num_inference_steps=3,
                                step="official")
     assert not torch.allclose(official, ours, atol=1e-3)  # the rule matters on this model

@@ -97,6 +97,15 @@ def balanced_loss_terms(
 LOSSES = {"official": mag_loss_terms, "balanced": balanced_loss_terms}
 
 
+def layer_sizes_in_effect(given, defaults: dict) -> set[int] | None:
+    """The layer sizes MAG's loss reads: ``given``, else the model's ``mag_resolutions``
+    (None: every layer); each a whole number >= 1, named in the error otherwise."""
+    if given is not None:
+        return {check_count("resolution", r) for r in given}
+    sizes = defaults["mag_resolutions"]
+    return None if sizes is None else {check_count("mag_resolutions", r) for r in sizes}
+
+
 class MagLossHook(AttentionHook):
     """Adds up the MAG loss over the cross-attention layers of one guidance pass.
 
@@ -235,9 +244,7 @@ class MaskedAttentionGuidance(Control):
         mask_mode = check_choice("mag_mask_mode", defaults["mag_mask_mode"] if self.mask_mode is None
                                  else self.mask_mode, MASK_MODES)
         loss_fn = check_choice("mag_loss", defaults["mag_loss"], LOSSES) if self.loss_fn is None else self.loss_fn
-        self._resolutions = self.resolutions if self.resolutions is not None else (
-            None if defaults["mag_resolutions"] is None
-            else {check_count("mag_resolutions", r) for r in defaults["mag_resolutions"]})
+        self._resolutions = layer_sizes_in_effect(self.resolutions, defaults)
         loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", repr(loss_fn))
         loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         run_layout = layout_for_run(self.layout, sampler, "MAG", mask_mode, self.uses_layer)
