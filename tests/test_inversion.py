@@ -453,7 +453,8 @@ def test_shapes_edit_swaps_the_sides_of_two_objects():
     # Each object's own-size box where the other one is; both words move, and where they are
     # is given (their true masks, as notebook 06 reads them from the colors). Measured with
     # bench/edit_swap.py, the shipped model and its MAG defaults, 25 steps, new-box IoU per
-    # object: 0.81/0.76, 0.81/0.68, 0.88/0.81, 0.70/0.58 (mean 0.75); nothing left behind
+    # object: 0.81/0.76, 0.82/0.70, 0.89/0.81, 0.72/0.58 (mean 0.76; at lambda 1, shipped
+    # before: 0.81/0.76, 0.81/0.68, 0.88/0.81, 0.70/0.58); nothing left behind
     # (old-place IoU 0.00), no other color, one shape wrong (the green triangle of scene 3).
     # The earlier model: 0.72/0.73, 0.77/0.72, 0.65/0.68, 0.71/0.52 (mean 0.69), and the
     # moved x_T alone (method "none") did about as well there: with both words moving there is
