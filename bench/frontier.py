@@ -1,7 +1,7 @@
 """The README's frontier on the embedded model: every method and setting of its table, and the figure.
 
-    OMP_NUM_THREADS=1 python bench/frontier.py --part baselines --out outputs/frontier &   # ~20 min
-    OMP_NUM_THREADS=1 python bench/frontier.py --part mag --out outputs/frontier          # ~30 min
+    OMP_NUM_THREADS=1 python bench/frontier.py --part baselines --out outputs/frontier &   # ~32 min
+    OMP_NUM_THREADS=1 python bench/frontier.py --part mag --out outputs/frontier          # ~40 min
     python bench/frontier.py --plot --out outputs/frontier   # summary.md + docs/frontier_shapes.png
 
 26 layouts x seeds 0-3, 50 DDIM steps, CFG 3, the shipped weights; each part writes
