@@ -27,7 +27,7 @@ from .methods import (
     mag_loss_terms,
     run_methods_on,
 )
-from .models import data_path, load_pipeline, model_defaults
+from .models import data_path, load_pipeline, model_defaults, use_cpu_threads
 from .sampling import Control, GenerationResult, Hooks, Sampler, StepState, decode_latents, encode_text, generate
 from .schedule import StepRange
 from .tokens import show_tokens, token_indices, token_table, words_of
@@ -40,7 +40,7 @@ __all__ = [
     "Region", "Sampler", "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names",
     "data_path", "decode_latents", "ellipse", "encode_text", "generate", "guidance_step", "load_pipeline", "mag_loss_terms",
     "make_controls", "model_defaults", "polygon", "rect", "remove_cross_attention_hooks", "run_methods_on",
-    "show_tokens", "token_indices", "token_table", "words_of",
+    "show_tokens", "token_indices", "token_table", "use_cpu_threads", "words_of",
 ]
 
 # Real-image editing (DDIM inversion + MAG), kept in its own block.

@@ -7,7 +7,8 @@
   model is needed); ``mag_explore.evaluate`` does the same over a whole suite;
 * :func:`first_step_attention` - MAG's first guided step (one update), before and after;
 * :func:`attention_inside_outside` - did the words attend inside their regions;
-* :func:`guidance_cost` - what MAG adds per guided step, measured.
+* :func:`guidance_cost` - what MAG adds per guided step, measured;
+* :class:`Claims` - the text's claims about a figure, checked where the reader sees them.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .attention import AttentionStore
 from .layouts import Layout
@@ -22,12 +24,25 @@ from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_o
 from .data import data_dir
 from .models import model_defaults
 from .sampling import GenerationResult, Sampler, decode_latents, generate
-from .shapes.scoring import color_ious, color_of, iou_text, region_iou
+from .shapes.scoring import color_ious, color_masks, color_of, iou_text, object_counts, region_iou
 
-__all__ = ["EXAMPLE_LAYOUTS", "color_ious", "color_of", "example_layout", "first_step_attention", "iou_text",
-           "method_images", "region_iou", "run_methods_on", "swap_sweep", "x0_images"]
+__all__ = ["Claims", "ClaimFailed", "EXAMPLE_LAYOUTS", "describe", "color_ious", "color_masks", "color_of", "example_layout", "first_step_attention", "iou_text",
+           "method_images", "object_counts", "region_iou", "run_methods_on", "swap_sweep", "x0_images"]
 
 EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
+
+
+def describe(pipe) -> str:
+    """One line for a notebook's first output: the model, where it runs and what a run does by default."""
+    from .families import denoiser
+    from .models import _pipeline_folder
+
+    folder = _pipeline_folder(pipe)
+    name = folder.name if folder is not None else (getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+    d = model_defaults(pipe)
+    place = str(pipe.device) + (f", {torch.get_num_threads()} CPU thread(s)" if pipe.device.type == "cpu" else "")
+    return (f"model {name!r} ({type(pipe).__name__}) on {place}, {denoiser(pipe).dtype}: "
+            f"{d['height']}×{d['width']} images, {d['num_inference_steps']} steps, CFG {d['guidance_scale']}")
 
 
 def x0_images(pipe, result: GenerationResult, count: int = 6) -> dict:
@@ -162,3 +177,72 @@ def guidance_cost(pipe, layout: Layout, seed: int = 0, num_inference_steps: int 
     return {"guided_steps": steps_guided, "plain_step_s": plain_s, "guided_step_s": guided_s,
             "added_s": guided_s - plain_s, "ratio": guided_s / plain_s,
             "run_plain_s": float(sum(plain)), "run_mag_s": float(sum(guided))}
+
+
+class ClaimFailed(AssertionError):
+    """A sentence of the course no longer describes what its figure shows."""
+
+
+class Claims:
+    """The course's claims about its figures, checked in the notebook that makes them.
+
+    The text beside a figure says what it shows ("MAG places both objects, IoU above 0.8").
+    Those numbers are measured on the embedded model at the notebook's defaults, so they are
+    checked only there: elsewhere (another model, fewer steps, random weights) each claim is
+    printed as *not checked here*, visibly, instead of failing or asserting nonsense.
+
+        claims = course.Claims(pipe, STEPS)
+        claims.expect("MAG places the circle (IoU > 0.8)", ious["red circle"] > 0.8, ious)
+
+    prints ``✓ MAG places the circle (IoU > 0.8) · measured {...}`` or raises
+    :class:`ClaimFailed` naming the claim and what was measured (so CI fails when a model or a
+    default change makes the text false).
+    """
+
+    def __init__(self, pipe, steps: int | None = None, model: str = "shapes"):
+        from .model_files import embedded_model_dir
+        from .models import _pipeline_folder
+
+        folder = _pipeline_folder(pipe)
+        self.model = model
+        on_model = folder is not None and folder.resolve() == embedded_model_dir(model).resolve()
+        at_defaults = steps is None or steps == model_defaults(pipe)["num_inference_steps"]
+        self.reason = (None if on_model and at_defaults else
+                       f"the text describes the embedded {model!r} model at its default steps; this run uses "
+                       f"{'it' if on_model else (folder.name if folder else type(pipe).__name__)}"
+                       f"{'' if at_defaults else f' at {steps} steps'}")
+        self.checked = self.skipped = 0
+
+    @property
+    def apply(self) -> bool:
+        """True where the text's numbers are meant to hold (the embedded model at its defaults)."""
+        return self.reason is None
+
+    def expect(self, claim: str, holds, measured=None, anywhere: bool = False) -> bool:
+        """Check one claim; ``holds`` is a bool, or a function called only where the claim applies.
+
+        ``anywhere=True``: a claim about shapes, counts or formulas, true whatever the weights
+        and the steps, so it is checked on every model.
+        """
+        if not (self.apply or anywhere):
+            self.skipped += 1
+            print(f"– not checked here ({self.reason}): {claim}")
+            return False
+        ok = bool(holds() if callable(holds) else holds)
+        shown = "" if measured is None else f" · measured {_rounded(measured)}"
+        if not ok:
+            raise ClaimFailed(f"✗ the text says: {claim}; but{shown or ' it does not hold'}")
+        self.checked += 1
+        print(f"✓ {claim}{shown}")
+        return True
+
+
+def _rounded(value):
+    """Numbers at two decimals, inside dicts, lists and tuples too, for a one-line report."""
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rounded(v) for v in value)
+    return value

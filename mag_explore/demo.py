@@ -8,7 +8,7 @@ import numpy as np
 
 from .layouts import Layout
 from .methods import run_methods_on
-from .models import load_pipeline, model_defaults
+from .models import load_pipeline, model_defaults, use_cpu_threads
 from .plots import CMAP, FONT, TITLE, upsample_map
 from .schedule import resolve_step_range
 from .shapes.scoring import iou_text, region_iou
@@ -17,6 +17,7 @@ from .shapes.scoring import iou_text, region_iou
 def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=1, out="outputs/demo.png",
                 device=None, verbose: bool = False) -> Path:
     pipe = load_pipeline(model, device=device, verbose=verbose)
+    use_cpu_threads(pipe)  # one thread for the embedded model: fast idle, and still fast on a busy machine
     d = model_defaults(pipe)
     layout = Layout.from_json(layout_path).for_generation(d["height"], d["width"])
     results = run_methods_on(pipe, layout, num_inference_steps=num_inference_steps, seed=seed, progress=True)

@@ -108,6 +108,35 @@ def resolve_model_name(model: str | os.PathLike | None, device: str | torch.devi
     return DEFAULT_GPU_MODEL if target.type == "cuda" else SHAPES
 
 
+#: Set it to choose how many CPU threads ``use_cpu_threads`` gives torch (e.g. 2 on an idle laptop).
+THREADS_ENV = "MAG_EXPLORE_THREADS"
+#: Below this many denoiser parameters a model counts as small (the embedded and tiny test models).
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def use_cpu_threads(pipe) -> int:
+    """Pick torch's CPU thread count for ``pipe`` and return it (on a GPU: unchanged).
+
+    A small model (the embedded ones, the tiny test builds) gets **one** thread: its matrices
+    are too small for a second thread to pay off on an idle machine, and on a shared one (a
+    classroom server, a 2-core VM running something else) a second thread that waits for a busy
+    core makes every step many times slower. ``$MAG_EXPLORE_THREADS`` overrides the choice;
+    larger models keep torch's default (one per core).
+    """
+    from .families import denoiser
+
+    if pipe.device.type != "cpu":
+        return torch.get_num_threads()
+    chosen = os.environ.get(THREADS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"${THREADS_ENV}={chosen!r}: expected a whole number of threads, 1 or more")
+        torch.set_num_threads(int(chosen))
+    elif sum(p.numel() for p in denoiser(pipe).parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 # --------------------------------------------------------------------------- loading
 
 

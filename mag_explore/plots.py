@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionStore
+from .layouts.colors import color_named_in
 from .tokens import token_text
 
 #: Perceptually uniform (brightness rises evenly with the value, readable in grey and by
@@ -25,11 +26,21 @@ _LEGIBLE = {"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT, "
 
 
 def legible(plot):
-    """Make a figure function draw every text at FONT points or more (ticks, labels, legends too)."""
+    """Make a figure function draw every text at FONT points or more (ticks, labels, legends too).
+
+    Only the font settings are set and restored. (``plt.rc_context`` would restore *every*
+    rcParam on exit, ``interactive`` included: when the notebook's inline backend first starts
+    inside the context, it sets ``interactive`` on, the exit sets it off again, and Jupyter then
+    silently stops showing every later figure.)
+    """
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
-        with plt.rc_context(_LEGIBLE):
+        saved = {key: plt.rcParams[key] for key in _LEGIBLE}
+        plt.rcParams.update(_LEGIBLE)
+        try:
             return plot(*args, **kwargs)
+        finally:
+            plt.rcParams.update(saved)
     return wrapper
 
 
@@ -64,11 +75,16 @@ def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
 
 @legible
 def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=None, resolutions=None,
-                    overlay: bool = True, alpha: float = 0.6, cmap: str = CMAP) -> plt.Figure:
+                    overlay: bool = True, alpha: float = 0.6, cmap: str = CMAP, scale: str = "own") -> plt.Figure:
     """One panel per word: its cross-attention averaged over steps, layers and heads, over the image.
 
     ``tokens``: words/phrases of the prompt or token indices (default: every word).
+    ``scale``: "own" (each map from 0 to its own peak: shows *where* a word attends, so a
+    word with little attention glows as bright as one with much) or "shared" (one scale for
+    all panels: shows *how much*). Each panel's title gives its peak either way.
     """
+    if scale not in ("own", "shared"):
+        raise ValueError(f"scale={scale!r}: expected 'own' (each map to its own peak) or 'shared' (one scale)")
     store = result.store
     if store is None or not store.maps:
         raise ValueError("this result has no attention: pass store=AttentionStore() to generate()")
@@ -78,19 +94,20 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
     fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.8 * (len(pairs) + 1), 3.3), squeeze=False)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("image", fontsize=FONT)
-    for ax, (label, indices) in zip(axes[0, 1:], pairs):
-        maps = store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0)
-        heat = upsample_map(maps, size)
+    heats = [upsample_map(store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0), size)
+             for _, indices in pairs]
+    top = max(float(h.max()) for h in heats) if scale == "shared" else None
+    for ax, (label, _), heat in zip(axes[0, 1:], pairs, heats):
         if overlay:
             ax.imshow(image)
-            ax.imshow(heat, cmap=cmap, alpha=alpha)
-        else:
-            ax.imshow(heat, cmap=cmap)
-        ax.set_title(f'"{label}"', fontsize=FONT)
+        ax.imshow(heat, cmap=cmap, alpha=alpha if overlay else None, vmin=0 if top else None, vmax=top)
+        ax.set_title(f'"{label}"\npeak {heat.max():.2f}', fontsize=FONT)
     for ax in axes.flat:
         ax.axis("off")
     res = "all layers" if resolutions is None else f"layers at {sorted(resolutions)}"
-    fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean", fontsize=TITLE)
+    scaled = "each map scaled to its own peak" if scale == "own" else "one color scale for all maps"
+    fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean; {scaled}",
+                 fontsize=TITLE)
     fig.tight_layout()
     return fig
 
@@ -109,7 +126,7 @@ def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | N
         ax.imshow(store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).numpy(), cmap=cmap)
         ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=FONT)
         ax.axis("off")
-    fig.suptitle(f'"{label}" over the steps (all layers, head mean)', fontsize=TITLE)
+    fig.suptitle(f'"{label}" over the steps (all layers, head mean; each map scaled to its own peak)', fontsize=TITLE)
     fig.tight_layout()
     return fig
 
@@ -128,7 +145,8 @@ def plot_attention_over_layers(result, token: str | int, step: int | None = None
         h, w = store.resolution(layer)
         ax.set_title(f"{short_layer_name(layer)}\n{h}×{w}", fontsize=FONT)
         ax.axis("off")
-    fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)})', fontsize=TITLE)
+    fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)}; each map scaled to its own peak)',
+                 fontsize=TITLE)
     fig.tight_layout()
     return fig
 
@@ -168,10 +186,12 @@ def plot_guidance(diagnostics: dict, labels: Sequence[str] | None = None) -> plt
     labels = labels or [f"region {i}" for i in range(shares.shape[1])]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(steps, diagnostics["loss"], marker="o")
-    left.set(title="MAG loss before each update", xlabel="step", ylabel="L")
+    left.set(title="MAG loss before each update", xlabel="guided step", ylabel="L")
     for i, label in enumerate(labels):
-        right.plot(steps, shares[:, i], marker="o", label=label)
-    right.set(title="share of attention inside the mask", xlabel="step", ylim=(0, 1))
+        named = color_named_in(label)  # "red circle" drawn in red: in the shapes world color is the content
+        color = None if named is None else tuple(c / 255 for c in named)
+        right.plot(steps, shares[:, i], marker="o", label=label, color=color)
+    right.set(title="each region's share of its words' attention inside its mask", xlabel="guided step", ylim=(0, 1))
     right.legend(fontsize=FONT)
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=FONT, rotation=90)
@@ -274,25 +294,39 @@ def plot_iou(rows: Sequence[dict], title: str = "mask IoU per method (mean over 
     return fig
 
 
+def region_shares(store: AttentionStore, layout, step: int = 0) -> list[float]:
+    """Per region: the share of its words' attention that falls inside its mask at ``step``
+    (all layers, resampled to the finest, head mean): what :func:`plot_store_comparison` shows."""
+    shares = []
+    for i, region in enumerate(layout.regions):
+        heat = store.aggregate(tokens=list(region.token_indices), steps=[step]).sum(0)
+        mask = layout.masks_at(*heat.shape)[i]
+        shares.append(float((heat * mask).sum() / heat.sum().clamp_min(1e-12)))
+    return shares
+
+
 @legible
 def plot_store_comparison(stores: dict, layout, step: int = 0, cmap: str = CMAP) -> plt.Figure:
     """Rows: named stores (e.g. without / with guidance); columns: the layout's regions.
 
     Each panel is a region's words' attention at ``step``, all layers (resampled, head
-    mean), with the region outlined; the title gives the share of the map inside the mask.
+    mean), with the region outlined; the title gives the share of the map inside the mask
+    (:func:`region_shares`), the row's name stands at its left.
     """
     labels = layout.labels
-    fig, axes = plt.subplots(len(stores), len(labels), figsize=(3.2 * len(labels), 3.2 * len(stores)), squeeze=False)
+    fig, axes = plt.subplots(len(stores), len(labels), figsize=(3.4 * len(labels) + 1.2, 3.3 * len(stores)),
+                             squeeze=False)
     for row, (name, store) in zip(axes, stores.items()):
-        for i, (ax, label, region) in enumerate(zip(row, labels, layout.regions)):
-            heat = store.aggregate(tokens=list(region.token_indices), steps=[step]).sum(0)
-            mask = layout.masks_at(*heat.shape)[i].numpy()
-            share = float((heat.numpy() * mask).sum() / max(float(heat.sum()), 1e-12))
+        for i, (ax, label, share) in enumerate(zip(row, labels, region_shares(store, layout, step))):
+            heat = store.aggregate(tokens=list(layout.regions[i].token_indices), steps=[step]).sum(0)
             ax.imshow(heat.numpy(), cmap=cmap)
-            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
-            ax.set_title(f'{name}: "{label}"\n{share:.0%} inside', fontsize=FONT)
-            ax.axis("off")
-    fig.suptitle(f"attention at step {step} (all layers, head mean); white: the region", fontsize=TITLE)
+            ax.contour(layout.masks_at(*heat.shape)[i].numpy(), levels=[0.5], colors="white", linewidths=1.2)
+            ax.set_title(f'"{label}": {share:.0%} inside', fontsize=FONT)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, fontsize=FONT)
+    fig.suptitle(f"attention at step {step} (all layers, head mean; each map scaled to its own peak); white: the region",
+                 fontsize=TITLE)
     fig.tight_layout()
     return fig
 
@@ -304,10 +338,8 @@ def plot_layout(layout, ax=None, image=None, alpha: float = 0.5):
     With ``image`` (e.g. a generated PIL image) the layout is laid over it with
     opacity ``alpha``, stretched to the image's size. Draws into ``ax`` if given.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global figure state
-
-    if ax is None:
-        ax = Figure(figsize=(4, 4)).add_subplot()
+    if ax is None:  # a pyplot figure: a notebook shows it at the end of the cell, like every other plot
+        _, ax = plt.subplots(figsize=(4, 4))
     picture = layout.color_image()
     if image is None:
         height, width = layout.height, layout.width

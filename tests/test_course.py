@@ -114,3 +114,73 @@ def test_guidance_cost_times_the_guided_steps(sd15_pipe):
     assert cost["guided_steps"] == [0]
     assert cost["plain_step_s"] > 0 and cost["guided_step_s"] > 0
     assert cost["ratio"] == pytest.approx(cost["guided_step_s"] / cost["plain_step_s"])
+
+
+# ------------------------------------------------------------------ claims the text makes
+def test_claims_are_checked_on_the_embedded_model_at_its_defaults(capsys):
+    from mag_explore import load_pipeline
+
+    shapes = load_pipeline("shapes", device="cpu")
+    claims = course.Claims(shapes, None)
+    assert claims.apply
+    assert claims.expect("two is more than one", 2 > 1, {"two": 2.004})
+    assert capsys.readouterr().out == "✓ two is more than one · measured {'two': 2.0}\n"
+    with pytest.raises(course.ClaimFailed, match=r"the text says: MAG places it; but · measured 0.12"):
+        claims.expect("MAG places it", False, 0.123)
+    # a claim is a function where computing it only makes sense on the embedded model
+    assert claims.expect("lazily", lambda: True)
+
+
+def test_claims_elsewhere_say_so_instead_of_checking(sd15_pipe, capsys):
+    from mag_explore import load_pipeline
+
+    calls = []
+    claims = course.Claims(sd15_pipe, None)
+    assert not claims.apply
+    assert claims.expect("MAG places it", lambda: calls.append(1)) is False
+    assert calls == []  # never computed, never asserted
+    out = capsys.readouterr().out
+    assert out.startswith("– not checked here (the text describes the embedded 'shapes' model at its default steps; "
+                          "this run uses ") and out.endswith("): MAG places it\n")
+    # fewer steps than the text measured: not checked either
+    fewer = course.Claims(load_pipeline("shapes", device="cpu"), 8)
+    assert not fewer.apply and "at 8 steps" in fewer.reason
+    # a claim about shapes or counts holds on every model and is checked everywhere
+    with pytest.raises(course.ClaimFailed):
+        claims.expect("rows sum to one", False, anywhere=True)
+
+
+def test_object_counts_see_a_duplicate():
+    from mag_explore.shapes.world import render
+
+    background = np.array([240.0, 240.0, 240.0])
+    image, _ = render([("red", "circle", 14, 14, 14), ("red", "circle", 48, 48, 14), ("blue", "square", 48, 14, 14)],
+                      background=background, size=64)
+    assert course.object_counts(image) == {"red": 2, "blue": 1}
+    masks = course.color_masks(image)
+    assert masks["red"].sum() > 0 and set(course.object_counts(image)) <= set(masks)
+
+
+def test_describe_names_model_place_and_defaults(sd15_pipe):
+    line = course.describe(sd15_pipe)
+    assert "StableDiffusionPipeline" in line and "on cpu" in line and "torch.float32" in line
+    assert "64×64 images, 50 steps, CFG 9.0" in line
+
+
+def test_cpu_threads_for_a_small_model(sd15_pipe, monkeypatch):
+    import torch
+
+    from mag_explore import use_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("MAG_EXPLORE_THREADS", raising=False)
+        assert use_cpu_threads(sd15_pipe) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("MAG_EXPLORE_THREADS", "2")
+        assert use_cpu_threads(sd15_pipe) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("MAG_EXPLORE_THREADS", "many")
+        with pytest.raises(ValueError, match=r"\$MAG_EXPLORE_THREADS='many': expected a whole number"):
+            use_cpu_threads(sd15_pipe)
+    finally:
+        torch.set_num_threads(before)

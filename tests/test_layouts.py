@@ -366,3 +366,15 @@ def test_example_layouts_load(tokenizer):
 
 def test_decompression_bomb_guard_stays_on():
     assert Image.MAX_IMAGE_PIXELS is not None
+
+
+def test_a_region_is_drawn_in_the_color_its_phrase_names():
+    """In the shapes world color is the content: a "red circle" region drawn blue misleads."""
+    layout = Layout.from_shapes(16, 16, [rect("red circle", 0, 0, 0.5, 0.5), rect("a Blue square", 0.5, 0.5, 1, 1),
+                                         rect("another red one", 0, 0.5, 0.5, 1), rect("the sky", 0.5, 0, 1, 0.5),
+                                         rect("green", 0.25, 0.25, 0.5, 0.5, color="#123456")])
+    red, blue, second_red, sky, own = layout.colors
+    assert red == (220, 40, 40) and blue == (40, 80, 225)
+    assert own == (0x12, 0x34, 0x56)                     # a region's own color wins
+    assert second_red not in (red, blue, own) and sky not in (red, blue, own, second_red)  # still distinguishable
+    assert tuple(layout.color_image()[0, 0]) == red

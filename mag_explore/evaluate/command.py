@@ -190,7 +190,7 @@ def write_reports(suite: Sequence[SuiteLayout], methods: Sequence[str], rows: Se
     if figure is not None:
         import matplotlib.pyplot as plt
 
-        plt.close(figure)
+        plt.close(figure)  # saved; a long sweep must not pile up open figures
         written.append(out / "frontier.png")
     return table + "\n\nwrote " + ", ".join(str(p) for p in written)
 

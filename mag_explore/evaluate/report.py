@@ -147,23 +147,22 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure outside pyplot, for a file only: no global state and no backend switch
+    (``matplotlib.use`` here would stop a notebook from showing any later figure)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_grid(suite: Sequence[SuiteLayout], methods: Sequence[str], images: dict, rows: Sequence[dict],
               path: Path, seed: int) -> None:
     """Rows: layouts; columns: the layout, then each method's image (first seed, default setting)."""
-    plt = _pyplot()
     iou = {(r["layout"], r["method"]): r["iou"] for r in rows if r["seed"] == seed
            and r.get("setting", DEFAULT) == DEFAULT}
     cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(suite), cols, figsize=(2.6 * cols, 2.8 * len(suite)), squeeze=False)  # legible at FONT pt
+    fig = _figure(figsize=(2.6 * cols, 2.8 * len(suite)))
+    axes = fig.subplots(len(suite), cols, squeeze=False)  # legible at FONT pt
     for ax_row, item in zip(axes, suite):
         ax_row[0].imshow(item.layout.color_image())
         ax_row[0].set_title(item.layout.prompt.replace(" and ", " &\n").replace(", ", ",\n"), fontsize=FONT)
@@ -177,7 +176,6 @@ def plot_grid(suite: Sequence[SuiteLayout], methods: Sequence[str], images: dict
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str = ""):
@@ -189,7 +187,8 @@ def plot_frontier(summary: Sequence[dict], path: Path | None = None, title: str 
     """
     if not summary or any(e["fidelity"] is None for e in summary):
         return None
-    plt = _pyplot()
+    import matplotlib.pyplot as plt  # a pyplot figure, so that a notebook shows it like every other plot
+
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     by_method: dict[str, list[dict]] = {}
     for entry in summary:

@@ -11,7 +11,16 @@ RGB = tuple[int, int, int]
 #: Unmapped colors that :meth:`Layout.from_color_png` treats as background.
 BACKGROUND_COLORS: tuple[RGB, ...] = ((255, 255, 255), (0, 0, 0))
 
-#: Colors for regions that have none (matplotlib's tab10, as 0-255 RGB).
+#: The color a region is drawn in when its phrase names one ("a red circle" -> red): in a
+#: world where color is the content, a "red circle" region drawn blue misleads the reader.
+#: The first five are the shapes world's own colors (``shapes.world.COLORS``).
+NAMED_COLORS: dict[str, RGB] = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (240, 200, 20),
+    "purple": (140, 50, 180), "orange": (245, 130, 30), "pink": (235, 120, 180), "brown": (140, 90, 50),
+    "gray": (128, 128, 128), "grey": (128, 128, 128), "cyan": (30, 190, 210), "violet": (140, 50, 180),
+}
+
+#: Colors for regions that have none and whose phrase names no color (matplotlib's tab10, as 0-255 RGB).
 PALETTE: tuple[RGB, ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -39,6 +48,14 @@ def parse_color(color: str | Sequence[int]) -> RGB:
     if len(values) != 3 or not all(isinstance(c, numbers.Integral) and 0 <= c <= 255 for c in values):
         raise ValueError(f"color {color!r} must be a hex string or three ints in 0..255")
     return tuple(int(c) for c in values)  # type: ignore[return-value]
+
+
+def color_named_in(phrase: str | None) -> RGB | None:
+    """The color a phrase names ("a red circle" -> red's RGB), or None; the first color word wins."""
+    for word in (phrase or "").lower().replace(",", " ").split():
+        if word in NAMED_COLORS:
+            return NAMED_COLORS[word]
+    return None
 
 
 def colors_present(rgb: np.ndarray, limit: int = 12) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .world import COLORS, mask_iou, segment_by_color
+from .world import COLORS, blobs, mask_iou, segment_by_color
 
 
 def color_of(phrase: str) -> str | None:
@@ -52,3 +52,17 @@ def color_ious(image: Any, expected: Mapping[str, np.ndarray]) -> dict[str, floa
     found = segment_by_color(_rgb(image))
     return {color: mask_iou(found.get(color, np.zeros_like(mask, dtype=bool)), np.asarray(mask, bool))
             for color, mask in expected.items()}
+
+
+def object_counts(image: Any, min_pixels: int = 20) -> dict[str, int]:
+    """How many separate objects of each color ``image`` holds (blobs of at least ``min_pixels``
+    pixels; smaller ones are edge fringes): a duplicated object shows as a 2."""
+    found = segment_by_color(_rgb(image))
+    counts = {color: sum(int(b.sum()) >= min_pixels for b in blobs(mask)) for color, mask in found.items()}
+    return {color: n for color, n in counts.items() if n}
+
+
+def color_masks(image: Any) -> dict[str, np.ndarray]:
+    """Where each of the shapes world's colors is in ``image`` (a PIL image or an array): exact, as
+    its objects are flat colors on a light background."""
+    return segment_by_color(_rgb(image))
