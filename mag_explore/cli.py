@@ -276,8 +276,9 @@ def run_evaluate(args) -> str:
     options = segmenter_options(args)
     if args.segmenter and args.segmenter not in SEGMENTER_DETECTORS:
         if options:
-            raise InputError(f"--{sorted(options)[0].replace('_', '-')} is for the built-in segmenters "
-                             f"{list(SEGMENTER_DETECTORS)}, not for --segmenter {args.segmenter!r}")
+            given = ", ".join(f"--{'segmenter-dtype' if k == 'dtype' else k.replace('_', '-')}" for k in sorted(options))
+            raise InputError(f"{given}: only for the built-in segmenters {list(SEGMENTER_DETECTORS)}, "
+                             f"not for --segmenter {args.segmenter!r}")
         try:
             load_segmenter(args.segmenter)
         except ImportError as error:
