@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .segmenters import Box, load_model, load_pretrained, resolve_dtype
+from .segmenters import Box, load_model, load_pretrained, pil_processor, resolve_dtype
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
@@ -22,12 +22,12 @@ class ClipScorer:
 
     def __init__(self, model: str | None = None, *, device: str | torch.device = "cpu", dtype="float32"):
         from transformers import AutoTokenizer, CLIPModel
-        from transformers.models.clip import CLIPImageProcessorPil
+        from transformers.models import clip
 
         self.name = str(model or DEFAULT_CLIP)
         self.device, self.dtype = torch.device(device), resolve_dtype(dtype)
         self.model = load_model(CLIPModel, self.name, "--clip", self.device, self.dtype)
-        self.processor = load_pretrained(CLIPImageProcessorPil, self.name, "--clip")
+        self.processor = load_pretrained(pil_processor(clip, "CLIPImageProcessor"), self.name, "--clip")
         self.tokenizer = load_pretrained(AutoTokenizer, self.name, "--clip")
 
     @torch.no_grad()

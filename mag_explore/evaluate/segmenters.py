@@ -71,8 +71,14 @@ def load_pretrained(cls, name: str, what: str, **kwargs):
 
 
 def load_model(cls, name: str, what: str, device, dtype):
-    model = load_pretrained(cls, name, what, use_safetensors=True, dtype=dtype, trust_remote_code=False)
-    return model.to(device).eval()
+    # cast after loading: the keyword for the dtype changed across transformers versions (torch_dtype -> dtype)
+    model = load_pretrained(cls, name, what, use_safetensors=True, trust_remote_code=False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def pil_processor(module, name: str):
+    """transformers 5's ``<name>Pil`` image processor (no torchvision needed), else 4.x's ``<name>`` (PIL-based)."""
+    return getattr(module, f"{name}Pil", None) or getattr(module, name)
 
 
 def pick_box(scores: torch.Tensor, boxes: torch.Tensor, reference: tuple[float, float],
@@ -126,16 +132,16 @@ class DetectSegment:
     def _load(self) -> None:
         from transformers import (AutoTokenizer, GroundingDinoForObjectDetection, Owlv2ForObjectDetection,
                                   SamModel)
-        from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
-        from transformers.models.sam import SamImageProcessorPil
+        from transformers.models import grounding_dino, sam
 
         cls = GroundingDinoForObjectDetection if self.kind == "grounding-dino" else Owlv2ForObjectDetection
         self.detector = load_model(cls, self.detector_name, "--detector", self.device, self.dtype)
         self.tokenizer = load_pretrained(AutoTokenizer, self.detector_name, "--detector")
-        self.detector_processor = (load_pretrained(GroundingDinoImageProcessorPil, self.detector_name, "--detector")
+        processor = pil_processor(grounding_dino, "GroundingDinoImageProcessor")
+        self.detector_processor = (load_pretrained(processor, self.detector_name, "--detector")
                                    if self.kind == "grounding-dino" else None)  # OWLv2's needs scipy: see owl_pixels
         self.sam = load_model(SamModel, self.sam_name, "--sam", self.device, self.dtype)
-        self.sam_processor = load_pretrained(SamImageProcessorPil, self.sam_name, "--sam")
+        self.sam_processor = load_pretrained(pil_processor(sam, "SamImageProcessor"), self.sam_name, "--sam")
 
     def describe(self) -> dict:
         """What run.json records: names, models, thresholds, dtype."""
