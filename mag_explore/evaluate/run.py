@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..metrics import mask_iou
 from ..suites import MAX_REGIONS, SuiteLayout
 from .instances import REAL_COLUMNS
+from .segmenters import SEGMENTER_DETECTORS
 from .settings import DEFAULT, Settings, controls_for, setting_label, setting_slug, settings_of
 
 Segmenter = Callable[[np.ndarray, Sequence[str]], Sequence[np.ndarray]]
@@ -67,7 +68,8 @@ def load_segmenter(spec: str) -> Segmenter:
     """``"package.module:function"`` -> that function (imported, never evaluated)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"--segmenter {spec!r}: write it as package.module:function")
+        raise ValueError(f"--segmenter {spec!r}: write it as package.module:function, or name a built-in one: "
+                         f"{', '.join(SEGMENTER_DETECTORS)}")
     function = getattr(importlib.import_module(module), name, None)
     if not callable(function):
         raise ValueError(f"--segmenter {spec!r}: {module} has no function {name!r}")
