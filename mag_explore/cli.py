@@ -102,7 +102,16 @@ def add_evaluate_parser(commands) -> None:
                     help="seeds K..K+N-1 instead: held-out seeds to confirm a setting chosen on 0..N-1")
     add_common_options(ev)
     ev.add_argument("--segmenter", default=None,
-                    help="package.module:function (image, phrases) -> masks, for models other than 'shapes'")
+                    help="for models other than 'shapes': grounded-sam or owl-sam (built in: detector boxes -> SAM "
+                         "masks, plus instance success and CLIP scores), or package.module:function (image, phrases) -> masks")
+    real = ev.add_argument_group("built-in segmenters (--segmenter grounded-sam / owl-sam); hub names or local folders")
+    real.add_argument("--detector", help="Grounding DINO / OWLv2 model (default IDEA-Research/grounding-dino-tiny, "
+                                         "google/owlv2-base-patch16-ensemble)")
+    real.add_argument("--sam", help="SAM model (default facebook/sam-vit-base)")
+    real.add_argument("--clip", help="CLIP model of the CLIP scores (default openai/clip-vit-large-patch14)")
+    real.add_argument("--box-threshold", type=float, help="least detector score of a box (default 0.35; owl-sam 0.1)")
+    real.add_argument("--text-threshold", type=float, help="grounded-sam: least probability of the phrase's noun (0.25)")
+    real.add_argument("--segmenter-dtype", default=None, help="float32 (default), float16 or bfloat16")
     ev.add_argument("--sweep", action="append", default=[], metavar="METHOD.OPTION=V1,V2,...",
                     help="settings to evaluate besides the default, e.g. mag.alpha=0.05,0.1, swap.while_t_above=600,800 or swap.step_range=0:5,0:10 "
                          "(repeat for several; options of one method combine as a grid)")
@@ -252,6 +261,7 @@ def run_demo(args) -> str:
 
 def run_evaluate(args) -> str:
     from .evaluate import check_methods, load_segmenter, run_evaluation
+    from .evaluate.segmenters import SEGMENTER_DETECTORS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
@@ -263,14 +273,30 @@ def run_evaluate(args) -> str:
         raise InputError(f"--suite {args.suite}: no such file; give a suite JSON such as {DATA / 'suites' / 'shapes.json'}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for results.csv, summary.md and grid.png")
-    if args.segmenter:
+    options = segmenter_options(args)
+    if args.segmenter and args.segmenter not in SEGMENTER_DETECTORS:
+        if options:
+            given = ", ".join(f"--{'segmenter-dtype' if k == 'dtype' else k.replace('_', '-')}" for k in sorted(options))
+            raise InputError(f"{given}: only for the built-in segmenters {list(SEGMENTER_DETECTORS)}, "
+                             f"not for --segmenter {args.segmenter!r}")
         try:
             load_segmenter(args.segmenter)
         except ImportError as error:
             raise InputError(f"--segmenter {args.segmenter!r}: cannot import it ({error})") from None
     return run_evaluation(args.model, args.suite, methods, args.seeds, args.out, first_seed=args.first_seed,
                           num_inference_steps=args.num_inference_steps, device=args.device,
-                          segmenter=args.segmenter, sweeps=args.sweep, fresh=args.fresh, verbose=args.verbose)
+                          segmenter=args.segmenter, sweeps=args.sweep, fresh=args.fresh, verbose=args.verbose,
+                          segmenter_options=options or None)
+
+
+def segmenter_options(args) -> dict:
+    """The built-in segmenter's options given on the command line (build_real_scorer's keywords)."""
+    for name in ("box_threshold", "text_threshold"):
+        if getattr(args, name) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0, maximum=1)
+    given = {"detector": args.detector, "sam": args.sam, "clip": args.clip, "box_threshold": args.box_threshold,
+             "text_threshold": args.text_threshold, "dtype": args.segmenter_dtype}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def run_edit(args) -> str:

@@ -17,7 +17,7 @@ from typing import Mapping
 from .layouts import Layout, ellipse, polygon, rect
 
 _SHAPE_MAKERS = {"rect": rect, "ellipse": ellipse, "polygon": polygon}
-MAX_REGIONS = 3  # columns iou_1 … iou_3 of the evaluation's CSV
+MAX_REGIONS = 4  # columns iou_1 … iou_4 of the evaluation's CSV (COCO-MIG-like layouts have up to 4 here)
 
 
 @dataclass

@@ -16,7 +16,7 @@ CORE = {"bpe", "data", "model_files", "models", "families", "schedule", "tokens"
         "attention", "sampling", "layouts", "methods", "inversion", "editing", "plots"}
 #: Above the core: what users run and what the course uses.
 APPS = {"cli", "demo", "course", "course_joint", "widgets", "exercises", "checking", "learner", "solutions",  # the course's checks
-        "evaluate", "nbtools", "testing", "testing_mmdit", "__main__"}
+        "evaluate", "nbtools", "testing", "testing_mmdit", "testing_vision", "__main__"}
 #: The synthetic world: may import the core, never the reverse.
 WORLD = {"shapes"}
 

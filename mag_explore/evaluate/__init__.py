@@ -23,7 +23,12 @@ Runs resume (``command``): a run with the same ``--out`` generates only the miss
 
 Segmentation: the embedded shapes model draws flat known colors, so ``color_segmenter``
 reads each phrase's color word exactly (``mag_explore.shapes.segment``). For Stable
-Diffusion pass your own segmenter, a callable ``(image HxWx3 uint8, phrases) -> list of HxW
+Diffusion, SDXL or Flux use a built-in open-vocabulary segmenter, ``--segmenter grounded-sam``
+(Grounding DINO boxes refined to masks by SAM, as MIG_Bench) or ``owl-sam`` (OWLv2 boxes):
+it adds instance success, box mIoU and CLIP scores to every row (``instances``,
+``segmenters``, ``clip_score``; the real-world suite is ``data/suites/real.json``,
+``real_suite`` also reads MIG_Bench box files; docs/howto_evaluate_real_models.md). Or
+pass your own segmenter, a callable ``(image HxWx3 uint8, phrases) -> list of HxW
 bool masks`` (for example around a transformers segmentation model you have):
 ``evaluate(..., segmenter=my_segmenter)`` or ``--segmenter my_module:my_function`` on the
 command line (the module is imported by name; no text is run as code). No such model runs
@@ -41,15 +46,21 @@ in CI. A sketch with CLIPSeg, if you have its weights::
 """
 from ..shapes.segment import color_segmenter, shapes_fidelity
 from ..suites import MAX_REGIONS, SuiteLayout, load_suite
-from .command import merge_runs, run_evaluation, write_reports
-from .report import (FIDELITY_MEASURES, RowJournal, bootstrap_summary, format_summary, plot_frontier, plot_grid,
+from .clip_score import ClipScorer, clip_score
+from .command import merge_runs, resolve_segmenter, run_evaluation, write_reports
+from .instances import REAL_COLUMNS, RealImageScorer, box_iou, build_real_scorer, mask_box
+from .real_suite import COLOR_WORDS, mig_bench_suite
+from .report import (FIDELITY_MEASURES, REAL_MEASURES, RowJournal, bootstrap_summary, format_summary, plot_frontier, plot_grid,
                      read_csv, write_csv)
 from .run import (ROW_FIELDS, Item, Segmenter, check_methods, evaluate, image_path, load_segmenter, shard,
                   work_items)
+from .segmenters import SEGMENTER_DETECTORS, Detection, DetectSegment
 from .settings import DEFAULT, controls_for, parse_sweeps, setting_label
 
-__all__ = ["DEFAULT", "FIDELITY_MEASURES", "Item", "MAX_REGIONS", "ROW_FIELDS", "RowJournal", "Segmenter",
-           "SuiteLayout", "bootstrap_summary", "check_methods", "color_segmenter", "controls_for", "evaluate",
-           "format_summary", "image_path", "load_segmenter", "load_suite", "merge_runs", "parse_sweeps",
-           "plot_frontier", "plot_grid", "read_csv", "run_evaluation", "setting_label", "shapes_fidelity",
-           "shard", "work_items", "write_csv", "write_reports"]
+__all__ = ["COLOR_WORDS", "ClipScorer", "DEFAULT", "Detection", "DetectSegment", "FIDELITY_MEASURES", "Item",
+           "MAX_REGIONS", "REAL_COLUMNS", "REAL_MEASURES", "ROW_FIELDS", "RealImageScorer", "RowJournal",
+           "SEGMENTER_DETECTORS", "Segmenter", "SuiteLayout", "bootstrap_summary", "box_iou", "build_real_scorer",
+           "check_methods", "clip_score", "color_segmenter", "controls_for", "evaluate", "format_summary",
+           "image_path", "load_segmenter", "load_suite", "mask_box", "merge_runs",
+           "mig_bench_suite", "parse_sweeps", "plot_frontier", "plot_grid", "read_csv", "resolve_segmenter",
+           "run_evaluation", "setting_label", "shapes_fidelity", "shard", "work_items", "write_csv", "write_reports"]

@@ -44,7 +44,7 @@ def process_state(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
-def run_info(model, suite_path: Path, steps: int, segmenter: str | None, defaults: dict) -> dict:
+def run_info(model, suite_path: Path, steps: int, segmenter: str | dict | None, defaults: dict) -> dict:
     """What the rows of an output folder mean; runs that differ here must not share a results.csv."""
     return {"model": str(model or "default"), "num_inference_steps": steps,
             "suite_sha256": hashlib.sha256(Path(suite_path).read_bytes()).hexdigest(),
@@ -79,10 +79,14 @@ def existing_rows(out: Path) -> list[dict]:
 def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[str], seeds: int, out: str | Path,
                    *, first_seed: int = 0, num_inference_steps: int | None = None, device: str | None = None,
                    segmenter: str | Segmenter | None = None, sweeps: Sequence[str] = (), settings: Settings | None = None,
-                   fresh: bool = False, progress: bool = True, verbose: bool = False) -> str:
+                   fresh: bool = False, progress: bool = True, verbose: bool = False,
+                   segmenter_options: dict | None = None) -> str:
     """What ``python -m mag_explore evaluate`` does; returns the summary table (process 0) or a line.
 
     Each layout and method runs with seeds ``first_seed .. first_seed + seeds - 1``.
+    ``segmenter`` is a built-in name (``grounded-sam``, ``owl-sam``: ``segmenter_options``
+    are ``build_real_scorer``'s keywords, e.g. detector, sam, clip, box_threshold), a
+    ``package.module:function`` or a callable; None: the shapes world's colors.
     """
     from ..models import load_pipeline, model_defaults
     from ..shapes.world import COLORS
@@ -102,12 +106,15 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     if state is not None and device is None and state.device.type == "cuda":
         device = str(state.device)
     pipe = load_pipeline(model, device=device, verbose=verbose)
+    spec = segmenter if isinstance(segmenter, str) or segmenter is None else getattr(segmenter, "__name__", "custom")
+    segmenter = resolve_segmenter(segmenter, segmenter_options, pipe.device)  # built-in models: on the run's device
+    if hasattr(segmenter, "describe"):
+        spec = segmenter.describe()  # run.json names the detector, SAM, CLIP and thresholds
     defaults = model_defaults(pipe)
     suite = load_suite(suite_path, defaults["height"], defaults["width"], palette=COLORS)
     seed_list = list(range(first_seed, first_seed + seeds))
     items = work_items(suite, methods, seed_list, settings)
     out = Path(out)
-    spec = segmenter if isinstance(segmenter, str) or segmenter is None else getattr(segmenter, "__name__", "custom")
     info = run_info(model, Path(suite_path), num_inference_steps or defaults["num_inference_steps"], spec, defaults)
     if not fresh:
         check_run_info(out, info)  # every process, before anyone waits: a refusal never hangs the others
@@ -126,7 +133,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     new_rows, images = evaluate(
         pipe, suite, methods, seed_list, settings=settings, num_inference_steps=num_inference_steps,
         progress=progress and rank == 0,  # one bar (process 0's share), not N interleaved ones
-        segmenter=load_segmenter(segmenter) if isinstance(segmenter, str) else segmenter,
+        segmenter=segmenter,
         image_dir=out / "images", skip=done, on_row=RowJournal(out / PARTS / f"rank{rank}.csv"),
         rank=rank, world_size=world)
     if state is not None:
@@ -148,6 +155,19 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     skipped = len([k for k in (i.key for i in items) if k in done])
     return table + (f"\n({skipped} of {len(items)} images were already in {out}; generated "
                     f"{len(new_rows)} in {world} process{'es' if world > 1 else ''})")
+
+
+def resolve_segmenter(segmenter: str | Segmenter | None, options: dict | None, device) -> Segmenter | None:
+    """A built-in name -> its scorer (models on ``device``); ``module:function`` -> that function; else as given."""
+    from .instances import build_real_scorer
+    from .segmenters import SEGMENTER_DETECTORS
+
+    if isinstance(segmenter, str) and segmenter in SEGMENTER_DETECTORS:
+        return build_real_scorer(segmenter, device=device, **(options or {}))
+    if options:
+        raise ValueError(f"segmenter options {sorted(options)} belong to the built-in segmenters "
+                         f"{list(SEGMENTER_DETECTORS)}, not to {segmenter!r}")
+    return load_segmenter(segmenter) if isinstance(segmenter, str) else segmenter
 
 
 def _wait(state) -> None:

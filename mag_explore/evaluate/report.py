@@ -20,6 +20,10 @@ FIDELITY_MEASURES = {
     "no_extra_color": lambda r: float(int(r["extra_colors"]) == 0),
     "right_shape": lambda r: float(float(r["shapes_ok"]) == 1.0),
 }
+# summary name -> (column of a real-image segmenter's rows, table heading); see instances.py
+REAL_MEASURES = {"instance_success": ("instances", "instance success"), "image_success": ("success", "image success"),
+                 "box_iou": ("box_iou", "box mIoU"), "clip_score": ("clip_score", "CLIP score"),
+                 "clip_regions": ("clip_regions", "CLIP in boxes")}
 
 
 # ---------------------------------------------------------------------------- summary
@@ -66,6 +70,13 @@ def bootstrap_summary(rows: Sequence[dict], methods: Sequence[str] | None = None
             if scored:
                 entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_interval(
                     per_layout(group, score), draws)
+        for name, (column, _) in REAL_MEASURES.items():  # only where every row has the column
+            entry[name] = None
+            if all(r.get(column, "") != "" for r in chosen):
+                entry[name], entry[f"{name}_low"], entry[f"{name}_high"] = bootstrap_interval(
+                    per_layout(group, lambda r, c=column: float(r[c])), draws)
+        peaks = [float(r["peak_mib"]) for r in chosen if r.get("peak_mib", "") != ""]
+        entry["peak_mib"] = max(peaks) if peaks else None  # the most one image needed: what a GPU must hold
         if ("none", DEFAULT) in iou and group[0] != "none":
             entry["gain"], entry["gain_low"], entry["gain_high"] = bootstrap_interval(
                 iou[group] - iou[("none", DEFAULT)], draws)
@@ -76,24 +87,31 @@ def bootstrap_summary(rows: Sequence[dict], methods: Sequence[str] | None = None
 def format_summary(summary: Sequence[dict], title: str = "") -> str:
     """A Markdown table of ``bootstrap_summary`` (a setting column when any setting is swept)."""
     swept = any(e.get("setting", DEFAULT) != DEFAULT for e in summary)
+    real = any(e.get("instance_success") is not None for e in summary)  # a real-image segmenter's columns
+    memory = any(e.get("peak_mib") is not None for e in summary)  # only runs on a GPU measure it
     lines = [title, ""] if title else []
+    quality = ([f"{h} [95 % CI]" if n == "instance_success" else h for n, (_, h) in REAL_MEASURES.items()] if real
+               else ["fidelity [95 % CI]", "colors present", "no extra color", "right shape"])
     head = ["method"] + (["setting"] if swept else []) + [
-        "images", "mean IoU [95 % CI]", "Δ vs none [95 % CI]", "fidelity [95 % CI]", "colors present",
-        "no extra color", "right shape", "s / image"]
+        "images", "mean IoU [95 % CI]", "Δ vs none [95 % CI]"] + quality + ["s / image"] + (
+        ["peak GPU MiB"] if memory else [])
     lines += ["| " + " | ".join(head) + " |",
-              "|" + "|".join("---:" if h in ("images", "s / image") else "---" for h in head) + "|"]
+              "|" + "|".join("---:" if h in ("images", "s / image", "peak GPU MiB") else "---" for h in head) + "|"]
     for e in summary:
         gain = f"{e['gain']:+.3f} [{e['gain_low']:+.3f}, {e['gain_high']:+.3f}]" if "gain" in e else "—"
         cells = [e["method"]] + ([e.get("setting", DEFAULT)] if swept else []) + [
             str(e["images"]), f"{e['mean_iou']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]", gain]
-        for name in FIDELITY_MEASURES:
+        interval = "instance_success" if real else "fidelity"  # the one measure shown with its interval
+        for name in (REAL_MEASURES if real else FIDELITY_MEASURES):
             if e.get(name) is None:
                 cells.append("—")
-            elif name == "fidelity":
+            elif name == interval:
                 cells.append(f"{e[name]:.2f} [{e[name + '_low']:.2f}, {e[name + '_high']:.2f}]")
             else:
-                cells.append(f"{e[name]:.2f}")
+                cells.append(f"{e[name]:.3g}" if name.startswith("clip") else f"{e[name]:.2f}")
         cells.append(f"{e['seconds']:.2f}")
+        if memory:
+            cells.append("—" if e.get("peak_mib") is None else f"{e['peak_mib']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,11 +12,14 @@ from tqdm.auto import tqdm
 
 from ..metrics import mask_iou
 from ..suites import MAX_REGIONS, SuiteLayout
+from .instances import REAL_COLUMNS
+from .segmenters import SEGMENTER_DETECTORS
 from .settings import DEFAULT, Settings, controls_for, setting_label, setting_slug, settings_of
 
 Segmenter = Callable[[np.ndarray, Sequence[str]], Sequence[np.ndarray]]
 ROW_FIELDS = ["method", "setting", "layout", "seed", "regions", "iou"] + [
-    f"iou_{i + 1}" for i in range(MAX_REGIONS)] + ["fidelity", "present", "shapes_ok", "extra_colors", "seconds"]
+    f"iou_{i + 1}" for i in range(MAX_REGIONS)] + ["fidelity", "present", "shapes_ok", "extra_colors", "seconds",
+    "peak_mib"] + REAL_COLUMNS  # peak_mib: GPU memory of the generation; REAL_COLUMNS: a real-image segmenter's
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ def load_segmenter(spec: str) -> Segmenter:
     """``"package.module:function"`` -> that function (imported, never evaluated)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"--segmenter {spec!r}: write it as package.module:function")
+        raise ValueError(f"--segmenter {spec!r}: write it as package.module:function, or name a built-in one: "
+                         f"{', '.join(SEGMENTER_DETECTORS)}")
     function = getattr(importlib.import_module(module), name, None)
     if not callable(function):
         raise ValueError(f"--segmenter {spec!r}: {module} has no function {name!r}")
@@ -111,16 +115,19 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
         entry = suite[item.layout_index]
         options = {**base.get(item.method, {}), **dict(item.options)}
         controls = controls_for(item.method, entry.layout, options)
+        _reset_peak_memory(pipe)
         start = time.perf_counter()
         result = generate(pipe, entry.layout.prompt, num_inference_steps=num_inference_steps, seed=item.seed,
                           controls=controls, progress=False)
         seconds = time.perf_counter() - start
+        peak = _peak_memory_mib(pipe)  # before the segmenter runs on the same GPU
         image = np.asarray(result.images[0])
         if image_dir is not None:
             path = image_path(image_dir, item.layout_index, item.method, item.seed, item.setting)
             path.parent.mkdir(parents=True, exist_ok=True)
             result.images[0].save(path)
         row = score_row(item, entry, image, segmenter, fidelity, seconds)
+        row["peak_mib"] = peak
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -132,7 +139,8 @@ def evaluate(pipe, suite: Sequence[SuiteLayout], methods: Sequence[str], seeds: 
 def score_row(item: Item, entry: SuiteLayout, image: np.ndarray, segmenter: Segmenter, fidelity, seconds) -> dict:
     """The CSV row of one image: IoU per region and on average, fidelity scores, seconds."""
     phrases = entry.layout.labels
-    masks = list(segmenter(image, phrases))
+    measure = getattr(segmenter, "measure", None)  # a real-image scorer (instances.py) adds its own columns
+    masks, extra = measure(image, entry.layout) if measure is not None else (list(segmenter(image, phrases)), {})
     if len(masks) != len(phrases):
         raise ValueError(f"the segmenter returned {len(masks)} masks for {len(phrases)} phrases {phrases}")
     ious = [mask_iou(np.asarray(m, bool), r.mask) for m, r in zip(masks, entry.layout.regions)]
@@ -142,4 +150,27 @@ def score_row(item: Item, entry: SuiteLayout, image: np.ndarray, segmenter: Segm
     scores = fidelity(image, entry.layout.prompt) if fidelity else {}
     row.update({k: scores.get(k, "") for k in ("fidelity", "present", "shapes_ok", "extra_colors")})
     row["seconds"] = seconds
+    row.update({k: extra.get(k, "") for k in REAL_COLUMNS})
     return row
+
+
+def _cuda_device(pipe):
+    """The pipeline's CUDA device, or None when it runs elsewhere."""
+    device = getattr(pipe, "device", None)
+    return device if device is not None and device.type == "cuda" else None
+
+
+def _reset_peak_memory(pipe) -> None:
+    import torch
+
+    if (device := _cuda_device(pipe)) is not None:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mib(pipe):
+    """The GPU memory the generation of one image peaked at, in MiB ("" off the GPU)."""
+    import torch
+
+    device = _cuda_device(pipe)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device is not None else ""
