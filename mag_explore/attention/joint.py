@@ -90,14 +90,11 @@ class JointAttentionProcessor:
         if not hooks:
             rotary = () if image_rotary_emb is None else (image_rotary_emb,)  # SD3's processor takes none
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *rotary, **kwargs)
-        if attention_mask is not None:
-            raise NotImplementedError(f"{self.layer}: joint attention with an attention mask is not supported by "
-                                      f"mag-explore's hooks (the pipelines pass none)")
         if ctx.text_first:
             query, key, value = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         else:
             query, key, value = sd3_qkv(attn, hidden_states, encoder_hidden_states)
-        probs = joint_probs(query, key, hooks, ctx)
+        probs = joint_probs(query, key, hooks, ctx, attention_mask)
         out = (probs.to(value.dtype) @ value).transpose(1, 2).flatten(2).to(query.dtype)
         return joint_outputs(attn, out, hidden_states, encoder_hidden_states, ctx.text_first)
 
@@ -153,9 +150,18 @@ def image_text_block(ctx: AttentionContext, sequence: int) -> tuple[slice, slice
     return slice(0, sequence - text), slice(sequence - text, sequence)
 
 
-def joint_probs(query, key, hooks, ctx) -> torch.Tensor:
-    """softmax(QKᵀ/√d) over the whole joint sequence in float32; hooks act on its image→text block."""
+def joint_probs(query, key, hooks, ctx, attention_mask=None) -> torch.Tensor:
+    """softmax(QKᵀ/√d + mask) over the whole joint sequence in float32; hooks act on its image→text block.
+
+    ``attention_mask`` as scaled_dot_product_attention reads it (Chroma passes one): a bool
+    mask keeps the True keys, a float mask is *added* to the scores.
+    """
     scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        if attention_mask.ndim == 2:  # (batch, keys), as diffusers' native backend widens it
+            attention_mask = attention_mask[:, None, None, :]
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask.float())
     rows, cols = image_text_block(ctx, scores.shape[-1])
     for hook in hooks:
         edited = hook.edit_scores(scores[..., rows, cols], ctx)
