@@ -17,6 +17,7 @@ Random weights attend almost uniformly, so every query and key projection is sca
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -52,3 +53,96 @@ def tiny_chroma_pipeline(folder: str | Path | None = None, seed: int = 0):
             scheduler=_flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                       base_image_seq_len=256, max_image_seq_len=4096))
     return _finish(ChromaPipeline(**components), folder)
+
+
+# --------------------------------------------------------------------------- Qwen2 / Qwen3 tokenizers
+#: The Qwen chat special tokens (Qwen2.5 and Qwen3 share them; <think> is Qwen3's).
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_ADDED = ["<think>", "</think>"]
+#: The fixed text around the prompt in the families' templates: every word of it must be one
+#: token, as in the real Qwen vocabulary, or the pipelines' fixed offsets (Qwen-Image drops
+#: 34 tokens) would land elsewhere.
+QWEN_TEMPLATE_TEXT = ("system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                      "spatial relationships of the objects and background:\nuser\nassistant\n\n\n")
+#: Qwen3's chat template, cut down to what the pipelines use: one user turn, the generation
+#: prompt, and the empty think block ``enable_thinking=False`` adds (Flux.2 Klein; Z-Image asks
+#: for thinking and gets none).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE ``Qwen2Tokenizer`` with a tiny vocabulary, trained in-process.
+
+    Merges are learned from the template text and ``TINY_WORDS`` (each with a leading space,
+    and capitalised), so those are single tokens; "purple" is not in the corpus but " pur" and
+    "ple" are, so it splits in two. Any other text falls back to bytes, as in real byte-level BPE.
+    """
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import Qwen2Tokenizer
+
+    from mag_explore.testing import TINY_WORDS
+
+    shell = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])  # its pre-tokenizer: Qwen2's regex + byte level
+    model = Tokenizer(models.BPE())
+    model.normalizer, model.pre_tokenizer = shell._tokenizer.normalizer, shell._tokenizer.pre_tokenizer
+    corpus = [QWEN_TEMPLATE_TEXT] + [f" {w} {w.capitalize()} {w}," for w in TINY_WORDS] + [" pur", "ple", "ple."]
+    from tokenizers.pre_tokenizers import ByteLevel
+    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, special_tokens=QWEN_SPECIAL,
+                                  initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+    model.train_from_iterator(corpus * 3, trainer)
+    state = json.loads(model.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, model_max_length=131072)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    tokenizer.add_tokens(QWEN_ADDED)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- Qwen-Image
+def _qwen25_vl_encoder(tokenizer, seed: int):
+    """A tiny Qwen2.5-VL (the text model is what the pipeline uses; the vision tower is there, never run)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    unused = len(tokenizer) + 100  # vision token ids outside the vocabulary: no prompt can contain them
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0]),
+        image_token_id=unused, video_token_id=unused + 1, vision_start_token_id=unused + 2,
+        vision_end_token_id=unused + 3)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwenimage_pipeline(folder: str | Path | None = None, seed: int = 0):
+    """A tiny random-weight ``QwenImagePipeline``: Qwen2.5-VL text states, joint [txt, img] attention."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_qwen_tokenizer()
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(2, 2, 4)).eval()
+        _sharpen(transformer)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                     latents_std=[1.5, 2.0, 1.2, 2.5]).eval()
+        components = dict(
+            transformer=transformer, vae=vae, text_encoder=_qwen25_vl_encoder(tokenizer, seed + 2),
+            tokenizer=tokenizer,
+            # Qwen-Image's scheduler_config.json
+            scheduler=_flow_scheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                      base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                      time_shift_type="exponential"))
+    return _finish(QwenImagePipeline(**components), folder)
