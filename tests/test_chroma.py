@@ -39,12 +39,12 @@ def test_encoding_equals_the_pipelines_and_keeps_one_pad(pipe):
     with torch.no_grad():  # as in the pipeline's __call__ (grad mode picks other kernels)
         embeds, _, mask, negative, _, negative_mask = pipe.encode_prompt(PROMPT, device="cpu", max_sequence_length=16,
                                                                           num_images_per_prompt=2)
-    assert torch.equal(ours.embeddings, embeds) and torch.equal(ours.text_mask, mask)
+    assert torch.equal(ours.embeddings, embeds) and torch.equal(ours.mask, mask)
     # ▁a ▁red ▁circle ▁and ▁a ▁blue ▁square </s>: 8 tokens, then the one kept pad
-    assert ours.text_mask[0].tolist() == [1.0] * 9 + [0.0] * 7
+    assert ours.mask[0].tolist() == [1.0] * 9 + [0.0] * 7
     assert chroma.num_prompt_tokens(pipe, PROMPT, 16) == 8
     empty = chroma.encode_prompt(pipe, None, 2, max_sequence_length=16)
-    assert torch.equal(empty.embeddings, negative) and torch.equal(empty.text_mask, negative_mask)
+    assert torch.equal(empty.embeddings, negative) and torch.equal(empty.mask, negative_mask)
 
 
 def test_sampling_with_the_family_functions_equals_the_pipeline(pipe):

@@ -52,7 +52,7 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, max_sequence_length: i
                                    output_hidden_states=False)[0].to(dtype)
     # keep the prompt, </s> and the first pad: position <= number of real tokens
     kept = torch.arange(length, device=device)[None] <= tokens.attention_mask.to(device).sum(1, keepdim=True)
-    return Conditioning(states.repeat(batch, 1, 1), text_mask=kept.to(dtype).repeat(batch, 1))
+    return Conditioning(states.repeat(batch, 1, 1), mask=kept.to(dtype).repeat(batch, 1))
 
 
 def num_prompt_tokens(pipe, prompt: str, max_sequence_length: int | None = None) -> int:
@@ -75,7 +75,7 @@ def denoise(pipe, latents: torch.Tensor, timestep, cond: Conditioning) -> torch.
     out = pipe.transformer(hidden_states=mmdit.pack(latents), timestep=t / 1000,
                            encoder_hidden_states=cond.embeddings, txt_ids=text_ids,
                            img_ids=mmdit.image_ids(h, w, latents.device, latents.dtype),
-                           attention_mask=joint_mask(cond.text_mask, (h // 2) * (w // 2)), return_dict=False)[0]
+                           attention_mask=joint_mask(cond.mask, (h // 2) * (w // 2)), return_dict=False)[0]
     return mmdit.unpack(out, h, w)
 
 
