@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from . import t5_tokens
+from .template_tokens import TemplateKeys
 
 _END_OF_WORD = "</w>"
 
@@ -32,7 +33,7 @@ class TokenizedWord:
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The prompt's token strings without padding: BOS, the prompt's tokens, EOS (T5: no BOS;
     SD3's joint keys: the 77 CLIP keys, then T5's)."""
-    if isinstance(tokenizer, t5_tokens.JointPromptTokens):
+    if isinstance(tokenizer, (t5_tokens.JointPromptTokens, TemplateKeys)):
         return tokenizer.prompt_tokens(prompt)
     if t5_tokens.is_sentencepiece(tokenizer):
         return t5_tokens.t5_prompt_tokens(tokenizer, prompt)
@@ -44,6 +45,8 @@ def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
     """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``; T5: see t5_tokens)."""
     if isinstance(tokenizer, t5_tokens.JointPromptTokens):
         return tokenizer.split_words(prompt, split_words(tokenizer.clip, prompt))
+    if isinstance(tokenizer, TemplateKeys):
+        return tokenizer.split_words(prompt)
     if t5_tokens.is_sentencepiece(tokenizer):
         return t5_tokens.t5_split_words(tokenizer, prompt)
     tokens = prompt_tokens(tokenizer, prompt)

@@ -58,6 +58,8 @@ class JointAttentionController(AttentionController):
         if hidden.ndim == 4:  # SD3: (batch, channels, h, w) latents, cut into patch_size² patches
             patch = module.config.patch_size
             self.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+        elif "img_shapes" in kwargs:  # Qwen-Image: packed tokens; img_shapes lists (frames, rows, columns)
+            self.latent_hw = tuple(int(n) for n in kwargs["img_shapes"][0][0][1:])
         else:  # Flux: packed tokens; img_ids hold each token's (0, row, column)
             ids = kwargs["img_ids"]
             self.latent_hw = (int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1)
@@ -196,8 +198,14 @@ def joint_outputs(attn, out, hidden_states, encoder_hidden_states, text_first: b
 
 
 @contextmanager
-def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook]) -> Iterator[JointAttentionController]:
-    """Run ``hooks`` on every joint-attention layer of a Flux or SD3 ``transformer`` inside a ``with`` block."""
+def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook], processor=None,
+                          place=joint_layer_place) -> Iterator[JointAttentionController]:
+    """Run ``hooks`` on every joint-attention layer of a Flux or SD3 ``transformer`` inside a ``with`` block.
+
+    A family whose attention takes other arguments (Qwen-Image) gives its own ``processor``
+    class (a :class:`JointAttentionProcessor` subclass) and ``place(transformer, layer)``.
+    """
+    processor = processor or JointAttentionProcessor
     hooks = list(hooks)
     current = next((p.controller for p in transformer.attn_processors.values()
                     if isinstance(p, JointAttentionProcessor)), None)
@@ -211,8 +219,7 @@ def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook]) -> Iterat
     controller = JointAttentionController(transformer)
     controller.hooks = hooks
     layers = set(joint_attention_layer_names(transformer))
-    ours = {name: JointAttentionProcessor(controller, name[: -len(".processor")],
-                                          joint_layer_place(transformer, name), p)
+    ours = {name: processor(controller, name[: -len(".processor")], place(transformer, name), p)
             if name[: -len(".processor")] in layers else p for name, p in originals.items()}
     try:
         transformer.set_attn_processor(ours)
