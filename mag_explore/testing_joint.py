@@ -23,9 +23,16 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.testing_mmdit import _finish, _sharpen, _t5_encoder, _vae, tiny_t5_tokenizer
+from mag_explore.testing_mmdit import _finish, _t5_encoder, _vae, tiny_t5_tokenizer
 
-sharpen = _sharpen
+def _sharpen(transformer, gain: float = 4.0, names: tuple[str, ...] = ("attn",)) -> None:
+    """Scale every query and key projection of the attention modules named ``names``: maps that are not flat."""
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if name.split(".")[-1] in names:
+                for proj in ("to_q", "to_k", "add_q_proj", "add_k_proj"):
+                    if getattr(module, proj, None) is not None:
+                        getattr(module, proj).weight.mul_(gain)
 
 
 def _flow_scheduler(**config):
@@ -146,3 +153,34 @@ def tiny_qwenimage_pipeline(folder: str | Path | None = None, seed: int = 0):
                                       base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                       time_shift_type="exponential"))
     return _finish(QwenImagePipeline(**components), folder)
+
+
+# --------------------------------------------------------------------------- Z-Image
+def _qwen3_model(tokenizer, seed: int, layers: int = 2, causal_lm: bool = False):
+    """A tiny Qwen3 language model (Z-Image: ``Qwen3Model``; Flux.2 Klein: ``Qwen3ForCausalLM``)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def tiny_zimage_pipeline(folder: str | Path | None = None, seed: int = 0):
+    """A tiny random-weight ``ZImagePipeline``: Qwen3 caption states, one single-stream sequence [img, cap]."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_qwen_tokenizer(QWEN3_CHAT_TEMPLATE)
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[2, 2, 4], axes_lens=[512, 64, 64]).eval()
+        _sharpen(transformer, names=("attention",))
+        components = dict(
+            transformer=transformer, vae=_vae(seed + 1, 0.3611, 0.1159),  # Z-Image uses Flux.1's VAE
+            text_encoder=_qwen3_model(tokenizer, seed + 2), tokenizer=tokenizer,
+            scheduler=_flow_scheduler(shift=3.0, use_dynamic_shifting=False))  # Z-Image's scheduler_config.json
+    return _finish(ZImagePipeline(**components), folder)
