@@ -218,7 +218,7 @@ class Sampler:
             "num_inference_steps", defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
             maximum=pipe.scheduler.config.num_train_timesteps)
         # Flux, SD3: CFG with a second pass on the negative prompt (Flux), T5's length
-        self.true_cfg_scale, self.max_sequence_length = families.check_mmdit_options(
+        self.true_cfg_scale, self.max_sequence_length = families.check_options(
             pipe, defaults, true_cfg_scale, max_sequence_length)
         height, width = check_size(defaults["height"] if height is None else height,
                                    defaults["width"] if width is None else width, families.size_multiple(pipe))
@@ -353,10 +353,7 @@ class Sampler:
             guidance_scale=self.guidance_scale, seed=self.seed, height=self.height, width=self.width,
             eta=self.eta, scheduler=type(self.scheduler).__name__,
         )
-        if families.is_mmdit(self.pipe):
-            settings.update(max_sequence_length=self.max_sequence_length, family=families.family(self.pipe))
-            if families.family(self.pipe) == families.FLUX:
-                settings["true_cfg_scale"] = self.true_cfg_scale
+        settings.update(families.family_of(self.pipe).run_settings(self))  # T5 length, Flux's true CFG, ...
         # each control's resolved settings and diagnostics, under its short name ("mag", ...)
         for name, control in zip(control_names(self.controls), self.controls):
             if control.settings:
