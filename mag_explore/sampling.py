@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import families
 from .attention import AttentionStore
-from .families import Conditioning, encode_prompt, unscale_latents, vae_in_working_dtype
+from .families import Conditioning, encode_prompt
 from .models import model_defaults
 from .tokens import prompt_tokens, token_indices
 from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
@@ -165,9 +165,7 @@ def encode_text(pipe, texts: list[str]) -> torch.Tensor:
 
 def decode_latents(pipe, latents: torch.Tensor) -> tuple[np.ndarray, list[Image.Image]]:
     """VAE decode -> float pixels in [0, 1] and 8-bit PIL images (as diffusers rounds them)."""
-    vae = pipe.vae
-    with torch.no_grad(), vae_in_working_dtype(pipe) as dtype:  # SDXL's fp16 VAE decodes in fp32
-        decoded = vae.decode(unscale_latents(vae, latents.to(dtype)), return_dict=False)[0]
+    decoded = families.family_of(pipe).decode(pipe, latents)
     pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return pixels, [Image.fromarray((p * 255).round().astype("uint8")) for p in pixels]
 

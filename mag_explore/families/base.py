@@ -143,6 +143,12 @@ class Family:
         """The size the model really samples at for a requested size (PixArt/Sana: a resolution bin)."""
         return height, width
 
+    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """x_0 latents -> the VAE's image in [-1, 1] (Qwen-Image: a video VAE, one frame)."""
+        from .unet import unscale_latents, vae_in_working_dtype
+        with torch.no_grad(), vae_in_working_dtype(pipe) as dtype:  # SDXL's fp16 VAE decodes in fp32
+            return pipe.vae.decode(unscale_latents(pipe.vae, latents.to(dtype)), return_dict=False)[0]
+
     def finish_decoded(self, pipe, decoded: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The VAE's output in [-1, 1] brought to the requested ``size`` (PixArt/Sana: resized back)."""
         return decoded
