@@ -15,12 +15,14 @@ from ..validation import InputError, check_count, check_number
 from . import mmdit, unet
 from .base import (FAMILY_OPTIONS, Family, family_for_index, family_named, family_names, family_of,  # noqa: F401
                    model_input, register_family, registered_families, supported_families, unregister_family)
+from .chroma import ChromaFamily
 from .conditioning import Conditioning
 from .mmdit import FLUX, SD3, FluxFamily, SD3Family
+from .qwenimage import QwenImageFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
 
-for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family()):
+for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), ChromaFamily(), QwenImageFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)

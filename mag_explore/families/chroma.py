@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.joint import joint_attention_hooks, joint_attention_layer_names, joint_layer_place
 from . import mmdit
+from .base import Family
 from .conditioning import Conditioning
 
 CHROMA = "chroma"
@@ -96,3 +98,55 @@ def predict(pipe, latents, t, cond: Conditioning, uncond: Conditioning | None, g
 def native_size(pipe) -> tuple[int, int]:
     side = 128 * pipe.vae_scale_factor  # ChromaPipeline.default_sample_size
     return side, side
+
+
+class ChromaFamily(Family):
+    """Chroma: T5 keys with Chroma's mask (text first), 2×2 packed latents, CFG in two passes."""
+
+    name, title, pipeline_class = CHROMA, "Chroma (ChromaPipeline)", COMPONENTS[0]
+    components = COMPONENTS[1]
+    example = "lodestones/Chroma1-HD"
+    options = ("max_sequence_length",)
+    defaults = DEFAULTS
+    joint_attention = True
+
+    def encode_prompt(self, pipe, text, batch=1, size=None, *, max_sequence_length=None, guidance_scale=None):
+        return encode_prompt(pipe, text, batch, max_sequence_length)
+
+    def span_tokenizer(self, pipe, max_sequence_length=None):
+        return pipe.tokenizer  # T5: key j = token j (the kept pad after </s> belongs to no word)
+
+    def num_prompt_tokens(self, pipe, prompt, max_sequence_length=None) -> int:
+        return num_prompt_tokens(pipe, prompt, max_sequence_length)
+
+    def denoise(self, pipe, model_input, timestep, cond):
+        return denoise(pipe, model_input, timestep, cond)
+
+    def predict(self, pipe, scheduler, latents, t, cond, uncond, guidance_scale, true_cfg_scale=1.0, attention=None):
+        return predict(pipe, latents, t, cond, uncond, guidance_scale, attention)
+
+    def make_scheduler(self, pipe, num_inference_steps, latent_hw, device=None, scheduler=None):
+        return mmdit.flow_scheduler(pipe, num_inference_steps, latent_hw, device, scheduler)  # Flux.1's: sigmas, mu
+
+    def latent_shape(self, pipe, num_images, height, width):
+        factor = pipe.vae_scale_factor  # ChromaPipeline.prepare_latents: 2 * (size // (factor * 2))
+        channels = pipe.transformer.config.in_channels // 4
+        return (num_images, channels, 2 * (height // (factor * 2)), 2 * (width // (factor * 2)))
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * 2
+
+    def native_size(self, pipe):
+        return native_size(pipe)
+
+    def attention_layer_names(self, pipe):
+        return joint_attention_layer_names(pipe.transformer)
+
+    def attention_hooks(self, pipe, hooks):
+        return joint_attention_hooks(pipe.transformer, hooks)
+
+    def attention_grids(self, pipe, latent_hw):
+        return {name: (latent_hw[0] // 2, latent_hw[1] // 2) for name in self.attention_layer_names(pipe)}
+
+    def attention_places(self, pipe):
+        return {n: joint_layer_place(pipe.transformer, n) for n in self.attention_layer_names(pipe)}

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.joint import JointAttentionProcessor, joint_outputs, joint_probs
+from ..attention.joint import (JointAttentionProcessor, joint_attention_hooks, joint_attention_layer_names,
+                               joint_outputs, joint_probs)
 from . import mmdit
+from .base import Family
 from .conditioning import Conditioning
 
 QWENIMAGE = "qwenimage"
@@ -156,7 +158,71 @@ class QwenJointProcessor(JointAttentionProcessor):
 
 
 def span_tokenizer(pipe, max_sequence_length: int | None = None):
-    """Words -> text keys through the template (key j = template token 34 + j)."""
-    from ..template_tokens import TemplateKeys
+    """Words -> text keys through the template: key j is template token 34 + j."""
+    from ..text_keys import TextKeys
 
-    return TemplateKeys(pipe.tokenizer, TEMPLATE, DROP, max_sequence_length or MAX_SEQUENCE_LENGTH)
+    length = max_sequence_length or MAX_SEQUENCE_LENGTH
+    prefix = TEMPLATE[: TEMPLATE.index("{}")]  # what follows the prompt starts with a special token: no merge
+    return TextKeys(pipe.tokenizer, DROP + length, prefix=prefix, keep=range(DROP, DROP + length))
+
+
+class QwenImageFamily(Family):
+    """Qwen-Image: Qwen2.5-VL keys after a template (text first), 2×2 packed latents, true CFG."""
+
+    name, title, pipeline_class = QWENIMAGE, "Qwen-Image (QwenImagePipeline)", "QwenImagePipeline"
+    components = {
+        "transformer": {("diffusers", "QwenImageTransformer2DModel")},
+        "vae": {("diffusers", "AutoencoderKLQwenImage")},
+        "scheduler": {("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        "text_encoder": {("transformers", "Qwen2_5_VLForConditionalGeneration")},
+        "tokenizer": {("transformers", "Qwen2Tokenizer"), ("transformers", "Qwen2TokenizerFast")}}
+    example = "Qwen/Qwen-Image"
+    options = ("true_cfg_scale", "max_sequence_length")
+    defaults = DEFAULTS
+    joint_attention = True
+
+    def encode_prompt(self, pipe, text, batch=1, size=None, *, max_sequence_length=None, guidance_scale=None):
+        return encode_prompt(pipe, text, batch, max_sequence_length)
+
+    def span_tokenizer(self, pipe, max_sequence_length=None):
+        return span_tokenizer(pipe, max_sequence_length)
+
+    def num_prompt_tokens(self, pipe, prompt, max_sequence_length=None) -> int:
+        return num_prompt_tokens(pipe, prompt, max_sequence_length)
+
+    def denoise(self, pipe, model_input, timestep, cond):
+        return denoise(pipe, model_input, timestep, cond)
+
+    def predict(self, pipe, scheduler, latents, t, cond, uncond, guidance_scale, true_cfg_scale=1.0, attention=None):
+        return predict(pipe, latents, t, cond, uncond, true_cfg_scale, attention)
+
+    def make_scheduler(self, pipe, num_inference_steps, latent_hw, device=None, scheduler=None):
+        return mmdit.flow_scheduler(pipe, num_inference_steps, latent_hw, device, scheduler)  # sigmas and mu, as Flux
+
+    def latent_shape(self, pipe, num_images, height, width):
+        factor = pipe.vae_scale_factor  # QwenImagePipeline.prepare_latents: 2 * (size // (factor * 2))
+        return (num_images, pipe.transformer.config.in_channels // 4, 2 * (height // (factor * 2)),
+                2 * (width // (factor * 2)))
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * 2
+
+    def native_size(self, pipe):
+        side = 128 * pipe.vae_scale_factor  # QwenImagePipeline.default_sample_size
+        return side, side
+
+    def decode(self, pipe, latents):
+        with torch.no_grad():
+            return decode_latents(pipe, latents)
+
+    def attention_layer_names(self, pipe):
+        return joint_attention_layer_names(pipe.transformer)
+
+    def attention_hooks(self, pipe, hooks):
+        return joint_attention_hooks(pipe.transformer, hooks, QwenJointProcessor, qwen_place)
+
+    def attention_grids(self, pipe, latent_hw):
+        return {name: (latent_hw[0] // 2, latent_hw[1] // 2) for name in self.attention_layer_names(pipe)}
+
+    def attention_places(self, pipe):
+        return {name: "double" for name in self.attention_layer_names(pipe)}
