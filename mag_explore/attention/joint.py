@@ -152,11 +152,12 @@ def image_text_block(ctx: AttentionContext, sequence: int) -> tuple[slice, slice
     return slice(0, sequence - text), slice(sequence - text, sequence)
 
 
-def joint_probs(query, key, hooks, ctx, attention_mask=None) -> torch.Tensor:
+def joint_probs(query, key, hooks, ctx, attention_mask=None, block=None) -> torch.Tensor:
     """softmax(QKᵀ/√d + mask) over the whole joint sequence in float32; hooks act on its image→text block.
 
     ``attention_mask`` as scaled_dot_product_attention reads it (Chroma passes one): a bool
-    mask keeps the True keys, a float mask is *added* to the scores.
+    mask keeps the True keys, a float mask is *added* to the scores. ``block``: (rows, columns)
+    of the image→text block where :func:`image_text_block` does not find it (Z-Image's pads).
     """
     scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
     if attention_mask is not None:
@@ -164,7 +165,7 @@ def joint_probs(query, key, hooks, ctx, attention_mask=None) -> torch.Tensor:
             attention_mask = attention_mask[:, None, None, :]
         scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                   else scores + attention_mask.float())
-    rows, cols = image_text_block(ctx, scores.shape[-1])
+    rows, cols = block or image_text_block(ctx, scores.shape[-1])
     for hook in hooks:
         edited = hook.edit_scores(scores[..., rows, cols], ctx)
         if edited is not None:
