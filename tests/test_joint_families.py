@@ -22,13 +22,14 @@ from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from mag_explore.methods.guidance import guidance_step
 from mag_explore.models import load_pipeline, model_defaults
 from mag_explore.sampling import Control, Sampler, generate
-from mag_explore.testing_joint import tiny_chroma_pipeline, tiny_qwenimage_pipeline
+from mag_explore.testing_joint import tiny_chroma_pipeline, tiny_qwenimage_pipeline, tiny_zimage_pipeline
 
 PROMPT = "a red circle and a blue square"
 ROOT = Path(__file__).resolve().parents[1]
-BUILDS = {"chroma": tiny_chroma_pipeline, "qwenimage": tiny_qwenimage_pipeline}
-#: keys of "red circle" / "blue square": T5 ▁a ▁red ▁circle ...; Qwen: the prompt's tokens after the template
-KEYS = {"chroma": ((1, 2), (5, 6)), "qwenimage": ((1, 2), (5, 6))}
+BUILDS = {"chroma": tiny_chroma_pipeline, "qwenimage": tiny_qwenimage_pipeline, "zimage": tiny_zimage_pipeline}
+#: keys of "red circle" / "blue square": T5 ▁a ▁red ▁circle ...; Qwen-Image: the prompt's tokens after the
+#: 34 dropped; Z-Image: the caption from <|im_start|> user \n on, so the prompt starts at key 3
+KEYS = {"chroma": ((1, 2), (5, 6)), "qwenimage": ((1, 2), (5, 6)), "zimage": ((4, 5), (8, 9))}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,14 @@ def theirs(pipe, **options):
 
 def test_load_pipeline_finds_the_families_and_their_defaults(pipes):
     assert {name: families.family(pipe) for name, pipe in pipes.items()} == {n: n for n in BUILDS}
-    chroma, qwen = model_defaults(pipes["chroma"]), model_defaults(pipes["qwenimage"])
+    chroma, qwen, z = (model_defaults(pipes[n]) for n in ("chroma", "qwenimage", "zimage"))
+    assert (z["guidance_scale"], z["negative_prompt"]) == (5.0, "")  # ZImagePipeline.__call__'s
     assert (chroma["guidance_scale"], chroma["negative_prompt"]) == (5.0, "")  # ChromaPipeline.__call__'s
     assert (qwen["true_cfg_scale"], qwen["negative_prompt"]) == (4.0, None)  # QwenImagePipeline.__call__'s
     assert families.native_size(pipes["chroma"]) == families.native_size(pipes["qwenimage"]) == (512, 512)
 
 
-@pytest.mark.parametrize("case", ["chroma", "qwenimage", "qwenimage + negative"])
+@pytest.mark.parametrize("case", ["chroma", "qwenimage", "qwenimage + negative", "zimage"])
 def test_generate_at_the_defaults_equals_the_diffusers_pipeline(pipes, case):
     pipe = pipes[case.split()[0]]
     options = {"negative_prompt": "low quality"} if "negative" in case else {}
@@ -81,7 +83,8 @@ def test_processors_are_restored_after_an_exception(pipes, layout):
                 raise KeyboardInterrupt
             return state.latents
 
-    for pipe in pipes.values():
+    for name in ("chroma", "qwenimage"):  # Z-Image: tests/test_zimage.py (no attn_processors there)
+        pipe = pipes[name]
         before = dict(pipe.transformer.attn_processors)
         with pytest.raises(KeyboardInterrupt):
             generate(pipe, PROMPT, progress=False, store=AttentionStore(),
@@ -149,7 +152,7 @@ def test_store_keeps_one_map_per_step_and_layer_of_the_prompts_keys(pipes, name)
     assert store.nbytes == 3 * len(layers) * 16 * prompt_keys * 2  # steps x layers x 4x4 pixels x keys x fp16
 
 
-@pytest.mark.parametrize("name,method", [("chroma", "mag"), ("qwenimage", "swap")])
+@pytest.mark.parametrize("name,method", [("chroma", "mag"), ("qwenimage", "swap"), ("zimage", "mag")])
 def test_cli_generate(folders, tmp_path, name, method):
     mask = np.zeros((32, 32, 3), np.uint8)
     mask[:, :16] = (255, 0, 0)
@@ -164,4 +167,4 @@ def test_cli_generate(folders, tmp_path, name, method):
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and Image.open(out).size == (32, 32)
-    assert len(AttentionStore.load(tmp_path / "maps.safetensors").layers) == {"chroma": 3, "qwenimage": 2}[name]
+    assert len(AttentionStore.load(tmp_path / "maps.safetensors").layers) == {"chroma": 3, "qwenimage": 2, "zimage": 2}[name]

@@ -21,8 +21,10 @@ from .mmdit import FLUX, SD3, FluxFamily, SD3Family
 from .qwenimage import QwenImageFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
+from .zimage import ZImageFamily
 
-for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), ChromaFamily(), QwenImageFamily()):
+for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), ChromaFamily(), QwenImageFamily(),
+                ZImageFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)
