@@ -156,12 +156,13 @@ def tiny_qwenimage_pipeline(folder: str | Path | None = None, seed: int = 0):
 
 
 # --------------------------------------------------------------------------- Z-Image
-def _qwen3_model(tokenizer, seed: int, layers: int = 2, causal_lm: bool = False):
+def _qwen3_model(tokenizer, seed: int, layers: int = 2, causal_lm: bool = False, width: int = 32):
     """A tiny Qwen3 language model (Z-Image: ``Qwen3Model``; Flux.2 Klein: ``Qwen3ForCausalLM``)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
                          bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                          pad_token_id=tokenizer.pad_token_id)
@@ -184,3 +185,42 @@ def tiny_zimage_pipeline(folder: str | Path | None = None, seed: int = 0):
             text_encoder=_qwen3_model(tokenizer, seed + 2), tokenizer=tokenizer,
             scheduler=_flow_scheduler(shift=3.0, use_dynamic_shifting=False))  # Z-Image's scheduler_config.json
     return _finish(ZImagePipeline(**components), folder)
+
+
+# --------------------------------------------------------------------------- Flux.2 (Klein)
+def tiny_flux2_klein_pipeline(folder: str | Path | None = None, seed: int = 0):
+    """A tiny random-weight ``Flux2KleinPipeline``: Qwen3 states of layers 9, 18, 27 joined per token.
+
+    The language model has 27 layers (of width 16) so that the pipeline's default layers exist;
+    ``is_distilled=False`` (Klein base): CFG with "" at guidance 4.0.
+    """
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_qwen_tokenizer(QWEN3_CHAT_TEMPLATE)
+        torch.manual_seed(seed)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=16, mlp_ratio=2.0,
+            axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False).eval()
+        _sharpen_flux2(transformer)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                                 block_out_channels=(8, 8, 16), layers_per_block=1, latent_channels=4,
+                                 norm_num_groups=4, sample_size=32, mid_block_add_attention=False).eval()
+        with torch.no_grad():  # running statistics that are not 0 / 1, so that using them is visible
+            vae.bn.running_mean.uniform_(-0.5, 0.5)
+            vae.bn.running_var.uniform_(0.5, 2.0)
+        text_encoder = _qwen3_model(tokenizer, seed + 2, layers=27, causal_lm=True, width=16)
+        components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          scheduler=_flow_scheduler(shift=3.0, use_dynamic_shifting=True))  # Klein's config
+    return _finish(Flux2KleinPipeline(**components, is_distilled=False), folder)
+
+
+def _sharpen_flux2(transformer, gain: float = 4.0) -> None:
+    """Flux.2's single-stream blocks project q, k, v and the MLP in one matrix: scale its q and k rows."""
+    _sharpen(transformer)
+    with torch.no_grad():
+        for block in transformer.single_transformer_blocks:
+            inner = block.attn.inner_dim
+            block.attn.to_qkv_mlp_proj.weight[: 2 * inner].mul_(gain)
