@@ -17,6 +17,7 @@ from .base import (FAMILY_OPTIONS, Family, family_for_index, family_named, famil
                    model_input, register_family, registered_families, supported_families, unregister_family)
 from .chroma import ChromaFamily
 from .conditioning import Conditioning
+from .flux2 import Flux2KleinFamily
 from .mmdit import FLUX, SD3, FluxFamily, SD3Family
 from .qwenimage import QwenImageFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
@@ -24,7 +25,7 @@ from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden
 from .zimage import ZImageFamily
 
 for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), ChromaFamily(), QwenImageFamily(),
-                ZImageFamily()):
+                ZImageFamily(), Flux2KleinFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)
