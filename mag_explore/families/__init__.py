@@ -4,7 +4,8 @@ Each family is one object of a :class:`Family` subclass (the interface: ``famili
 kept in a small registry; :func:`family_of` picks the one a pipeline belongs to. Everything
 above this package (the sampler, the methods) calls the functions below, which ask that
 object: nothing outside ``families/`` asks which family it is. Built in: ``unet`` (SD 1.x/2.x,
-SDXL: UNet cross-attention, DDIM), ``mmdit`` (Flux.1, SD3/3.5: joint attention, flow matching).
+SDXL: UNet cross-attention, DDIM), ``mmdit`` (Flux.1, SD3/3.5: joint attention, flow matching),
+``pixart`` (PixArt-Σ) and ``sana`` (Sana): transformers with cross-attention and a text mask.
 A user adds a family with :func:`register_family` (docs/howto_add_a_family.md).
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ from .base import (FAMILY_OPTIONS, Family, family_for_index, family_named, famil
                    model_input, register_family, registered_families, supported_families, unregister_family)
 from .conditioning import Conditioning
 from .mmdit import FLUX, SD3, FluxFamily, SD3Family
+from .pixart import PIXART, PixArtSigmaFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
 
-for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family()):
+for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), PixArtSigmaFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)
