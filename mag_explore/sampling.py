@@ -244,7 +244,7 @@ class Sampler:
         families.check_prompt(pipe, prompt)  # SDXL, SD3: both CLIP tokenizers must agree on word positions
         text = dict(max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale)
         self.cond = encode_prompt(pipe, prompt, num_images, (height, width), **text)
-        self.uncond = encode_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
+        self.uncond = families.encode_negative_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
         self.cond_embeddings = self.cond.embeddings
         self.uncond_embeddings = None if self.uncond is None else self.uncond.embeddings
         self.num_prompt_tokens = families.num_prompt_tokens(pipe, prompt, self.max_sequence_length)

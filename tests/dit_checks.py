@@ -44,7 +44,7 @@ def captured_and_reference(pipe, layer: str, prompt: str, latents, timestep):
     handle = module.register_forward_pre_hook(
         lambda m, args, kwargs: inputs.update(hidden=args[0] if args else kwargs["hidden_states"],
                                               text=kwargs["encoder_hidden_states"]), with_kwargs=True)
-    cond = families.Conditioning.cat([families.encode_prompt(pipe, "", 1), families.encode_prompt(pipe, prompt, 1)])
+    cond = families.Conditioning.cat([families.encode_negative_prompt(pipe, "", 1), families.encode_prompt(pipe, prompt, 1)])
     recorder = Recorder()
     try:
         with families.attention_hooks(pipe, [recorder]), torch.no_grad():

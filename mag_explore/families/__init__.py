@@ -19,10 +19,11 @@ from .base import (FAMILY_OPTIONS, Family, family_for_index, family_named, famil
 from .conditioning import Conditioning
 from .mmdit import FLUX, SD3, FluxFamily, SD3Family
 from .pixart import PIXART, PixArtSigmaFamily
+from .sana import SANA, SanaFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
 
-for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), PixArtSigmaFamily()):
+for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), PixArtSigmaFamily(), SanaFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)
@@ -59,6 +60,14 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] 
     """``text`` through the pipeline's text encoder(s), ``batch`` identical rows (see each family)."""
     return family_of(pipe).encode_prompt(pipe, text, batch, size, max_sequence_length=max_sequence_length,
                                          guidance_scale=guidance_scale)
+
+
+def encode_negative_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] | None = None, *,
+                           max_sequence_length: int | None = None, guidance_scale: float | None = None
+                           ) -> Conditioning | None:
+    """The negative prompt's conditioning (as ``encode_prompt``, except where a family treats it apart: Sana)."""
+    return family_of(pipe).encode_negative_prompt(pipe, text, batch, size, max_sequence_length=max_sequence_length,
+                                                  guidance_scale=guidance_scale)
 
 
 def denoise(pipe, model_input: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
