@@ -4,7 +4,8 @@ Each family is one object of a :class:`Family` subclass (the interface: ``famili
 kept in a small registry; :func:`family_of` picks the one a pipeline belongs to. Everything
 above this package (the sampler, the methods) calls the functions below, which ask that
 object: nothing outside ``families/`` asks which family it is. Built in: ``unet`` (SD 1.x/2.x,
-SDXL: UNet cross-attention, DDIM), ``mmdit`` (Flux.1, SD3/3.5: joint attention, flow matching).
+SDXL: UNet cross-attention, DDIM), ``mmdit`` (Flux.1, SD3/3.5: joint attention, flow matching),
+``pixart`` (PixArt-Σ) and ``sana`` (Sana): transformers with cross-attention and a text mask.
 A user adds a family with :func:`register_family` (docs/howto_add_a_family.md).
 """
 from __future__ import annotations
@@ -19,13 +20,15 @@ from .chroma import ChromaFamily
 from .conditioning import Conditioning
 from .flux2 import Flux2KleinFamily
 from .mmdit import FLUX, SD3, FluxFamily, SD3Family
+from .pixart import PIXART, PixArtSigmaFamily
 from .qwenimage import QwenImageFamily
+from .sana import SANA, SanaFamily
 from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
 from .zimage import ZImageFamily
 
-for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), ChromaFamily(), QwenImageFamily(),
-                ZImageFamily(), Flux2KleinFamily()):
+for _family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family(), PixArtSigmaFamily(), SanaFamily(),
+                ChromaFamily(), QwenImageFamily(), ZImageFamily(), Flux2KleinFamily()):
     register_family(_family)
 
 MMDIT = (FLUX, SD3)
@@ -62,6 +65,14 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] 
     """``text`` through the pipeline's text encoder(s), ``batch`` identical rows (see each family)."""
     return family_of(pipe).encode_prompt(pipe, text, batch, size, max_sequence_length=max_sequence_length,
                                          guidance_scale=guidance_scale)
+
+
+def encode_negative_prompt(pipe, text: str | None, batch: int = 1, size: tuple[int, int] | None = None, *,
+                           max_sequence_length: int | None = None, guidance_scale: float | None = None
+                           ) -> Conditioning | None:
+    """The negative prompt's conditioning (as ``encode_prompt``, except where a family treats it apart: Sana)."""
+    return family_of(pipe).encode_negative_prompt(pipe, text, batch, size, max_sequence_length=max_sequence_length,
+                                                  guidance_scale=guidance_scale)
 
 
 def denoise(pipe, model_input: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:

@@ -86,6 +86,14 @@ class Family:
         """``text`` -> what the denoiser is conditioned on, ``batch`` identical rows (None: no negative prompt)."""
         raise NotImplementedError(f"family {self.name!r} does not say how to encode a prompt")
 
+    def encode_negative_prompt(self, pipe, text: str | None, batch: int = 1, size: tuple[int, int] | None = None, *,
+                               max_sequence_length: int | None = None, guidance_scale: float | None = None
+                               ) -> Conditioning | None:
+        """The negative prompt's conditioning: ``encode_prompt`` unless the family encodes it apart (Sana:
+        without the instruction its prompts get)."""
+        return self.encode_prompt(pipe, text, batch, size, max_sequence_length=max_sequence_length,
+                                  guidance_scale=guidance_scale)
+
     def span_tokenizer(self, pipe, max_sequence_length: int | None = None):
         """What ``mag_explore.tokens`` takes to turn words into indices of the attention's text keys."""
         raise NotImplementedError(f"family {self.name!r} does not say where a word's tokens are")
