@@ -6,11 +6,23 @@ a few thousand random weights, images of noise. Nothing is downloaded: the token
 built in-process with the ``tokenizers`` library.
 
 =============  =================================  =========================================
-family         text keys                          attention
+family         text keys                          attention (2 heads of 8 everywhere)
 =============  =================================  =========================================
 Chroma         T5, padded to 512; mask keeps the  Flux.1-shaped: 1 double-, 2 single-stream
                prompt, ``</s>`` and one pad       blocks, [txt, img], rotary (2, 2, 4)
+Qwen-Image     Qwen2.5-VL (2 layers, width 32),   2 double-stream blocks, [txt, img],
+               template tokens 34.. (no pads)     complex rotary; video VAE (one frame)
+Z-Image        Qwen3 (2 layers) hidden[-2] at     1 + 1 refiners, 2 main single-stream
+               the real tokens (no pads)          layers [img, pads, cap, pads] (to 32)
+Flux.2 Klein   Qwen3 (27 layers, width 16),       1 double-, 2 single-stream (fused q k v
+               layers 9/18/27 joined; 512 keys    + MLP) blocks, [txt, img], 4-axis rotary
 =============  =================================  =========================================
+
+Images are 32 x 32 (4 x 4 image tokens; Flux.2: latents patchified to 16 x 4 x 4). The Qwen
+tokenizers (:func:`tiny_qwen_tokenizer`) are byte-level BPE trained in-process on the template
+text and ``TINY_WORDS``, so template words are single tokens as in the real vocabulary (the
+34-token Qwen-Image prefix holds), and "purple" splits into " pur" "ple". Z-Image and Flux.2 get
+:data:`QWEN3_CHAT_TEMPLATE`, Qwen3's chat template cut down to one user turn and the think block.
 
 Random weights attend almost uniformly, so every query and key projection is scaled up
 (:func:`sharpen`) to give maps that tests can see an effect in.
