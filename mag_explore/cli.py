@@ -43,7 +43,8 @@ def add_common_options(p: argparse.ArgumentParser, steps_help: str = "denoising 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of an SD 1.x/2.x, SDXL, Flux.1 or SD3 pipeline, or 'shapes' (default: 'shapes' "
+                   help="hub id or local folder of a pipeline of a supported family: SD 1.x/2.x, SDXL, Flux.1, SD3/SD3.5, "
+                        "PixArt-Σ or Sana; or 'shapes' (default: 'shapes' "
                         "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
     p.add_argument("--negative-prompt", default=None, help="default: the model's ('low quality', as the official MAG)")
     p.add_argument("--layout", help="color-label PNG of the regions")
@@ -51,7 +52,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--word-ids", help='official MAG format with --layout, e.g. "[[1,2,3,4],[6,7]]" (index 0 = BOS)')
     p.add_argument("--method", choices=["none", "swap", "mag", "pww", "lg"], default="mag",
                    help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
-    p.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's; 0.08 on SD, 0.01 on SDXL)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="MAG step size (default: the model's; 0.08 on SD; 0.01 on SDXL and PixArt-Σ, 0.04 on Sana: "
+                        "first guesses, not calibrated on real weights)")
     p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
     p.add_argument("--allow-negative-lambda", action="store_true",
                    help="experimental: accept --lmbda < 0 (it rewards attention outside the regions)")
@@ -226,7 +229,7 @@ def run_generate(args) -> str:
         if value is not None and args.method != method:
             raise InputError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
     pipe = load_pipeline(args.model, device=args.device, verbose=args.verbose)
-    if args.true_cfg is not None and families.family(pipe) != families.FLUX:
+    if args.true_cfg is not None and "true_cfg_scale" not in families.family_of(pipe).options:
         raise InputError(f"--true-cfg {args.true_cfg} is a setting of Flux pipelines, not of this "
                          f"{families.family(pipe)} pipeline; use --cfg")
     # settings left as None are resolved from the model's defaults when the run starts

@@ -26,8 +26,7 @@ import re
 from pathlib import Path
 
 from .data import DATA_ENV, data_dir
-from .families import SDXL_COMPONENTS
-from .families.mmdit import check_mmdit_components
+from .families import SDXL_COMPONENTS, family_for_index, registered_families
 
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -56,6 +55,17 @@ SUPPORTED = (
     "(StableDiffusion3Pipeline) pipelines, e.g. 'black-forest-labs/FLUX.1-dev', "
     f"'stabilityai/stable-diffusion-3-medium-diffusers', or the embedded {SHAPES_FLUX!r}"
 )
+
+#: Pipeline classes refused by name: they take an input image or mask (inpainting, image-to-image,
+#: instruction editing such as Flux Kontext), which the text-to-image sampler has no place for.
+_IMAGE_INPUT_WORDS = ("Inpaint", "Img2Img", "Kontext", "Edit", "Fill", "ControlNet", "Redux")
+
+
+def supported_models() -> str:
+    """:data:`SUPPORTED` plus every family registered beyond the four built into it (PixArt-Σ, Sana, yours)."""
+    extra = [f for f in registered_families() if f.name not in ("sd", "sdxl", "flux", "sd3")]
+    return SUPPORTED + "".join(f"; and {f.title}" + (f", e.g. {f.example!r}" if f.example else "") for f in extra)
+
 
 # Components an SD 1.x/2.x pipeline must have: name -> accepted (library, class) pairs.
 # Requiring the library to be diffusers/transformers also means a model can never make
@@ -118,7 +128,7 @@ def locate(name: str) -> tuple[str, dict, dict | None]:
     if _looks_like_path(name) or not _HUB_ID.match(name):
         raise FileNotFoundError(
             f"Model {name!r} is neither an existing folder (looked for {path.resolve()}) nor a "
-            f"Hugging Face hub id of the form 'owner/name'. Use {SUPPORTED}."
+            f"Hugging Face hub id of the form 'owner/name'. Use {supported_models()}."
         )
     return _locate_hub(name)
 
@@ -135,7 +145,7 @@ def _locate_folder(folder: Path) -> tuple[str, dict, dict | None]:
     if not index_file.is_file():
         raise FileNotFoundError(
             f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. "
-            f"Save one with pipe.save_pretrained(folder); load_pipeline accepts {SUPPORTED}."
+            f"Save one with pipe.save_pretrained(folder); load_pipeline accepts {supported_models()}."
         )
     index = json.loads(index_file.read_text())
     unet_file = folder / "unet" / "config.json"
@@ -188,6 +198,15 @@ def _component(index: dict, name: str) -> tuple[str, str] | None:
     return None
 
 
+def _transformer_refusal(cls: str, denoiser: str) -> str:
+    """Why a transformer pipeline that no registered family names is refused."""
+    classes = [f.pipeline_class for f in registered_families() if f.pipeline_class]
+    if any(word in cls for word in _IMAGE_INPUT_WORDS):
+        return (f"it is an inpainting / image-to-image / editing pipeline (its name has one of "
+                f"{list(_IMAGE_INPUT_WORDS)}): only text-to-image pipelines are supported ({classes})")
+    return f"its denoiser is {denoiser}; of the transformer pipelines only {classes} are supported"
+
+
 def check_supported(model_index: dict, unet_config: dict | None = None, name: str = "the model") -> None:
     """Raise :class:`UnsupportedModelError` unless this is an SD 1.x/2.x-style or SDXL base pipeline.
 
@@ -201,8 +220,11 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
     reason = None
     sdxl = "text_encoder_2" in components or "tokenizer_2" in components
     required = {**_REQUIRED_COMPONENTS, **SDXL_COMPONENTS} if sdxl else _REQUIRED_COMPONENTS
-    if "transformer" in present and "unet" not in present:
-        reason = check_mmdit_components(present, cls)
+    family = family_for_index(model_index)
+    if family is not None:  # Flux, SD3, PixArt-Σ, Sana, a user's family: it checks its own components
+        reason = family.check_index(present, unet_config)
+    elif "transformer" in present and "unet" not in present:
+        reason = _transformer_refusal(cls, present["transformer"][1])
     elif "unet" not in present:
         denoiser = present.get("transformer") or present.get("prior") or present.get("decoder")
         what = f"its denoiser is {denoiser[1]}" if denoiser else f"its components are {sorted(present)}"
@@ -242,6 +264,6 @@ def check_supported(model_index: dict, unet_config: dict | None = None, name: st
                       f"{'SDXL needs text_time' if sdxl else 'SD 1.x/2.x has none (text_time is SDXL)'}")
     if reason is not None:
         raise UnsupportedModelError(f"{name} is a {cls}, which mag-explore does not support: {reason}. "
-                                    f"Supported: {SUPPORTED}.")
+                                    f"Supported: {supported_models()}.")
 
 

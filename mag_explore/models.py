@@ -21,7 +21,7 @@ from .model_files import (  # noqa: F401
     DEFAULT_GPU_MODEL, EMBEDDED, SHAPES, SHAPES_FLUX, SUPPORTED, UnsupportedModelError, check_supported,
     embedded_model_dir, locate, require_safetensors, shapes_model_dir,
 )
-from .families import FAMILY_DEFAULTS, family, native_size
+from .families import family_for_index, family_of, native_size
 
 #: Environment variable: the model to load when none is named.
 MODEL_ENV = "MAG_EXPLORE_MODEL"
@@ -219,14 +219,13 @@ def load_pipeline(
         require_safetensors(Path(source), index)
 
     with library_output(verbose):  # the import warns, from_pretrained shows loading bars
-        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import is_accelerate_available
 
-        if "transformer" in index:  # checked above: a FluxPipeline or a StableDiffusion3Pipeline
-            cls = FluxPipeline if index.get("_class_name") == "FluxPipeline" else StableDiffusion3Pipeline
-            options = {}
-            if cls is StableDiffusion3Pipeline and _component_missing(index, "text_encoder_3"):
-                options = dict(text_encoder_3=None, tokenizer_3=None)
+        family = family_for_index(index)
+        if family is not None:  # a registered family's pipeline class (Flux, SD3, PixArt-Σ, Sana, ...)
+            cls, options = getattr(diffusers, family.pipeline_class), family.load_options(index)
         elif "text_encoder_2" in index:
             cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
         else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
@@ -242,11 +241,6 @@ def load_pipeline(
             **{_dtype_keyword(): dtype},
         )
     return pipe.to(device)
-
-
-def _component_missing(index: dict, name: str) -> bool:
-    value = index.get(name)
-    return not (isinstance(value, (list, tuple)) and len(value) == 2 and value[1] is not None)
 
 
 # --------------------------------------------------------------------------- defaults
@@ -295,7 +289,7 @@ def model_defaults(pipe) -> dict[str, Any]:
     """
     h, w = native_size(pipe)
     defaults: dict[str, Any] = {"height": h, "width": w, **_GENERATION_DEFAULTS,
-                                **FAMILY_DEFAULTS[family(pipe)]}
+                                **family_of(pipe).defaults}
 
     folder = _pipeline_folder(pipe)
     file = folder / DEFAULTS_FILE if folder is not None else None

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import families
 from .attention import AttentionStore
-from .families import Conditioning, encode_prompt, unscale_latents, vae_in_working_dtype
+from .families import Conditioning, encode_prompt
 from .models import model_defaults
 from .tokens import prompt_tokens, token_indices
 from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
@@ -163,11 +163,13 @@ def encode_text(pipe, texts: list[str]) -> torch.Tensor:
     return torch.cat([encode_prompt(pipe, text, guidance_scale=0.0).embeddings for text in texts])
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> tuple[np.ndarray, list[Image.Image]]:
-    """VAE decode -> float pixels in [0, 1] and 8-bit PIL images (as diffusers rounds them)."""
-    vae = pipe.vae
-    with torch.no_grad(), vae_in_working_dtype(pipe) as dtype:  # SDXL's fp16 VAE decodes in fp32
-        decoded = vae.decode(unscale_latents(vae, latents.to(dtype)), return_dict=False)[0]
+def decode_latents(pipe, latents: torch.Tensor, size: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, list[Image.Image]]:
+    """VAE decode -> float pixels in [0, 1] and 8-bit PIL images (as diffusers rounds them); ``size``: the size
+    asked for, when the model sampled at its resolution bin (PixArt-Σ, Sana: the family resizes back)."""
+    decoded = families.family_of(pipe).decode(pipe, latents)  # the family's VAE decode (Qwen-Image, Flux.2: own)
+    if size is not None:
+        decoded = families.family_of(pipe).finish_decoded(pipe, decoded, size)
     pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return pixels, [Image.fromarray((p * 255).round().astype("uint8")) for p in pixels]
 
@@ -218,10 +220,12 @@ class Sampler:
             "num_inference_steps", defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
             maximum=pipe.scheduler.config.num_train_timesteps)
         # Flux, SD3: CFG with a second pass on the negative prompt (Flux), T5's length
-        self.true_cfg_scale, self.max_sequence_length = families.check_mmdit_options(
+        self.true_cfg_scale, self.max_sequence_length = families.check_options(
             pipe, defaults, true_cfg_scale, max_sequence_length)
         height, width = check_size(defaults["height"] if height is None else height,
                                    defaults["width"] if width is None else width, families.size_multiple(pipe))
+        self.output_size = (height, width)  # PixArt-Σ, Sana: sampled at the nearest resolution bin, resized back
+        height, width = families.family_of(pipe).generation_size(pipe, height, width)
         self.eta = check_number("eta", eta, minimum=0)
         self.num_images = check_count("num_images", num_images)
         self.height, self.width = height, width
@@ -238,7 +242,7 @@ class Sampler:
         families.check_prompt(pipe, prompt)  # SDXL, SD3: both CLIP tokenizers must agree on word positions
         text = dict(max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale)
         self.cond = encode_prompt(pipe, prompt, num_images, (height, width), **text)
-        self.uncond = encode_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
+        self.uncond = families.encode_negative_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
         self.cond_embeddings = self.cond.embeddings
         self.uncond_embeddings = None if self.uncond is None else self.uncond.embeddings
         self.num_prompt_tokens = families.num_prompt_tokens(pipe, prompt, self.max_sequence_length)
@@ -347,16 +351,15 @@ class Sampler:
         return decode_latents(self.pipe, self.x0)[1][0]
 
     def result(self) -> GenerationResult:
-        pixels, images = decode_latents(self.pipe, self.latents)
+        pixels, images = decode_latents(self.pipe, self.latents, self.output_size)
         settings = dict(
             negative_prompt=self.negative_prompt, num_inference_steps=len(self.timesteps),
-            guidance_scale=self.guidance_scale, seed=self.seed, height=self.height, width=self.width,
+            guidance_scale=self.guidance_scale, seed=self.seed, height=self.output_size[0], width=self.output_size[1],
             eta=self.eta, scheduler=type(self.scheduler).__name__,
         )
-        if families.is_mmdit(self.pipe):
-            settings.update(max_sequence_length=self.max_sequence_length, family=families.family(self.pipe))
-            if families.family(self.pipe) == families.FLUX:
-                settings["true_cfg_scale"] = self.true_cfg_scale
+        if self.output_size != (self.height, self.width):  # sampled at a resolution bin, resized back
+            settings["generation_size"] = (self.height, self.width)
+        settings.update(families.family_of(self.pipe).run_settings(self))  # T5 length, Flux's true CFG, ...
         # each control's resolved settings and diagnostics, under its short name ("mag", ...)
         for name, control in zip(control_names(self.controls), self.controls):
             if control.settings:

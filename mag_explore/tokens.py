@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from . import t5_tokens
+from .text_keys import TextKeys
 
 _END_OF_WORD = "</w>"
 
@@ -32,7 +33,7 @@ class TokenizedWord:
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The prompt's token strings without padding: BOS, the prompt's tokens, EOS (T5: no BOS;
     SD3's joint keys: the 77 CLIP keys, then T5's)."""
-    if isinstance(tokenizer, t5_tokens.JointPromptTokens):
+    if isinstance(tokenizer, (t5_tokens.JointPromptTokens, TextKeys)):
         return tokenizer.prompt_tokens(prompt)
     if t5_tokens.is_sentencepiece(tokenizer):
         return t5_tokens.t5_prompt_tokens(tokenizer, prompt)
@@ -44,6 +45,8 @@ def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
     """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``; T5: see t5_tokens)."""
     if isinstance(tokenizer, t5_tokens.JointPromptTokens):
         return tokenizer.split_words(prompt, split_words(tokenizer.clip, prompt))
+    if isinstance(tokenizer, TextKeys):  # templates, LM encoders, kept positions (PixArt-Σ, Sana, ...)
+        return tokenizer.split_words(prompt)
     if t5_tokens.is_sentencepiece(tokenizer):
         return t5_tokens.t5_split_words(tokenizer, prompt)
     tokens = prompt_tokens(tokenizer, prompt)
@@ -103,6 +106,14 @@ def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
     if not query:
         raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
     found = t5_tokens.occurrences(words, query)
+    if not found and t5_tokens.occurrences([t5_tokens.Word(w, (i,), ()) for i, w in enumerate(words_of(prompt))],
+                                           query):
+        limit = getattr(tokenizer, "max_length", None) or getattr(tokenizer, "model_max_length", None)
+        raise ValueError(
+            f"{phrase!r} is in the prompt {prompt!r} but past what the text encoder reads (at most {limit} tokens "
+            f"here): its tokens were cut off, so no attention key belongs to it. Shorten the prompt or put the "
+            f"phrase earlier; the words that have keys are {[w.word for w in words]}"
+        )
     if not found:
         raise ValueError(
             f"{phrase!r} is not in the prompt {prompt!r}. Its words are {[w.word for w in words]} "

@@ -58,6 +58,8 @@ class JointAttentionController(AttentionController):
         if hidden.ndim == 4:  # SD3: (batch, channels, h, w) latents, cut into patch_size² patches
             patch = module.config.patch_size
             self.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+        elif "img_shapes" in kwargs:  # Qwen-Image: packed tokens; img_shapes lists (frames, rows, columns)
+            self.latent_hw = tuple(int(n) for n in kwargs["img_shapes"][0][0][1:])
         else:  # Flux: packed tokens; img_ids hold each token's (0, row, column)
             ids = kwargs["img_ids"]
             self.latent_hw = (int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1)
@@ -90,14 +92,11 @@ class JointAttentionProcessor:
         if not hooks:
             rotary = () if image_rotary_emb is None else (image_rotary_emb,)  # SD3's processor takes none
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *rotary, **kwargs)
-        if attention_mask is not None:
-            raise NotImplementedError(f"{self.layer}: joint attention with an attention mask is not supported by "
-                                      f"mag-explore's hooks (the pipelines pass none)")
         if ctx.text_first:
             query, key, value = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         else:
             query, key, value = sd3_qkv(attn, hidden_states, encoder_hidden_states)
-        probs = joint_probs(query, key, hooks, ctx)
+        probs = joint_probs(query, key, hooks, ctx, attention_mask)
         out = (probs.to(value.dtype) @ value).transpose(1, 2).flatten(2).to(query.dtype)
         return joint_outputs(attn, out, hidden_states, encoder_hidden_states, ctx.text_first)
 
@@ -153,10 +152,20 @@ def image_text_block(ctx: AttentionContext, sequence: int) -> tuple[slice, slice
     return slice(0, sequence - text), slice(sequence - text, sequence)
 
 
-def joint_probs(query, key, hooks, ctx) -> torch.Tensor:
-    """softmax(QKᵀ/√d) over the whole joint sequence in float32; hooks act on its image→text block."""
+def joint_probs(query, key, hooks, ctx, attention_mask=None, block=None) -> torch.Tensor:
+    """softmax(QKᵀ/√d + mask) over the whole joint sequence in float32; hooks act on its image→text block.
+
+    ``attention_mask`` as scaled_dot_product_attention reads it (Chroma passes one): a bool
+    mask keeps the True keys, a float mask is *added* to the scores. ``block``: (rows, columns)
+    of the image→text block where :func:`image_text_block` does not find it (Z-Image's pads).
+    """
     scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    rows, cols = image_text_block(ctx, scores.shape[-1])
+    if attention_mask is not None:
+        if attention_mask.ndim == 2:  # (batch, keys), as diffusers' native backend widens it
+            attention_mask = attention_mask[:, None, None, :]
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask.float())
+    rows, cols = block or image_text_block(ctx, scores.shape[-1])
     for hook in hooks:
         edited = hook.edit_scores(scores[..., rows, cols], ctx)
         if edited is not None:
@@ -190,8 +199,14 @@ def joint_outputs(attn, out, hidden_states, encoder_hidden_states, text_first: b
 
 
 @contextmanager
-def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook]) -> Iterator[JointAttentionController]:
-    """Run ``hooks`` on every joint-attention layer of a Flux or SD3 ``transformer`` inside a ``with`` block."""
+def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook], processor=None,
+                          place=joint_layer_place) -> Iterator[JointAttentionController]:
+    """Run ``hooks`` on every joint-attention layer of a Flux or SD3 ``transformer`` inside a ``with`` block.
+
+    A family whose attention takes other arguments (Qwen-Image) gives its own ``processor``
+    class (a :class:`JointAttentionProcessor` subclass) and ``place(transformer, layer)``.
+    """
+    processor = processor or JointAttentionProcessor
     hooks = list(hooks)
     current = next((p.controller for p in transformer.attn_processors.values()
                     if isinstance(p, JointAttentionProcessor)), None)
@@ -205,8 +220,7 @@ def joint_attention_hooks(transformer, hooks: Iterable[AttentionHook]) -> Iterat
     controller = JointAttentionController(transformer)
     controller.hooks = hooks
     layers = set(joint_attention_layer_names(transformer))
-    ours = {name: JointAttentionProcessor(controller, name[: -len(".processor")],
-                                          joint_layer_place(transformer, name), p)
+    ours = {name: processor(controller, name[: -len(".processor")], place(transformer, name), p)
             if name[: -len(".processor")] in layers else p for name, p in originals.items()}
     try:
         transformer.set_attn_processor(ours)

@@ -32,8 +32,9 @@ def cross_attention_layer_names(unet) -> list[str]:
 
 
 def layer_place(layer: str) -> str:
-    """The UNet half a layer belongs to: "down", "mid" or "up" (else "other")."""
-    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(layer.split(".")[0], "other")
+    """The UNet half a layer belongs to: "down", "mid" or "up"; "block" in a transformer; else "other"."""
+    halves = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up", "transformer_blocks": "block"}
+    return halves.get(layer.split(".")[0], "other")  # "block": a cross-attention transformer (PixArt-Σ, Sana)
 
 
 def attention_resolution(latent_hw: tuple[int, int], pixels: int) -> tuple[int, int]:
@@ -105,7 +106,8 @@ class AttentionController:
 
     def _remember_latent(self, module, args, kwargs) -> None:
         # A forward pre-hook on the UNet: read the latent's h×w (and t, if no sampler sets it).
-        sample = args[0] if args else kwargs["sample"]
+        # a UNet's latent is `sample`; a transformer's (PixArt, Sana: (b, c, h, w) as well) `hidden_states`
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.latent_hw = tuple(sample.shape[-2:])
         if self.step_index is None:
             t = args[1] if len(args) > 1 else kwargs.get("timestep")
@@ -143,7 +145,7 @@ class CrossAttentionProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if encoder_hidden_states is None:  # used as self-attention: nothing for our hooks
-            return self.original(attn, hidden_states, None, attention_mask, temb, *args, **kwargs)
+            return self._original(attn, hidden_states, None, attention_mask, temb, args, kwargs)
         # Which hooks act here and now; none (swap after its steps, MAG outside its guidance
         # pass, a store between captured steps): the processor we replaced runs, as if we were
         # not installed - PyTorch's fused kernel, which never materialises the probabilities.
@@ -152,7 +154,7 @@ class CrossAttentionProcessor:
         ctx = self.controller.context(self.layer, pixels, batch, attn.heads)
         hooks = [hook for hook in self.controller.hooks if hook.active(ctx)]
         if not hooks:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -169,12 +171,11 @@ class CrossAttentionProcessor:
         query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         heads = attn.heads
         head_dim = key.shape[-1] // heads
+        # q/k norms across all heads (Sana's "rms_norm_across_heads") act before the split, per-head ones after
+        query, key = (_norm(n, x, True, heads) for n, x in ((attn.norm_q, query), (attn.norm_k, key)))
         # (batch, sequence, heads·dim) -> (batch, heads, sequence, dim)
         query, key, value = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = (_norm(n, x, False, heads) for n, x in ((attn.norm_q, query), (attn.norm_k, key)))
 
         probs = self.attention_probs(attn, query, key, attention_mask, batch, hooks, ctx)
         hidden_states = probs.to(value.dtype) @ value
@@ -185,6 +186,11 @@ class CrossAttentionProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs):
+        """The replaced processor, called with the arguments it was given (Sana's takes no ``temb``)."""
+        extra = (temb, *args) if temb is not None or args else ()
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *extra, **kwargs)
 
     @staticmethod
     def attention_probs(attn, query, key, attention_mask, batch, hooks, ctx) -> torch.Tensor:
@@ -203,6 +209,17 @@ class CrossAttentionProcessor:
         for hook in hooks:
             hook.observe(probs, ctx)
         return probs
+
+
+def _norm(norm, x: torch.Tensor, across_heads: bool, heads: int) -> torch.Tensor:
+    """``norm(x)`` at the stage it belongs to: before the head split if its width is all heads' (Sana's
+    "rms_norm_across_heads"), after it otherwise (per head, as ``AttnProcessor2_0``)."""
+    if norm is None:
+        return x
+    size = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+    width = int(size[-1]) if size is not None and len(size) else None
+    whole = heads > 1 and width is not None and width == (x.shape[-1] if across_heads else x.shape[-1] * heads)
+    return norm(x) if whole == across_heads else x
 
 
 def _installed_controller(unet) -> AttentionController | None:

@@ -54,10 +54,11 @@ class AttentionStore(AttentionHook):
         if isinstance(places, str):
             places = [places]
         self.places = None if places is None else set(places)
-        accepted = {"down", "mid", "up", "double", "single", "joint"}  # UNet halves; Flux's blocks; SD3's
+        # UNet halves; Flux's blocks; SD3's; the blocks of a cross-attention transformer (PixArt-Σ, Sana)
+        accepted = {"down", "mid", "up", "double", "single", "joint", "block"}
         if self.places is not None and not self.places <= accepted:
             raise ValueError(f"places={sorted(self.places)}; use some of 'down', 'mid', 'up' (UNet), "
-                             f"'double', 'single' (Flux), 'joint' (SD3)")
+                             f"'double', 'single' (Flux), 'joint' (SD3), 'block' (PixArt-Σ, Sana)")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.roles = tuple(roles)
         self.device, self.dtype = torch.device(device), dtype

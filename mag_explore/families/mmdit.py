@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import Family
 from .conditioning import Conditioning
 
 FLUX, SD3 = "flux", "sd3"
@@ -45,25 +46,6 @@ MMDIT_COMPONENTS: dict[str, tuple[str, dict[str, set | None]]] = {
         "tokenizer_2": _CLIP_TOKENIZERS, "text_encoder_3": None, "tokenizer_3": None}),
 }
 _OPTIONAL = {"text_encoder_3": {("transformers", "T5EncoderModel")}, "tokenizer_3": _T5_TOKENIZERS}
-
-
-def check_mmdit_components(present: dict[str, tuple[str, str]], cls: str) -> str | None:
-    """Why a Flux/SD3 model index is refused (None: accepted); ``present`` maps component -> (library, class)."""
-    kind = next((k for k, (name, _) in MMDIT_COMPONENTS.items() if name == cls), None)
-    if kind is None:
-        denoiser = present["transformer"][1]
-        return (f"its denoiser is {denoiser}; of the transformer pipelines only "
-                f"{[n for n, _ in MMDIT_COMPONENTS.values()]} are supported")
-    for name, accepted in MMDIT_COMPONENTS[kind][1].items():
-        found = present.get(name)
-        if accepted is None:  # SD3 runs without T5 (zeros), but a T5 that is there must be T5
-            accepted = _OPTIONAL[name]
-            if found is None:
-                continue
-        if found not in accepted:
-            what = "none" if found is None else f"{found[1]} from {found[0]!r}"
-            return f"its {name!r} is {what}, not {' or '.join(sorted(c for _, c in accepted))}"
-    return None
 
 
 def mmdit_family(pipe) -> str:
@@ -239,3 +221,102 @@ def flow_scheduler(pipe, num_inference_steps: int, latent_hw: tuple[int, int], d
         scheduler.set_timesteps(num_inference_steps, device=device, **extra)
     scheduler.set_begin_index(0)
     return scheduler
+
+
+# --------------------------------------------------------------------------- the two families
+class _MMDiTFamily(Family):
+    """What Flux.1 and SD3 share: joint attention, flow matching, T5's ``max_sequence_length``."""
+
+    joint_attention = True
+
+    def encode_prompt(self, pipe, text, batch=1, size=None, *, max_sequence_length=None, guidance_scale=None):
+        return encode_prompt(pipe, text, batch, max_sequence_length, guidance_scale)
+
+    def num_prompt_tokens(self, pipe, prompt, max_sequence_length=None) -> int:
+        return num_prompt_tokens(pipe, prompt, max_sequence_length)
+
+    def denoise(self, pipe, model_input, timestep, cond):
+        return denoise(pipe, model_input, timestep, cond)
+
+    def predict(self, pipe, scheduler, latents, t, cond, uncond, guidance_scale, true_cfg_scale=1.0, attention=None):
+        return predict(pipe, latents, t, cond, uncond, guidance_scale, true_cfg_scale, attention)
+
+    def make_scheduler(self, pipe, num_inference_steps, latent_hw, device=None, scheduler=None):
+        return flow_scheduler(pipe, num_inference_steps, latent_hw, device, scheduler)
+
+    def latent_shape(self, pipe, num_images, height, width):
+        return (num_images, latent_channels(pipe), height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+    def size_multiple(self, pipe) -> int:
+        return size_multiple(pipe)
+
+    def attention_layer_names(self, pipe):
+        from ..attention.joint import joint_attention_layer_names
+        return joint_attention_layer_names(pipe.transformer)
+
+    def attention_hooks(self, pipe, hooks):
+        from ..attention.joint import joint_attention_hooks
+        return joint_attention_hooks(pipe.transformer, hooks)
+
+    def attention_grids(self, pipe, latent_hw):
+        grid = token_grid(pipe, latent_hw)
+        return {name: grid for name in self.attention_layer_names(pipe)}
+
+    def attention_places(self, pipe):
+        from ..attention.joint import joint_layer_place
+        return {n: joint_layer_place(pipe.transformer, n) for n in self.attention_layer_names(pipe)}
+
+
+class FluxFamily(_MMDiTFamily):
+    """Flux.1: T5 keys (text first), CLIP pooled only, 2×2 packed latents, distilled guidance."""
+
+    name, title, pipeline_class = FLUX, "Flux.1 (FluxPipeline)", "FluxPipeline"
+    components = MMDIT_COMPONENTS[FLUX][1]
+    example = "black-forest-labs/FLUX.1-dev"
+    options = ("true_cfg_scale", "max_sequence_length")
+    defaults = {"guidance_scale": 3.5, "true_cfg_scale": 1.0, "num_inference_steps": 28, "negative_prompt": None,
+                "max_sequence_length": MAX_SEQUENCE_LENGTH[FLUX]}
+
+    def matches(self, pipe) -> bool:  # a transformer, T5 as the second tokenizer, no third encoder slot
+        return (getattr(pipe, "transformer", None) is not None and not hasattr(pipe, "text_encoder_3")
+                and hasattr(pipe, "tokenizer_2"))
+
+    def span_tokenizer(self, pipe, max_sequence_length=None):
+        return pipe.tokenizer_2
+
+    def latent_shape(self, pipe, num_images, height, width):
+        factor = pipe.vae_scale_factor  # FluxPipeline: 2 * (size // (factor * 2))
+        return (num_images, latent_channels(pipe), 2 * (height // (factor * 2)), 2 * (width // (factor * 2)))
+
+    def native_size(self, pipe):
+        side = 128 * pipe.vae_scale_factor  # FluxPipeline.default_sample_size
+        return side, side
+
+
+class SD3Family(_MMDiTFamily):
+    """SD3 / SD3.5: 77 CLIP keys then T5 (image first), CFG on [uncond, cond]."""
+
+    name, title, pipeline_class = SD3, "SD3 / SD3.5 (StableDiffusion3Pipeline)", "StableDiffusion3Pipeline"
+    components = {k: v for k, v in MMDIT_COMPONENTS[SD3][1].items() if v is not None}
+    optional_components = _OPTIONAL
+    example = "stabilityai/stable-diffusion-3-medium-diffusers"
+    options = ("max_sequence_length",)
+    defaults = {"guidance_scale": 7.0, "num_inference_steps": 28, "negative_prompt": None,
+                "max_sequence_length": MAX_SEQUENCE_LENGTH[SD3]}
+
+    def matches(self, pipe) -> bool:
+        return getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3")
+
+    def load_options(self, index: dict) -> dict:
+        value = index.get("text_encoder_3")  # an SD3 folder without T5: its keys are zeros, as diffusers
+        present = isinstance(value, (list, tuple)) and len(value) == 2 and value[1] is not None
+        return {} if present else dict(text_encoder_3=None, tokenizer_3=None)
+
+    def check_prompt(self, pipe, prompt: str) -> None:
+        from .unet import check_token_positions
+        check_token_positions(pipe, prompt)
+
+    def span_tokenizer(self, pipe, max_sequence_length=None):
+        from ..t5_tokens import JointPromptTokens
+        return JointPromptTokens(pipe.tokenizer, pipe.tokenizer_3 if pipe.text_encoder_3 is not None else None,
+                                 max_sequence_length or MAX_SEQUENCE_LENGTH[SD3])

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from ..tokens import prompt_tokens
+from .base import Family
 from .conditioning import Conditioning
 
 SD, SDXL = "sd", "sdxl"
@@ -149,3 +150,75 @@ def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if mean is None or std is None:
         return None
     return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
+
+
+# --------------------------------------------------------------------------- the two families
+class SDFamily(Family):
+    """SD 1.x/2.x: one CLIP, a UNet with ``attn2`` cross-attention, DDIM (the official MAG code's sampler).
+
+    Its model index is checked in :func:`mag_explore.model_files.check_supported` (UNet config
+    included), so ``pipeline_class`` is left None: the UNet families are recognised there.
+    """
+
+    name, title, unet = SD, "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)", True
+    example = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+    def matches(self, pipe) -> bool:  # the fallback: any UNet pipeline without a second CLIP
+        return getattr(pipe, "transformer", None) is None and getattr(pipe, "text_encoder_2", None) is None
+
+    def denoiser(self, pipe):
+        return pipe.unet
+
+    def encode_prompt(self, pipe, text, batch=1, size=None, *, max_sequence_length=None, guidance_scale=None):
+        return encode_prompt(pipe, text, batch, size)
+
+    def span_tokenizer(self, pipe, max_sequence_length=None):
+        return pipe.tokenizer
+
+    def num_prompt_tokens(self, pipe, prompt, max_sequence_length=None) -> int:
+        return len(pipe.tokenizer(prompt, truncation=True).input_ids)
+
+    def denoise(self, pipe, model_input, timestep, cond):
+        return denoise(pipe, model_input, timestep, cond)
+
+    def predict(self, pipe, scheduler, latents, t, cond, uncond, guidance_scale, true_cfg_scale=1.0, attention=None):
+        """CFG on the batch [uncond, cond], always (as StableDiffusionPipeline with the official scale 9)."""
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(pipe.unet.dtype)
+        with torch.no_grad():
+            noise = denoise(pipe, x, t, Conditioning.cat([uncond, cond]))
+        noise_uncond, noise_cond = noise.float().chunk(2)
+        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+    def make_scheduler(self, pipe, num_inference_steps, latent_hw, device=None, scheduler=None):
+        """DDIM from the pipeline's config (or ``scheduler``), as the official code samples."""
+        if scheduler is None:
+            from ..schedule import ddim_scheduler
+            return ddim_scheduler(pipe, num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor
+
+    def attention_grids(self, pipe, latent_hw):
+        from ..attention import cross_attention_grids
+        return cross_attention_grids(pipe.unet, latent_hw)
+
+    def attention_places(self, pipe):
+        from ..attention import cross_attention_layer_names, layer_place
+        return {n: layer_place(n) for n in cross_attention_layer_names(pipe.unet)}
+
+
+class SDXLFamily(SDFamily):
+    """SDXL base: two CLIPs (penultimate states side by side), pooled embedding and time ids."""
+
+    name, title = SDXL, "SDXL base (StableDiffusionXLPipeline)"
+    example = "stabilityai/stable-diffusion-xl-base-1.0"
+    #: SDXL's MAG step size: see ``families.FAMILY_DEFAULTS`` (NOT calibrated on real weights)
+    defaults = {"mag_alpha": 0.01}
+
+    def matches(self, pipe) -> bool:
+        return getattr(pipe, "transformer", None) is None and getattr(pipe, "text_encoder_2", None) is not None
+
+    def check_prompt(self, pipe, prompt: str) -> None:
+        check_token_positions(pipe, prompt)
