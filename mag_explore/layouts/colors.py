@@ -58,6 +58,17 @@ def color_named_in(phrase: str | None) -> RGB | None:
     return None
 
 
+def region_colors(own: Sequence[RGB | None], phrases: Sequence[str]) -> list[RGB]:
+    """Each region's color: its own, else the color its phrase names ("red circle" -> red), else
+    the next palette color no other region uses (so that regions stay distinguishable)."""
+    chosen: list[RGB | None] = []
+    for color, phrase in zip(own, phrases):
+        named = color_named_in(phrase)
+        chosen.append(color or (named if named not in chosen else None))
+    spare = iter([c for c in PALETTE if c not in chosen] + list(PALETTE))
+    return [color or next(spare) for color in chosen]
+
+
 def colors_present(rgb: np.ndarray, limit: int = 12) -> str:
     """``#ffffff (3000 px), #ff0000 (500 px), ...`` most common first, for error messages."""
     colors, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)

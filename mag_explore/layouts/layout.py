@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import tokens as _tokens
-from .colors import BACKGROUND_COLORS, PALETTE, RGB, close_to, color_named_in, colors_present, parse_color, to_hex
+from .colors import BACKGROUND_COLORS, RGB, close_to, colors_present, parse_color, region_colors, to_hex
 from .official import (MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, describe_official, official_color_grid,
                        official_color_order, parse_word_ids)
 from .raster import Shape, as_size, read_rgb, resize_masks_if_needed, resize_nearest, to_bool_mask
@@ -95,14 +95,8 @@ class Layout:
 
     @property
     def colors(self) -> list[RGB]:
-        """Each region's color: its own, else the color its phrase names ("red circle" -> red),
-        else the next palette color no other region uses (so regions stay distinguishable)."""
-        chosen: list[RGB | None] = []
-        for i, region in enumerate(self.regions):
-            named = color_named_in(self.label(i))
-            chosen.append(region.color or (named if named not in chosen else None))
-        spare = iter([c for c in PALETTE if c not in chosen] + list(PALETTE))
-        return [color or next(spare) for color in chosen]
+        """Each region's color: its own, else the one its phrase names (``colors.region_colors``)."""
+        return region_colors([r.color for r in self.regions], self.labels)
 
     def __len__(self) -> int:
         return len(self.regions)
