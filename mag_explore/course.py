@@ -199,18 +199,21 @@ class Claims:
     default change makes the text false).
     """
 
-    def __init__(self, pipe, steps: int | None = None, model: str = "shapes"):
+    def __init__(self, pipe, steps: int | None = None, model: str = "shapes", text_steps: int | None = None):
+        """``steps``: the run's steps (None: the model's default); ``text_steps``: the steps the text
+        was measured at (None: the model's default; notebook 06 edits at 25)."""
         from .model_files import embedded_model_dir
         from .models import _pipeline_folder
 
         folder = _pipeline_folder(pipe)
         self.model = model
         on_model = folder is not None and folder.resolve() == embedded_model_dir(model).resolve()
-        at_defaults = steps is None or steps == model_defaults(pipe)["num_inference_steps"]
-        self.reason = (None if on_model and at_defaults else
-                       f"the text describes the embedded {model!r} model at its default steps; this run uses "
-                       f"{'it' if on_model else (folder.name if folder else type(pipe).__name__)}"
-                       f"{'' if at_defaults else f' at {steps} steps'}")
+        default = model_defaults(pipe)["num_inference_steps"]
+        at_text_steps = (steps or default) == (text_steps or default)
+        self.reason = (None if on_model and at_text_steps else
+                       f"the text describes the embedded {model!r} model at {text_steps or 'its default'} steps; this run "
+                       f"uses {'it' if on_model else (folder.name if folder else type(pipe).__name__)}"
+                       f"{'' if at_text_steps else f' at {steps or default} steps'}")
         self.checked = self.skipped = 0
 
     @property

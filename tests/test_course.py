@@ -143,8 +143,12 @@ def test_claims_elsewhere_say_so_instead_of_checking(sd15_pipe, capsys):
     assert out.startswith("– not checked here (the text describes the embedded 'shapes' model at its default steps; "
                           "this run uses ") and out.endswith("): MAG places it\n")
     # fewer steps than the text measured: not checked either
-    fewer = course.Claims(load_pipeline("shapes", device="cpu"), 8)
+    shapes = load_pipeline("shapes", device="cpu")
+    fewer = course.Claims(shapes, 8)
     assert not fewer.apply and "at 8 steps" in fewer.reason
+    # a notebook measured at its own step count (06 edits at 25) checks at that count only
+    assert course.Claims(shapes, 25, text_steps=25).apply
+    assert not course.Claims(shapes, None, text_steps=25).apply
     # a claim about shapes or counts holds on every model and is checked everywhere
     with pytest.raises(course.ClaimFailed):
         claims.expect("rows sum to one", False, anywhere=True)
