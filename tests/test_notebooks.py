@@ -44,6 +44,9 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # a failing cell raises CellExecutionError, which fails the test with the cell and traceback
     nb, seconds = run_notebook(path, cell_timeout=NOTEBOOK_TIMEOUT_S)
+    if os.environ.get("MAG_EXPLORE_EXECUTED_DIR"):  # keep the executed notebook, to read it as a student would
+        Path(os.environ["MAG_EXPLORE_EXECUTED_DIR"]).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(os.environ["MAG_EXPLORE_EXECUTED_DIR"]) / path.name)
     assert seconds < NOTEBOOK_TIMEOUT_S, f"{path.name} took {seconds:.0f} s (limit {NOTEBOOK_TIMEOUT_S} s)"
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
