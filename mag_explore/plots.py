@@ -91,7 +91,8 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
     pairs = _resolve_tokens(result, tokens)
     image = _as_array(result.images[0])
     size = image.shape[:2]
-    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.8 * (len(pairs) + 1), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(2.8 * (len(pairs) + 1), 3.3), squeeze=False,
+                             layout="constrained")  # room for two-line titles under the suptitle
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("image", fontsize=FONT)
     heats = [upsample_map(store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0), size)
@@ -101,14 +102,13 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
         if overlay:
             ax.imshow(image)
         ax.imshow(heat, cmap=cmap, alpha=alpha if overlay else None, vmin=0 if top else None, vmax=top)
-        ax.set_title(f'"{label}"\npeak {heat.max():.2f}', fontsize=FONT)
+        ax.set_title(f'"{label}"\npeak {heat.max():.2g}', fontsize=FONT)
     for ax in axes.flat:
         ax.axis("off")
     res = "all layers" if resolutions is None else f"layers at {sorted(resolutions)}"
     scaled = "each map scaled to its own peak" if scale == "own" else "one color scale for all maps"
     fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean; {scaled}",
                  fontsize=TITLE)
-    fig.tight_layout()
     return fig
 
 
@@ -121,13 +121,13 @@ def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | N
     steps = list(store.step_indices if steps is None else steps)
     if len(steps) > 10:
         steps = [steps[i] for i in np.linspace(0, len(steps) - 1, 10).round().astype(int)]
-    fig, axes = plt.subplots(1, len(steps), figsize=(2.4 * len(steps), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(steps), figsize=(2.4 * len(steps), 3.0), squeeze=False,
+                             layout="constrained")  # room for two-line titles under the suptitle
     for ax, step in zip(axes[0], steps):
         ax.imshow(store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).numpy(), cmap=cmap)
         ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=FONT)
         ax.axis("off")
     fig.suptitle(f'"{label}" over the steps (all layers, head mean; each map scaled to its own peak)', fontsize=TITLE)
-    fig.tight_layout()
     return fig
 
 
@@ -138,7 +138,8 @@ def plot_attention_over_layers(result, token: str | int, step: int | None = None
     (label, indices), = _resolve_tokens(result, [token])
     step = store.step_indices[-1] if step is None else step
     layers = store.layers
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 3.2), squeeze=False,
+                             layout="constrained")  # room for two-line titles under the suptitle
     for ax, layer in zip(axes[0], layers):
         heat = sum(store.map(step, layer, i) for i in indices)
         ax.imshow(heat.numpy(), cmap=cmap)
@@ -147,7 +148,6 @@ def plot_attention_over_layers(result, token: str | int, step: int | None = None
         ax.axis("off")
     fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)}; each map scaled to its own peak)',
                  fontsize=TITLE)
-    fig.tight_layout()
     return fig
 
 

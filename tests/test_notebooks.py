@@ -70,6 +70,8 @@ def assert_every_figure_shown(nb, name: str) -> None:
         bare = [o["data"]["text/plain"] for o in outputs if "data" in o and "image/png" not in o["data"]
                 and str(o["data"].get("text/plain", "")).startswith("<Figure")]
         assert not bare, f"{name} cell {i} printed {bare[0]!r} instead of showing the figure"
+        pictures = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+        assert len(set(pictures)) == len(pictures), f"{name} cell {i} shows a figure twice (end its last plot call with ';')"
         if i in drawing:
             assert shown, f"{name} cell {i} draws but shows no figure:\n{cell.source[:300]}"
 

@@ -42,7 +42,7 @@ def test_token_maps_name_words_and_steps(result):
                              align_corners=False)[0, 0].numpy()
     shown = fig.axes[2].images[0].get_array()
     assert np.allclose(shown, expected, atol=1e-5)
-    assert fig.axes[2].get_title() == f'"purple"\npeak {expected.max():.2f}'
+    assert fig.axes[2].get_title() == f'"purple"\npeak {expected.max():.2g}'
 
 
 def test_token_maps_on_one_scale(result):
