@@ -19,10 +19,10 @@ text               T5 (2 layers), 300 keys, mask    Gemma-2 (2 layers), instruct
 scheduler          DPM-Solver++ (PixArt-Σ's)        DPM-Solver++ with flow sigmas (Sana's)
 =================  ===============================  =======================================
 
-The Gemma tokenizer is a hand-built BPE-free Unigram model over words (``▁word`` pieces, Gemma's
-``▁`` for spaces, ``<bos>`` prepended, ``<pad>`` padding) wrapped in ``GemmaTokenizerFast``: its
-vocabulary holds the words of Sana's default instruction so that the instruction is ~150 tokens,
-not thousands of letters. "purple" splits into ``▁pur`` + ``ple``.
+The Gemma tokenizer is a hand-built BPE (``GemmaTokenizer`` as transformers 5 builds it: a space
+becomes ``▁``, ``<bos>`` prepended, ``<pad>`` = 0 padding) whose merges spell the tiny words and the
+words of Sana's default instruction, so that the instruction is ~200 tokens, not thousands of
+letters. "purple" has no merges of its own: it splits into ``▁pur`` + ``ple``.
 """
 from __future__ import annotations
 
