@@ -12,8 +12,11 @@ are accepted, and that is checked from the small ``model_index.json``:
   ``mag_explore.families``), from the Hugging Face hub or a local folder, and
   ``"shapes"``, the small model shipped in the package; Flux.1 (``FluxPipeline``) and SD3
   (``StableDiffusion3Pipeline``), whose joint attention is hooked instead (``families.mmdit``);
+  and every other registered family (PixArt-Σ, Sana, a user's): its ``pipeline_class`` and
+  ``components`` say what it accepts (``Family.check_index``);
 * refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder),
-  PixArt (a transformer instead of a UNet), Kandinsky (image-embedding conditioning),
+  PixArt-α and other unregistered transformers, inpainting / image-to-image / editing
+  pipelines (Flux Kontext, ...) by their class name, Kandinsky (image-embedding conditioning),
   DeepFloyd IF (T5), inpainting and upscaling UNets (extra input channels), ...
 
 Only ``.safetensors`` weights are read: pickle files (``.bin``, ``.ckpt``) can run

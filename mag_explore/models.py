@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x, SDXL, Flux.1 and SD3 pipelines, and their generation defaults.
+"""Loading the pipelines of every registered model family (``mag_explore.families``), and their generation defaults.
 
 Which models are accepted, and how that is checked before any weight is loaded, is
 :mod:`mag_explore.model_files`. Only ``.safetensors`` weights are read, and no code shipped
@@ -182,7 +182,8 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     verbose: bool = False,
 ):
-    """Load a Stable Diffusion 1.x/2.x, SDXL base, Flux.1 or SD3 pipeline, ready to sample on ``device``.
+    """Load a pipeline of a registered family (SD 1.x/2.x, SDXL base, Flux.1, SD3/3.5, PixArt-Σ, Sana, or one
+    added with ``families.register_family``), ready to sample on ``device``.
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
@@ -201,11 +202,13 @@ def load_pipeline(
         A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
         ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
         the sampler's own pixels), or a ``FluxPipeline`` / ``StableDiffusion3Pipeline``
-        (an SD3 folder without T5 loads with ``text_encoder_3=None``).
+        (an SD3 folder without T5 loads with ``text_encoder_3=None``), ``PixArtSigmaPipeline``,
+        ``SanaPipeline``, or the pipeline class a registered family names.
 
     Raises:
-        UnsupportedModelError: the model is none of these (PixArt, Kandinsky, inpainting,
-            ...). Checked before any weight is loaded.
+        UnsupportedModelError: the model is none of these (PixArt-α, Kandinsky, inpainting,
+            image-to-image and editing pipelines such as Flux Kontext, ...). Checked before any
+            weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` / ``"shapes_flux"``
             before the embedded model is built (the message names its folder).
         OSError: the hub could not be reached or has no such model.

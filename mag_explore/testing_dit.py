@@ -19,10 +19,10 @@ text               T5 (2 layers), 300 keys, mask    Gemma-2 (2 layers), instruct
 scheduler          DPM-Solver++ (PixArt-Σ's)        DPM-Solver++ with flow sigmas (Sana's)
 =================  ===============================  =======================================
 
-The Gemma tokenizer is a hand-built BPE-free Unigram model over words (``▁word`` pieces, Gemma's
-``▁`` for spaces, ``<bos>`` prepended, ``<pad>`` padding) wrapped in ``GemmaTokenizerFast``: its
-vocabulary holds the words of Sana's default instruction so that the instruction is ~150 tokens,
-not thousands of letters. "purple" splits into ``▁pur`` + ``ple``.
+The Gemma tokenizer is a hand-built BPE (``GemmaTokenizer`` as transformers 5 builds it: a space
+becomes ``▁``, ``<bos>`` prepended, ``<pad>`` = 0 padding) whose merges spell the tiny words and the
+words of Sana's default instruction, so that the instruction is ~200 tokens, not thousands of
+letters. "purple" has no merges of its own: it splits into ``▁pur`` + ``ple``.
 """
 from __future__ import annotations
 
@@ -153,8 +153,10 @@ def sana_scheduler():
                                        final_sigmas_type="zero", timestep_spacing="linspace")
 
 
-def tiny_sana_pipeline(folder: str | Path | None = None, seed: int = 0, defaults: dict | None = None):
-    """A tiny random-weight ``SanaPipeline`` (see the table above); ``defaults`` go to mag_explore.json."""
+def tiny_sana_pipeline(folder: str | Path | None = None, seed: int = 0, defaults: dict | None = None,
+                       transformer_options: dict | None = None):
+    """A tiny random-weight ``SanaPipeline`` (see the table above); ``defaults`` go to mag_explore.json;
+    ``transformer_options``: extra SanaTransformer2DModel arguments (Sana 1.5: ``qk_norm="rms_norm_across_heads"``)."""
     from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -163,7 +165,7 @@ def tiny_sana_pipeline(folder: str | Path | None = None, seed: int = 0, defaults
         transformer = SanaTransformer2DModel(
             in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
-            sample_size=32, patch_size=1).eval()
+            sample_size=32, patch_size=1, **(transformer_options or {})).eval()
         _sharpen_cross_attention(transformer)
         torch.manual_seed(seed + 1)
         levels = 6  # the VAE factor is 2 ** (levels - 1) = 32, as Sana's DC-AE

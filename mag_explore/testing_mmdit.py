@@ -137,11 +137,13 @@ def tiny_flux_pipeline(folder: str | Path | None = None, seed: int = 0, guidance
     return _finish(FluxPipeline(**components), folder)
 
 
-def tiny_sd3_pipeline(folder: str | Path | None = None, seed: int = 0, with_t5: bool = True):
+def tiny_sd3_pipeline(folder: str | Path | None = None, seed: int = 0, with_t5: bool = True,
+                      transformer_options: dict | None = None):
     """A tiny random-weight ``StableDiffusion3Pipeline`` (see the table above).
 
     ``with_t5=False`` leaves out text_encoder_3 and tokenizer_3, as SD3 allows: the T5 part
-    of the text keys is then zeros.
+    of the text keys is then zeros. ``transformer_options`` are extra SD3Transformer2DModel
+    arguments: SD3.5 Large is ``qk_norm="rms_norm"``, SD3.5 Medium adds ``dual_attention_layers``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -153,7 +155,7 @@ def tiny_sd3_pipeline(folder: str | Path | None = None, seed: int = 0, with_t5: 
         transformer = SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-            pos_embed_max_size=8).eval()
+            pos_embed_max_size=8, **(transformer_options or {})).eval()
         _sharpen(transformer)
         components = dict(
             transformer=transformer, vae=_vae(seed + 1, 1.5305, 0.0609),

@@ -12,7 +12,8 @@ Newer models do not feed the tokenized prompt to the image as it is:
 :class:`TextKeys` answers "which keys are this word's" for all of these from the fast
 tokenizer's character offsets: the text the encoder sees is ``prefix + prompt``; it is cut
 at ``max_length`` tokens; ``keep`` lists which token positions become keys, in order. A word
-whose pieces were cut off has no key, and asking for it is an error that says so.
+whose pieces were cut off has no key, and asking for it is an error that says so. A ``suffix``
+(the end of a chat template) may follow the prompt; its tokens belong to no word of the prompt.
 ``mag_explore.tokens`` accepts a TextKeys wherever it takes a tokenizer.
 """
 from __future__ import annotations
@@ -39,21 +40,22 @@ class TextKeys:
     Args:
         tokenizer: a fast tokenizer (``return_offsets_mapping``).
         max_length: tokens the encoder reads (prefix included), the rest is cut off.
-        prefix: text put before the prompt (Sana's instruction), or "".
+        prefix: text put before the prompt (Sana's instruction, a chat template's start), or "".
         keep: token positions that become keys, negative ones counted from ``max_length``
             (None: every position, key j = token j).
         preprocess: what the pipeline does to the prompt first (PixArt/Sana: lower case, strip).
+        suffix: text put after the prompt (a chat template's end), or "".
     """
 
     def __init__(self, tokenizer, max_length: int, prefix: str = "", keep: Sequence[int] | None = None,
-                 preprocess: Callable[[str], str] | None = None):
-        self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
+                 preprocess: Callable[[str], str] | None = None, suffix: str = ""):
+        self.tokenizer, self.max_length, self.prefix, self.suffix = tokenizer, max_length, prefix, suffix
         positions = range(max_length) if keep is None else [k % max_length for k in keep]
         self.key_of = {position: key for key, position in enumerate(positions)}  # token position -> key
         self.preprocess = preprocess or (lambda text: text)
 
     def _encode(self, prompt: str):
-        text = self.prefix + self.preprocess(prompt)
+        text = self.prefix + self.preprocess(prompt) + self.suffix
         encoded = self.tokenizer(text, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
         return text, encoded
 
@@ -69,9 +71,9 @@ class TextKeys:
         text, encoded = self._encode(prompt)
         pieces = self.tokenizer.convert_ids_to_tokens(encoded.input_ids)
         special = set(self.tokenizer.all_special_ids)
-        start_of_prompt = len(self.prefix)
+        start_of_prompt, end_of_prompt = len(self.prefix), len(text) - len(self.suffix)
         words = []
-        for match in _WORD.finditer(text[start_of_prompt:].lower()):
+        for match in _WORD.finditer(text[start_of_prompt:end_of_prompt].lower()):
             start, end = match.start() + start_of_prompt, match.end() + start_of_prompt
             covering = [i for i, (a, b) in enumerate(encoded.offset_mapping)
                         if encoded.input_ids[i] not in special and a < end and b > start and i in self.key_of]

@@ -106,3 +106,15 @@ def test_hooks_see_the_toy_familys_cross_attention_and_are_restored(toy):
     generate(pipe, PROMPT, num_inference_steps=2, guidance_scale=7.0, seed=0, store=store, progress=False)
     assert set(store.layers) == set(family.attention_layer_names(pipe))
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_text_keys_with_a_template_around_the_prompt_and_kept_positions(toy):
+    _, pipe = toy
+    # a chat-like template: prefix and suffix; keys = every position from 3 on (the first three dropped)
+    keys = TextKeys(pipe.tokenizer, 77, prefix="a photo of ", suffix=", a red box", keep=range(3, 77))
+    full = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a photo of a red circle, a red box").input_ids)
+    assert full[:8] == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "red</w>", "circle</w>", ",</w>"]
+    # position 5 ("red" of the prompt) is key 2; the suffix's "red" (position 9) is no word of the prompt
+    assert token_indices(keys, "a red circle", "red") == [2]
+    with pytest.raises(ValueError, match="occurs 1 time"):
+        token_indices(keys, "a red circle", "red", occurrence=2)

@@ -167,3 +167,29 @@ def test_cli_generate(folder, tmp_path, method):
                  "--regions", json.dumps({"#ff0000": "red circle", "#0000ff": "blue square"}), "--method", method,
                  "--steps", "4", "--out", str(out)])
     assert code == 0 and Image.open(out).size == (1024, 1024)
+
+
+def test_q_k_norm_across_heads_is_applied_before_the_head_split():
+    # Sana 1.5's cross-attention normalises q and k over all heads at once (RMSNorm of width heads × dim)
+    pipe = tiny_sana_pipeline(transformer_options={"qk_norm": "rms_norm_across_heads"})
+    attn = pipe.transformer.transformer_blocks[0].attn2
+    assert attn.norm_q.weight.shape == (16,)  # 2 heads × 8
+    with torch.no_grad():  # a non-trivial norm weight, so that a wrong placement shows
+        attn.norm_q.weight.copy_(torch.linspace(0.5, 2.0, 16))
+        attn.norm_k.weight.copy_(torch.linspace(2.0, 0.5, 16))
+    inputs = {}
+    attn.register_forward_pre_hook(lambda m, a, kw: inputs.update(hidden=a[0], text=kw["encoder_hidden_states"]),
+                                   with_kwargs=True)
+    cond = families.Conditioning.cat([families.encode_negative_prompt(pipe, "", 1), families.encode_prompt(pipe, PROMPT)])
+    recorder = Recorder()
+    with families.attention_hooks(pipe, [recorder]), torch.no_grad():
+        ours = families.denoise(pipe, torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                torch.tensor(500.0), cond)
+    with torch.no_grad():
+        plain = families.denoise(pipe, torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                 torch.tensor(500.0), cond)  # SanaAttnProcessor2_0 itself
+        q, k = attn.norm_q(attn.to_q(inputs["hidden"])), attn.norm_k(attn.to_k(inputs["text"]))  # whole width
+        q, k = (x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2) for x in (q, k))
+        scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(cond.mask[:, None, None, :] == 0, float("-inf"))
+    assert torch.allclose(recorder.seen[0][0], scores.softmax(-1), atol=1e-5)
+    assert torch.allclose(ours, plain, atol=1e-4)  # the explicit path computes what the fused processor does
