@@ -241,7 +241,8 @@ def load_pipeline(
             low_cpu_mem_usage=is_accelerate_available(),
             **{_dtype_keyword(): dtype},
         )
-    return pipe.to(device)
+        # inside: diffusers warns that an fp16 pipeline "cannot run" on the CPU; with torch >= 2.1 it does
+        return pipe.to(device)
 
 
 # --------------------------------------------------------------------------- defaults
