@@ -110,19 +110,27 @@ def check_token_positions(pipe, prompt: str) -> None:
 def vae_in_working_dtype(pipe) -> Iterator[torch.dtype]:
     """The VAE in the dtype it can decode in: fp32 for an fp16 VAE with ``force_upcast``
     (SDXL's VAE overflows in fp16), put back afterwards. Yields that dtype."""
-    from ..models import library_output  # quiet: diffusers warns on every cast of a VAE ("should be kept in float32: []")
-
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
-        with library_output(verbose=False):
-            vae.to(dtype=torch.float32)
+        _quiet_cast(vae, torch.float32)
     try:
         yield vae.dtype
     finally:
         if upcast:
-            with library_output(verbose=False):
-                vae.to(dtype=torch.float16)
+            _quiet_cast(vae, torch.float16)
+
+
+def _quiet_cast(module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` without diffusers' warning on every cast of a VAE ("should be kept in float32: []")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
