@@ -7,8 +7,8 @@
   sampler control (notebook 03);
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
   control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
-  (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_step``: the
-  UNet on x_t with the conditional prompt only, phase "guidance", weights frozen. The
+  (notebook 04). Its pass is the engine's (``methods.guidance.conditional_pass``): the
+  denoiser on x_t with the conditional prompt only, phase "guidance", weights frozen. The
   learner writes the paper's step, x_t − α∇L; on a model whose MAG uses our normalized step
   (the embedded shapes model) the engine rescales that update to α noise-stds, exactly as
   ``MaskedAttentionGuidance`` does, and resizes masks as the model's MAG does.
@@ -26,7 +26,8 @@ import torch
 from .attention import AttentionContext, AttentionHook
 from .families import noise_std
 from .methods.common import check_finite, layout_for_run
-from .methods.guidance import frozen_weights
+from .learner_pass import conditioning_of, require_unet
+from .methods.guidance import conditional_pass, guidance_phase
 from .methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
 from .models import model_defaults
 from .sampling import Control, Hooks, Sampler, StepState
@@ -63,6 +64,7 @@ def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
     """
     from .attention import cross_attention_layer_names
 
+    require_unet(pipe, "capture_qk", "use capture_joint_qk (notebook 08)")
     names = cross_attention_layer_names(pipe.unet)
     layer = names[0] if layer is None else layer
     if layer not in names:
@@ -198,7 +200,7 @@ class GuidanceInputs:
 
     x_t: torch.Tensor
     cond_embeddings: torch.Tensor
-    uncond_embeddings: torch.Tensor
+    uncond_embeddings: torch.Tensor | None  # None where the model runs no negative prompt (Flux)
     token_groups: list[list[int]]
     attention: Callable[[torch.Tensor, torch.Tensor], list]
     step_index: int = 0
@@ -271,16 +273,16 @@ class LearnerMAG(Control):
                 **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:
-        unet, collector = state.pipe.unet, self.collector
+        collector = self.collector
 
         def attention(x: torch.Tensor, embeddings: torch.Tensor) -> list:
             collector.layers = []
-            with torch.enable_grad(), frozen_weights(unet), state.attention.phase_as("guidance", ("cond",) * x.shape[0]):
-                unet(state.scheduler.scale_model_input(x, state.timestep), state.timestep,
-                     encoder_hidden_states=embeddings, return_dict=False)
+            with guidance_phase(state, x.shape[0]):  # MaskedAttentionGuidance's own pass, on every family and dtype
+                conditional_pass(state, x, conditioning_of(state, embeddings))
             return list(collector.layers)
 
-        return GuidanceInputs(state.latents, state.cond_embeddings, state.uncond_embeddings,
+        uncond = None if state.uncond is None else state.uncond.embeddings  # Flux: no negative prompt
+        return GuidanceInputs(state.latents, state.cond_embeddings, uncond,
                               collector.layout.token_groups, attention, state.step_index, int(state.timestep))
 
     def before_step(self, state: StepState) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 # data_path, SUPPORTED, UnsupportedModelError, check_supported, shapes_model_dir, ...: importable from here too
 from .data import data_path  # noqa: F401
+from .devices import check_device
 from .model_files import (  # noqa: F401
     DEFAULT_GPU_MODEL, EMBEDDED, SHAPES, SHAPES_FLUX, SUPPORTED, UnsupportedModelError, check_supported,
     embedded_model_dir, locate, require_safetensors, shapes_model_dir,
@@ -213,7 +214,7 @@ def load_pipeline(
             before the embedded model is built (the message names its folder).
         OSError: the hub could not be reached or has no such model.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()  # one line, before any loading
     dtype = _as_dtype(dtype) if dtype is not None else default_dtype(device)
     name = resolve_model_name(model, device)
     source, index, unet_config = locate(name)
@@ -243,7 +244,8 @@ def load_pipeline(
             low_cpu_mem_usage=is_accelerate_available(),
             **{_dtype_keyword(): dtype},
         )
-    return pipe.to(device)
+        # inside: diffusers warns that an fp16 pipeline "cannot run" on the CPU; with torch >= 2.1 it does
+        return pipe.to(device)
 
 
 # --------------------------------------------------------------------------- defaults

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mag_explore as mx
@@ -165,6 +166,17 @@ CASES = [
     Case("edit steps zero", edit("--steps", "0"), ["--num-inference-steps=0", ">= 1"],
          lambda e: edit_image(e.pipe, e.inputs / "scene.png", PROMPT, e.layout(), num_inference_steps=0, progress=False),
          ["num_inference_steps=0", "1..1000"]),
+    # ---- devices: one line naming the device and what this machine has, before anything loads
+    Case("device unknown", gen("--device", "quantum"), ["'quantum'", "cpu, cuda, mps", "this machine has"],
+         lambda e: mx.load_pipeline(e.folder, device="quantum")),
+    Case("evaluate device unknown", evaluate("--device", "quantum"), ["'quantum'", "cpu, cuda, mps"]),
+    Case("edit device unknown", edit("--device", "quantum"), ["'quantum'", "cpu, cuda, mps"]),
+    *([] if torch.cuda.is_available() else [  # the machine must lack it for the case to apply
+        Case("device cuda without CUDA", gen("--device", "cuda"), ["'cuda'", "no CUDA GPU", "this machine has"],
+             lambda e: mx.load_pipeline(e.folder, device="cuda"))]),
+    *([] if torch.backends.mps.is_available() else [
+        Case("device mps without MPS", gen("--device", "mps"), ["'mps'", "no Apple MPS GPU", "this machine has"],
+             lambda e: mx.load_pipeline(e.folder, device="mps"))]),
 ]
 assert len({c.name for c in CASES}) == len(CASES)
 
@@ -197,7 +209,8 @@ def test_the_cli_refuses_it_in_a_few_lines_with_exit_2_and_writes_nothing(case, 
     args = [a.replace("{in}", str(inputs)).replace("{out}", str(out)) for a in case.cli]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("MAG_EXPLORE_DEBUG", None)
-    done = subprocess.run([sys.executable, "-m", "mag_explore", *args, "--model", str(sd15_folder), "--device", "cpu"],
+    device = [] if "--device" in args else ["--device", "cpu"]  # the device cases name their own
+    done = subprocess.run([sys.executable, "-m", "mag_explore", *args, "--model", str(sd15_folder), *device],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr

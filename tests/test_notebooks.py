@@ -4,7 +4,9 @@ the course's conventions (title with timings, Colab setup cell, one parameters c
 Every ``notebooks/*.ipynb`` is picked up, including ones added later. The notebooks run on
 the model the parameters cell chooses: the embedded "shapes" model unless
 ``MAG_EXPLORE_MODEL`` is set, at their own default steps (``MAG_EXPLORE_STEPS`` overrides), so
-that the claims their text makes about its figures are checked (``course.Claims``).
+that the claims their text makes about its figures are checked (``course.Claims``); and again
+under the Colab configurations, tiny SD 1.5 / SDXL / Flux.1 / SD3 folders in float16
+(``tests/notebook_configs.py``).
 """
 import os
 import re
@@ -16,10 +18,12 @@ import nbformat
 import pytest
 
 from mag_explore.nbtools import outputs_of, run_notebook
+from notebook_configs import configuration_env, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+RUNS = runs(NOTEBOOKS)  # (configuration, notebook): the embedded model and the Colab ones (tests/notebook_configs.py)
 # Per notebook, on a busy 2-core CPU at the notebooks' defaults (the slowest, 05, takes about 4 minutes idle).
 NOTEBOOK_TIMEOUT_S = int(os.environ.get("MAG_EXPLORE_NOTEBOOK_TIMEOUT", "900"))
 # A cell that draws: the course's plots, pyplot, or a figure of evaluate's.
@@ -35,18 +39,21 @@ def test_the_course_is_there():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
+@pytest.mark.parametrize("config,path", RUNS, ids=[f"{c}-{p.stem}" for c, p in RUNS])
+def test_notebook_runs_top_to_bottom(config, path, monkeypatch, tmp_path_factory):
     if os.environ.get("MAG_EXPLORE_STEPS"):
         monkeypatch.setenv("MAG_EXPLORE_STEPS", os.environ["MAG_EXPLORE_STEPS"])
+    for name, value in configuration_env(config, tmp_path_factory).items():  # the Colab configurations
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # a failing cell raises CellExecutionError, which fails the test with the cell and traceback
     nb, seconds = run_notebook(path, cell_timeout=NOTEBOOK_TIMEOUT_S)
     if os.environ.get("MAG_EXPLORE_EXECUTED_DIR"):  # keep the executed notebook, to read it as a student would
-        Path(os.environ["MAG_EXPLORE_EXECUTED_DIR"]).mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, Path(os.environ["MAG_EXPLORE_EXECUTED_DIR"]) / path.name)
+        kept = Path(os.environ["MAG_EXPLORE_EXECUTED_DIR"]) / ("" if config == "embedded" else config)
+        kept.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, kept / path.name)
     assert seconds < NOTEBOOK_TIMEOUT_S, f"{path.name} took {seconds:.0f} s (limit {NOTEBOOK_TIMEOUT_S} s)"
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -12,12 +12,13 @@ MAX_LINES = 400
 
 #: The engine and what it stands on. None of it may import the application layer or the shapes world.
 CORE = {"bpe", "data", "model_files", "models", "families", "schedule", "tokens", "t5_tokens", "text_keys",  # base
-        "validation",
+        "validation", "devices",
         "metrics", "suites",
         "attention", "sampling", "layouts", "methods", "inversion", "editing", "plots"}
 #: Above the core: what users run and what the course uses.
-APPS = {"cli", "demo", "course", "course_joint", "widgets", "exercises", "checking", "learner", "solutions",  # the course's checks
-        "evaluate", "nbtools", "testing", "testing_mmdit", "testing_dit", "testing_joint", "testing_vision", "__main__"}
+APPS = {"cli", "demo", "course", "course_joint", "widgets", "exercises", "checking", "learner", "learner_pass", "solutions",  # the course's checks
+        "evaluate", "nbtools", "testing", "testing_mmdit", "testing_dit", "testing_joint", "testing_vision", "testing_folders",
+        "__main__"}
 #: The synthetic world: may import the core, never the reverse.
 WORLD = {"shapes"}
 

@@ -194,7 +194,7 @@ class AttentionStore(AttentionHook):
                 f"stored: steps {self.step_indices}, resolutions {self.resolutions_seen}"
             )
         size = size or self.resolutions_seen[0]
-        total = torch.zeros(len(columns), *size)
+        total = torch.zeros(len(columns), *size, device=self.device)  # where the maps are kept (a GPU store too)
         for key in chosen:
             maps = self.maps[key][batch, ..., columns].float().mean(0)  # (h, w, tokens)
             maps = maps.permute(2, 0, 1)[None]  # (1, tokens, h, w)

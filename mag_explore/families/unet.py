@@ -113,12 +113,24 @@ def vae_in_working_dtype(pipe) -> Iterator[torch.dtype]:
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
-        vae.to(dtype=torch.float32)
+        _quiet_cast(vae, torch.float32)
     try:
         yield vae.dtype
     finally:
         if upcast:
-            vae.to(dtype=torch.float16)
+            _quiet_cast(vae, torch.float16)
+
+
+def _quiet_cast(module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` without diffusers' warning on every cast of a VAE ("should be kept in float32: []")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -26,16 +26,13 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
     ``step_size`` is a number, or a function of the gradient that returns one (per image,
     broadcastable), for steps scaled by the gradient's size.
     """
-    unet = denoiser(state.pipe)  # the UNet, or Flux's / SD3's transformer
     # 1. only the latent requires grad; it stays float32 on an fp16 UNet (the cast is part of
     #    the graph), so the update below is made in float32, as in the official code
     latents = latents.detach().float().requires_grad_(True)
     loss_hook.reset()
-    with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
-            state.attention.phase_as("guidance", ("cond",) * latents.shape[0]):
+    with guidance_phase(state, latents.shape[0], checkpointing):
         # 2. a conditional-only UNet pass; the loss hook adds up its loss layer by layer
-        model_input = scaled_input(state.scheduler, latents, state.timestep).to(unet.dtype)
-        denoise(state.pipe, model_input, state.timestep, state.cond)  # SDXL: with pooled embeddings, time ids
+        conditional_pass(state, latents)
         loss = loss_hook.loss
         if loss is None:
             raise ValueError(f"no attention layer matched {loss_hook.layers_wanted}")
@@ -48,6 +45,28 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
     # 4. one gradient step on the latent
     size = step_size(grad) if callable(step_size) else step_size
     return (latents - size * grad).detach(), loss.detach(), grad
+
+
+@contextmanager
+def guidance_phase(state, rows: int, checkpointing: bool = False) -> Iterator[None]:
+    """The setting of every guidance pass: grad on, the denoiser's weights frozen, ``rows``
+    conditional rows in the phase "guidance" (so stores and edit hooks stay out of it).
+    The learner's exercises (``learner.LearnerMAG``) run in it too, so theirs is this pass."""
+    unet = denoiser(state.pipe)  # the UNet, or Flux's / SD3's transformer
+    with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
+            state.attention.phase_as("guidance", ("cond",) * rows):
+        yield
+
+
+def conditional_pass(state, latents: torch.Tensor, cond=None) -> torch.Tensor:
+    """The denoiser once on x_t = ``latents`` with ``cond`` (default: the run's conditional prompt).
+
+    Through the family's ``denoise`` (SDXL: pooled embeddings and time ids; Flux / SD3: the
+    transformer), the input cast to the denoiser's dtype inside the graph, so a float32 latent
+    that requires grad gets a float32 gradient from an fp16 model. Call it in :func:`guidance_phase`.
+    """
+    model_input = scaled_input(state.scheduler, latents, state.timestep).to(denoiser(state.pipe).dtype)
+    return denoise(state.pipe, model_input, state.timestep, state.cond if cond is None else cond)
 
 
 @contextmanager
