@@ -56,7 +56,7 @@ def configuration_env(config: str, tmp_path_factory) -> dict[str, str]:
         return {}
     kind, variable = CONFIGS[config]
     env = {variable: str(tiny_folder(kind, tmp_path_factory)), "MAG_EXPLORE_DTYPE": "fp16",
-           "MAG_EXPLORE_STEPS": TINY_STEPS}
+           "MAG_EXPLORE_STEPS": TINY_STEPS, "MAG_EXPLORE_QUICK": "1"}  # QUICK: notebook 05 on 2 layouts, 1 seed
     if kind == "sdxl":  # notebook 09 compares SD with SDXL: both sides are the tiny SDXL here
         env["MAG_EXPLORE_SDXL_MODEL"] = env[variable]
     if variable == "MAG_EXPLORE_FLUX":  # 08's UNet side: the tiny SD 1.5, as a Colab user's SD 1.5
