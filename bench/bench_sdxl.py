@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mag_explore import AttentionStore, Layout, MaskedAttentionGuidance, MaskedAttentionSwap, Sampler, generate, rect  # noqa: E402
 from mag_explore.attention import cross_attention_hooks  # noqa: E402
-from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
+from mag_explore.text.bpe import build_clip_tokenizer  # noqa: E402
 from mag_explore.families import Conditioning, denoise  # noqa: E402
 from mag_explore.methods import guidance_step  # noqa: E402
 from mag_explore.sampling import StepState  # noqa: E402

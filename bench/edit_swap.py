@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from mag_explore.editing import edit_image  # noqa: E402
 from mag_explore.shapes.scoring import color_ious  # noqa: E402
-from mag_explore.inversion import invert  # noqa: E402
+from mag_explore.editing.inversion import invert  # noqa: E402
 from mag_explore.layouts import Layout, rect  # noqa: E402
 from mag_explore.models import load_pipeline  # noqa: E402
 from mag_explore.shapes.world import caption_for, render, score_image  # noqa: E402

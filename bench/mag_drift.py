@@ -34,7 +34,7 @@ from mag_explore.methods import MaskedAttentionGuidance  # noqa: E402
 from mag_explore.methods.mag import MagLossHook  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import Sampler  # noqa: E402
-from mag_explore.inversion import encode_image  # noqa: E402
+from mag_explore.editing.inversion import encode_image  # noqa: E402
 from mag_explore.shapes.world import COLORS, mask_iou, render  # noqa: E402
 
 SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"

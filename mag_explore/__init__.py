@@ -27,10 +27,11 @@ from .methods import (
     mag_loss_terms,
     run_methods_on,
 )
-from .models import data_path, load_pipeline, model_defaults, use_cpu_threads
+from .data import data_path
+from .models import load_pipeline, model_defaults, use_cpu_threads
 from .sampling import Control, GenerationResult, Hooks, Sampler, StepState, decode_latents, encode_text, generate
 from .schedule import StepRange
-from .tokens import show_tokens, token_indices, token_table, words_of
+from .text import show_tokens, token_indices, token_table, words_of
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,6 @@ __all__ = [
 
 # Real-image editing (DDIM inversion + MAG), kept in its own block.
 from .editing import EditResult, edit_image, layout_from_attention  # noqa: E402
-from .inversion import InversionResult, invert, psnr, reconstruct  # noqa: E402
+from .editing import InversionResult, invert, psnr, reconstruct  # noqa: E402
 
 __all__ += ["EditResult", "InversionResult", "edit_image", "invert", "layout_from_attention", "psnr", "reconstruct"]

@@ -217,7 +217,7 @@ def run_generate(args) -> str:
     from . import families
     from .attention import AttentionStore
     from .methods import make_controls
-    from .models import load_pipeline
+    from .models.load import load_pipeline
     from .sampling import generate
 
     check_generate_args(args)
@@ -303,12 +303,12 @@ def segmenter_options(args) -> dict:
 
 
 def run_edit(args) -> str:
-    from .editing import edit_image
-    from .models import load_pipeline
+    from .editing.edit import edit_image
+    from .models.load import load_pipeline
 
     from .layouts import Layout
 
-    from .editing import STARTS
+    from .editing.edit import STARTS
     from .methods import METHOD_NAMES
 
     check_method_numbers(args)

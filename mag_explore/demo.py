@@ -8,7 +8,7 @@ import numpy as np
 
 from .layouts import Layout
 from .methods import run_methods_on
-from .models import load_pipeline, model_defaults, use_cpu_threads
+from .models.load import load_pipeline, model_defaults, use_cpu_threads
 from .plots import CMAP, FONT, TITLE, upsample_map
 from .schedule import resolve_step_range
 from .shapes.scoring import iou_text, region_iou

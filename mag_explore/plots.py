@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionStore
 from .layouts.colors import color_named_in
-from .tokens import token_text
+from .text.tokens import token_text
 
 #: Perceptually uniform (brightness rises evenly with the value, readable in grey and by
 #: color-blind viewers): what every attention map uses unless a caller asks for another.

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from . import families
 from .attention import AttentionStore
 from .families import Conditioning, encode_prompt
-from .models import model_defaults
-from .tokens import prompt_tokens, token_indices
+from .models.load import model_defaults
+from .text.tokens import prompt_tokens, token_indices
 from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
                          check_size)
 

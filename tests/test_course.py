@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mag_explore import course, solutions
+from mag_explore import course
+from mag_explore.course import solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
 from mag_explore.sampling import Hooks, generate

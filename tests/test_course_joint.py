@@ -1,14 +1,14 @@
-"""Notebook 08's helpers (mag_explore.course_joint) on tiny random Flux and SD3 pipelines and a tiny SD."""
+"""Notebook 08's helpers (mag_explore.course.joint) on tiny random Flux and SD3 pipelines and a tiny SD."""
 from __future__ import annotations
 
 import matplotlib
 import pytest
 import torch
 
-from mag_explore import course_joint
+from mag_explore.course import joint as course_joint
 from mag_explore.attention import AttentionStore
 from mag_explore.sampling import generate
-from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from mag_explore.testing.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
 matplotlib.use("Agg")
 PROMPT = "a red circle and a blue square"

@@ -11,7 +11,7 @@ import pytest
 
 from mag_explore import cli
 from mag_explore.evaluate import load_suite, read_csv
-from mag_explore.testing_vision import tiny_vision_folders
+from mag_explore.testing.vision import tiny_vision_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "mag_explore" / "data" / "suites" / "real.json"

@@ -2,13 +2,13 @@
 
 Every check is fed the solution and at least one mistake a learner makes (a loss that
 forgets λ, a swap that renormalises, a step uphill, ...). The expected values are written
-out here (formulas, hand-counted IoUs), independent of ``mag_explore.solutions``.
+out here (formulas, hand-counted IoUs), independent of ``mag_explore.course.solutions``.
 """
 import numpy as np
 import pytest
 import torch
 
-from mag_explore import exercises, solutions
+from mag_explore.course import exercises, solutions
 from mag_explore.layouts import Layout, rect
 
 PROMPT = "a red circle and a blue square"
@@ -194,7 +194,7 @@ def test_learner_mag_follows_the_models_step_rule_and_masks(tmp_path, sd15_folde
     import shutil
 
     import mag_explore as mx
-    from mag_explore.learner import run_learner_mag
+    from mag_explore.course.learner import run_learner_mag
 
     folder = tmp_path / "model"
     shutil.copytree(sd15_folder, folder)
@@ -292,7 +292,7 @@ def test_show_solution_prints_source(capsys):
 # ============================================================================ 08
 @pytest.fixture(scope="module")
 def mmdit_pipes():
-    from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+    from mag_explore.testing.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
     return {"flux": tiny_flux_pipeline(seed=0), "sd3": tiny_sd3_pipeline(seed=0)}
 

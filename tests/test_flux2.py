@@ -1,15 +1,15 @@
-"""Flux.2 Klein on a tiny random Flux2KleinPipeline (mag_explore.testing_joint): the text keys, and
+"""Flux.2 Klein on a tiny random Flux2KleinPipeline (mag_explore.testing.joint): the text keys, and
 the image→text block against softmax(QKᵀ/√d) with rotary and q/k norms written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mag_explore import tokens
+from mag_explore.text import tokens
 from mag_explore.attention import AttentionHook
 from mag_explore.attention.joint import joint_attention_layer_names
 from mag_explore.families import flux2
-from mag_explore.testing_joint import tiny_flux2_klein_pipeline
+from mag_explore.testing.joint import tiny_flux2_klein_pipeline
 
 PROMPT = "a red circle and a blue square"
 

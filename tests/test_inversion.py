@@ -16,7 +16,7 @@ from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
 from mag_explore.editing import edit_image, layout_from_attention, move_latents, renoise
 from mag_explore.shapes.scoring import color_ious
-from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
+from mag_explore.editing.inversion import encode_image, invert, inversion_step, psnr, reconstruct
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods.inject import AttentionInjection, injection_store
 from mag_explore.models import load_pipeline

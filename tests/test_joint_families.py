@@ -22,7 +22,7 @@ from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from mag_explore.methods.guidance import guidance_step
 from mag_explore.models import load_pipeline, model_defaults
 from mag_explore.sampling import Control, Sampler, generate
-from mag_explore.testing_joint import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline,
+from mag_explore.testing.joint import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline,
                                       tiny_zimage_pipeline)
 
 PROMPT = "a red circle and a blue square"

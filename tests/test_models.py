@@ -17,7 +17,7 @@ from mag_explore.models import (
     model_defaults,
     resolve_model_name,
 )
-from mag_explore.tokens import token_indices
+from mag_explore.text.tokens import token_indices
 
 BUILDERS = {"sd15": testing.tiny_sd15_pipeline, "sd21": testing.tiny_sd21_pipeline}
 
@@ -236,7 +236,7 @@ def test_shapes_flux_loads_the_embedded_mmdit_model_by_name(tmp_path, monkeypatc
     """ "shapes_flux" resolves to <data>/models/shapes_flux, here a tiny random FluxPipeline saved there."""
     from diffusers import FluxPipeline
 
-    from mag_explore.testing_mmdit import TINY_MMDIT_DEFAULTS, tiny_flux_pipeline
+    from mag_explore.testing.mmdit import TINY_MMDIT_DEFAULTS, tiny_flux_pipeline
 
     folder = tmp_path / "models" / "shapes_flux"
     monkeypatch.setenv("MAG_EXPLORE_DATA", str(tmp_path))

@@ -300,7 +300,7 @@ def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
 # ---------------------------------------------------------------- inversion, editing, widgets, CLI
 def test_inversion_and_edit_on_sdxl(sdxl_pipe, layout):
     from mag_explore.editing import edit_image
-    from mag_explore.inversion import invert, reconstruct
+    from mag_explore.editing.inversion import invert, reconstruct
 
     image = generate(sdxl_pipe, PROMPT, num_inference_steps=10, guidance_scale=1.0, seed=0, progress=False).image
     # Each inverted step should be one the sampler takes back: DDIM's step from x_t with the UNet's

@@ -1,8 +1,8 @@
 """Words and phrases to token indices, on a CLIP-style BPE tokenizer built by the test."""
 import pytest
 
-from mag_explore.bpe import build_clip_tokenizer
-from mag_explore.tokens import show_tokens, split_words, token_indices, token_table
+from mag_explore.text.bpe import build_clip_tokenizer
+from mag_explore.text.tokens import show_tokens, split_words, token_indices, token_table
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..suites import SuiteLayout, load_suite
+from ..layouts.suite import SuiteLayout, load_suite
 from .report import RowJournal, bootstrap_summary, format_summary, plot_frontier, plot_grid, read_csv, write_csv
 from .run import Segmenter, check_methods, evaluate, image_path, load_segmenter, work_items
 from .settings import DEFAULT, Settings, parse_sweeps
@@ -88,7 +88,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     are ``build_real_scorer``'s keywords, e.g. detector, sam, clip, box_threshold), a
     ``package.module:function`` or a callable; None: the shapes world's colors.
     """
-    from ..models import load_pipeline, model_defaults
+    from ..models.load import load_pipeline, model_defaults
     from ..shapes.world import COLORS
 
     from ..validation import check_count

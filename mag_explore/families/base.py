@@ -95,7 +95,7 @@ class Family:
                                   guidance_scale=guidance_scale)
 
     def span_tokenizer(self, pipe, max_sequence_length: int | None = None):
-        """What ``mag_explore.tokens`` takes to turn words into indices of the attention's text keys."""
+        """What ``mag_explore.text.tokens`` takes to turn words into indices of the attention's text keys."""
         raise NotImplementedError(f"family {self.name!r} does not say where a word's tokens are")
 
     def num_prompt_tokens(self, pipe, prompt: str, max_sequence_length: int | None = None) -> int:

@@ -56,7 +56,7 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, max_sequence_length: i
 
 def span_tokenizer(pipe, max_sequence_length: int | None = None):
     """Words -> keys: key j = token j of the filled-in chat template (the prompt starts at 3)."""
-    from ..text_keys import TextKeys
+    from ..text.keys import TextKeys
 
     prefix = chat(pipe.tokenizer, "{}").split("{}")[0]
     return TextKeys(pipe.tokenizer, max_sequence_length or MAX_SEQUENCE_LENGTH, prefix=prefix)

@@ -317,6 +317,6 @@ class SD3Family(_MMDiTFamily):
         check_token_positions(pipe, prompt)
 
     def span_tokenizer(self, pipe, max_sequence_length=None):
-        from ..t5_tokens import JointPromptTokens
+        from ..text.t5 import JointPromptTokens
         return JointPromptTokens(pipe.tokenizer, pipe.tokenizer_3 if pipe.text_encoder_3 is not None else None,
                                  max_sequence_length or MAX_SEQUENCE_LENGTH[SD3])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import tokens as _tokens
+from ..text import tokens as _tokens
 from .colors import BACKGROUND_COLORS, PALETTE, RGB, close_to, color_named_in, colors_present, parse_color, to_hex
 from .official import (MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, describe_official, official_color_grid,
                        official_color_order, parse_word_ids)
@@ -273,7 +273,7 @@ class Layout:
     def resolve(self, tokenizer, prompt: str | None = None) -> "Layout":
         """A new layout whose regions all have token indices for ``prompt``.
 
-        Phrase regions are looked up with :func:`mag_explore.tokens.token_indices`
+        Phrase regions are looked up with :func:`mag_explore.text.tokens.token_indices`
         (sub-word pieces included); regions given as indices are checked to lie within
         the prompt (at most the EOS position). ``prompt`` defaults to ``self.prompt``.
         """

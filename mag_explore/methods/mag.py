@@ -40,7 +40,7 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..families import attention_places, noise_std
 from ..layouts import MASK_MODES
-from ..models import model_defaults
+from ..models.load import model_defaults
 from ..sampling import Control, StepState
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from .common import check_finite, layout_for_run

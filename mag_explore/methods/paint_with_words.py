@@ -38,7 +38,7 @@ from ..families import require_unet
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from ..layouts import MASK_MODES
-from ..tokens import phrase_occurrences
+from ..text.tokens import phrase_occurrences
 from ..validation import check_choice, check_number
 from .common import layout_for_run
 

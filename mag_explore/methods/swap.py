@@ -19,7 +19,7 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook
 from ..families import family, is_mmdit
-from ..models import model_defaults
+from ..models.load import model_defaults
 from ..sampling import Control
 from ..schedule import StepRange, reject_old_keywords, resolve_step_range
 from ..layouts import MASK_MODES

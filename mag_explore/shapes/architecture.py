@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..bpe import build_clip_tokenizer
+from ..text.bpe import build_clip_tokenizer
 from .world import SIZE, WORDS
 
 MAX_LENGTH = 77  # like CLIP: every prompt padded to 77 tokens

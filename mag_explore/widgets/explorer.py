@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..plots import CMAP, attention_overlay, png_bytes, short_layer_name
 from ..sampling import GenerationResult
-from ..tokens import token_text
+from ..text.tokens import token_text
 
 
 class AttentionExplorer(W.VBox):

@@ -197,7 +197,7 @@ class MagPlayground(W.VBox):
                 **{k: sorted(v) for k, v in self._layer_choice().items()}}
 
     def _remember(self, result: GenerationResult) -> None:
-        from ..course import region_iou  # the shapes world's color segmentation (an app-level helper)
+        from ..course.helpers import region_iou  # the shapes world's color segmentation (an app-level helper)
 
         iou = region_iou(result.images[0], self.layout) if self.score_iou else None
         self.history.insert(0, {"run": self.runs, "settings": self.settings(), "image": result.images[0], "iou": iou})

@@ -18,15 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .attention import AttentionStore
-from .layouts import Layout
-from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
-from .data import data_dir
-from .models import model_defaults
-from .sampling import GenerationResult, Sampler, decode_latents, generate
-from .shapes.scoring import color_ious, color_masks, color_of, iou_text, object_counts, region_iou
+from ..attention import AttentionStore
+from ..layouts import Layout
+from ..methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
+from ..data import data_dir
+from ..models.load import model_defaults
+from ..sampling import GenerationResult, Sampler, decode_latents, generate
+from ..shapes.scoring import color_ious, color_masks, color_of, iou_text, object_counts, region_iou
 
-__all__ = ["Claims", "ClaimFailed", "EXAMPLE_LAYOUTS", "describe", "color_ious", "color_masks", "color_of", "example_layout", "first_step_attention", "iou_text",
+__all__ = ["Claims", "ClaimFailed", "EXAMPLE_LAYOUTS", "attention_inside_outside", "describe", "guidance_cost", "color_ious", "color_masks", "color_of", "example_layout", "first_step_attention", "iou_text",
            "method_images", "object_counts", "region_iou", "run_methods_on", "swap_sweep", "x0_images"]
 
 EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
@@ -34,8 +34,8 @@ EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
 
 def describe(pipe) -> str:
     """One line for a notebook's first output: the model, where it runs and what a run does by default."""
-    from .families import denoiser
-    from .models import _pipeline_folder
+    from ..families import denoiser
+    from ..models.load import _pipeline_folder
 
     folder = _pipeline_folder(pipe)
     name = folder.name if folder is not None else (getattr(pipe, "name_or_path", None) or type(pipe).__name__)
@@ -200,8 +200,8 @@ class Claims:
     """
 
     def __init__(self, pipe, steps: int | None = None, model: str = "shapes"):
-        from .model_files import embedded_model_dir
-        from .models import _pipeline_folder
+        from ..models.files import embedded_model_dir
+        from ..models.load import _pipeline_folder
 
         folder = _pipeline_folder(pipe)
         self.model = model

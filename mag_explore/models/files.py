@@ -25,8 +25,8 @@ import json
 import re
 from pathlib import Path
 
-from .data import DATA_ENV, data_dir
-from .families import SDXL_COMPONENTS, family_for_index, registered_families
+from ..data import DATA_ENV, data_dir
+from ..families import SDXL_COMPONENTS, family_for_index, registered_families
 
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

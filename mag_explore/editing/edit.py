@@ -17,7 +17,7 @@ word in its region. On the embedded shapes model, moving one of two objects to t
 (measured in the README, kept as floors by ``tests/test_inversion.py``), MAG alone from the
 inverted x_T rarely moves it, and the moved x_T without MAG often swaps the two objects' identities.
 Both runs start from the same x_T with the inversion's guidance scale (1 by default, see
-``mag_explore.inversion``), so without controls the edited run is the source run.
+``mag_explore.editing.inversion``), so without controls the edited run is the source run.
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionStore
+from ..attention import AttentionStore
 from .inversion import InversionResult, invert, psnr, reconstruct
-from .layouts import Layout
-from .methods import METHOD_NAMES, make_controls
-from .methods.inject import AttentionInjection, injection_store
-from .sampling import GenerationResult, Hooks, generate
-from .schedule import StepRange, resolve_step_range
-from .tokens import token_indices
-from .validation import check_number, check_seed
+from ..layouts import Layout
+from ..methods import METHOD_NAMES, make_controls
+from ..methods.inject import AttentionInjection, injection_store
+from ..sampling import GenerationResult, Hooks, generate
+from ..schedule import StepRange, resolve_step_range
+from ..text.tokens import token_indices
+from ..validation import check_number, check_seed
 
 
 STARTS = ("inverted", "renoise", "move")
@@ -202,7 +202,7 @@ def edit_image(
         inject_step_range: also inject the kept words' source-run attention maps during
             these step indices ``(start, stop)``, e.g. ``(0, 10)``; None: no injection.
         num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
-            see ``mag_explore.inversion`` for why); taken from ``inversion`` when it is given.
+            see ``mag_explore.editing.inversion`` for why); taken from ``inversion`` when it is given.
         alpha, lmbda, mag_step: MAG's step size, outside weight and step rule ("official" or
             "normalized"; None: the model's).
         while_t_above, step_range: when MAG (or swap) acts, as in ``MaskedAttentionGuidance``

@@ -1,4 +1,4 @@
-"""Reference solutions of the course's exercises (``mag_explore.exercises`` checks against them).
+"""Reference solutions of the course's exercises (``mag_explore.course.exercises`` checks against them).
 
 Read one only after trying: ``exercises.show_solution("mag_loss")`` prints its source.
 Each is written the plain way, one idea per line, as a learner would write it; the

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.bpe import build_clip_tokenizer
-from mag_explore.models import library_output
+from ..text.bpe import build_clip_tokenizer
+from ..models.load import library_output
 
 #: Words that are single tokens in the tiny vocabulary. A word that is *not* here
 #: ("purple", "astronaut", "bears") is split into several sub-word tokens, exactly

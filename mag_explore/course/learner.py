@@ -23,15 +23,15 @@ from typing import Callable
 
 import torch
 
-from .attention import AttentionContext, AttentionHook
-from .families import noise_std
-from .methods.common import check_finite, layout_for_run
-from .methods.guidance import frozen_weights
-from .methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
-from .models import model_defaults
-from .sampling import Control, Hooks, Sampler, StepState
-from .schedule import StepRange, resolve_step_range
-from .validation import check_choice
+from ..attention import AttentionContext, AttentionHook
+from ..families import noise_std
+from ..methods.common import check_finite, layout_for_run
+from ..methods.guidance import frozen_weights
+from ..methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
+from ..models.load import model_defaults
+from ..sampling import Control, Hooks, Sampler, StepState
+from ..schedule import StepRange, resolve_step_range
+from ..validation import check_choice
 
 
 def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
@@ -61,7 +61,7 @@ def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
     q and k are computed from the layer's inputs with its own ``to_q`` / ``to_k`` weights,
     as the attention processor does; ``probs`` is what a hook observed in that layer.
     """
-    from .attention import cross_attention_layer_names
+    from ..attention import cross_attention_layer_names
 
     names = cross_attention_layer_names(pipe.unet)
     layer = names[0] if layer is None else layer
@@ -119,7 +119,7 @@ def capture_joint_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
     ``q_no_rotary`` / ``k_no_rotary`` (the same before the rotation); ``num_text_tokens``;
     ``probs``, what a hook recorded (batch, heads, image tokens, text tokens); ``layer``, ``place``.
     """
-    from .attention.joint import flux_qkv, joint_attention_layer_names, sd3_qkv
+    from ..attention.joint import flux_qkv, joint_attention_layer_names, sd3_qkv
 
     names = joint_attention_layer_names(pipe.transformer)
     layer = names[0] if layer is None else layer

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.bpe import build_clip_tokenizer
+from ..text.bpe import build_clip_tokenizer
 
 
 def _suite_words() -> list[str]:
     """Every word of the shipped real-world suite's prompts: one token each in the tiny tokenizers."""
-    suite = Path(__file__).resolve().parent / "data" / "suites" / "real.json"  # the shipped one, not $MAG_EXPLORE_DATA's
+    suite = Path(__file__).resolve().parent.parent / "data" / "suites" / "real.json"  # the shipped one, not $MAG_EXPLORE_DATA's
     layouts = json.loads(suite.read_text())["layouts"]
     return sorted({w.strip(",") for entry in layouts for w in entry["prompt"].split()})
 

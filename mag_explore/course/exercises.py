@@ -6,7 +6,7 @@ what differs (shape, the value at which index, which rule was broken) and return
 :class:`Verdict`. ``Verdict.function`` is the function the notebook goes on with: yours,
 or - while yours still raises ``NotImplementedError`` - the reference solution, so that
 the notebook runs top to bottom before you have written anything (that is how CI runs
-them). The references live in ``mag_explore.solutions``; ``show_solution(name)`` prints one.
+them). The references live in ``mag_explore.course.solutions``; ``show_solution(name)`` prints one.
 
 =====================  =====  =============================================================
 check                  nb     your function
@@ -35,7 +35,7 @@ from .checking import (Verdict, _call, _check_swap_rules, _compare, _diagnose_jo
                        show_solution)
 from .learner import (GuidanceInputs, LearnerMAG, SwapHook, capture_joint_qk, capture_qk,  # noqa: F401 (re-exported)
                       run_learner_mag)
-from .methods import MaskedAttentionGuidance
+from ..methods import MaskedAttentionGuidance
 
 __all__ = ["Verdict", "check_attention_probs", "check_full_mag", "check_guidance_loss", "check_joint_probs",
            "check_mag_loss", "check_mag_step", "check_mask_iou", "check_paired_difference", "check_swap_edit",
@@ -96,7 +96,7 @@ def check_swap_edit(fn: Callable, pipe=None, layout=None, num_inference_steps: i
                 _compare(got, probs, case, dims="(row, head, pixel, token)")  # says what the type/shape is
             _check_swap_rules(got, probs, masks, groups, rows, case)
         if pipe is not None and layout is not None:
-            from .methods import MaskedAttentionSwap
+            from ..methods import MaskedAttentionSwap
 
             case = f"{num_inference_steps} steps through the engine, swap in steps 0-1"
             ours = _final_latents(pipe, layout, [SwapHook(layout, f, step_range=(0, 2))], num_inference_steps)
@@ -189,7 +189,7 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
     paper's step rule on both sides (your x_t − α∇L as you wrote it: a normalized rule would
     rescale away a wrong α) and the model's masks.
     """
-    from .models import model_defaults
+    from ..models.load import model_defaults
 
     defaults = model_defaults(pipe)
     alpha = defaults["mag_alpha"] if alpha is None else alpha

@@ -1,7 +1,7 @@
 """The machinery of the course's checks: a verdict, a case runner, messages that say what differs,
 and the fixed inputs (edge cases included) the checks feed your functions.
 
-``mag_explore.exercises`` builds its ``check_…`` functions on these.
+``mag_explore.course.exercises`` builds its ``check_…`` functions on these.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import solutions
 from .learner import GuidanceInputs
-from .sampling import Sampler
+from ..sampling import Sampler
 
 
 @dataclass

@@ -13,7 +13,7 @@ Newer models do not feed the tokenized prompt to the image as it is:
 tokenizer's character offsets: the text the encoder sees is ``prefix + prompt``; it is cut
 at ``max_length`` tokens; ``keep`` lists which token positions become keys, in order. A word
 whose pieces were cut off has no key, and asking for it is an error that says so.
-``mag_explore.tokens`` accepts a TextKeys wherever it takes a tokenizer.
+``mag_explore.text.tokens`` accepts a TextKeys wherever it takes a tokenizer.
 """
 from __future__ import annotations
 

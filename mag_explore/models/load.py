@@ -1,7 +1,7 @@
 """Loading Stable Diffusion 1.x / 2.x, SDXL, Flux.1 and SD3 pipelines, and their generation defaults.
 
 Which models are accepted, and how that is checked before any weight is loaded, is
-:mod:`mag_explore.model_files`. Only ``.safetensors`` weights are read, and no code shipped
+:mod:`mag_explore.models.files`. Only ``.safetensors`` weights are read, and no code shipped
 with a model is ever executed.
 """
 from __future__ import annotations
@@ -15,13 +15,8 @@ from typing import Any
 
 import torch
 
-# data_path, SUPPORTED, UnsupportedModelError, check_supported, shapes_model_dir, ...: importable from here too
-from .data import data_path  # noqa: F401
-from .model_files import (  # noqa: F401
-    DEFAULT_GPU_MODEL, EMBEDDED, SHAPES, SHAPES_FLUX, SUPPORTED, UnsupportedModelError, check_supported,
-    embedded_model_dir, locate, require_safetensors, shapes_model_dir,
-)
-from .families import family_for_index, family_of, native_size
+from .files import DEFAULT_GPU_MODEL, SHAPES, check_supported, locate, require_safetensors
+from ..families import family_for_index, family_of, native_size
 
 #: Environment variable: the model to load when none is named.
 MODEL_ENV = "MAG_EXPLORE_MODEL"
@@ -123,7 +118,7 @@ def use_cpu_threads(pipe) -> int:
     core makes every step many times slower. ``$MAG_EXPLORE_THREADS`` overrides the choice;
     larger models keep torch's default (one per core).
     """
-    from .families import denoiser
+    from ..families import denoiser
 
     if pipe.device.type != "cpu":
         return torch.get_num_threads()
