@@ -22,7 +22,7 @@ from .methods import (
     MaskedAttentionSwap,
     NonFiniteGuidanceError,
     PaintWithWords,
-    guidance_step,
+    guidance_pass,
     make_controls,
     mag_loss_terms,
     run_methods_on,
@@ -39,7 +39,7 @@ __all__ = [
     "AttentionContext", "AttentionHook", "AttentionStore", "Control", "GenerationResult", "Hooks", "Layout",
     "LayoutGuidance", "MaskedAttentionGuidance", "MaskedAttentionSwap", "NonFiniteGuidanceError", "PaintWithWords",
     "Region", "Sampler", "StepRange", "StepState", "cross_attention_hooks", "cross_attention_layer_names",
-    "data_path", "decode_latents", "ellipse", "encode_text", "generate", "guidance_step", "load_pipeline", "mag_loss_terms",
+    "data_path", "decode_latents", "ellipse", "encode_text", "generate", "guidance_pass", "load_pipeline", "mag_loss_terms",
     "make_controls", "model_defaults", "polygon", "rect", "remove_cross_attention_hooks", "run_methods_on",
     "show_tokens", "token_indices", "token_table", "use_cpu_threads", "words_of",
 ]

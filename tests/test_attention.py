@@ -8,7 +8,7 @@ from mag_explore.attention import (
     AttentionHook,
     AttentionStore,
     CrossAttentionProcessor,
-    attention_resolution,
+    attention_grid,
     cross_attention_hooks,
     cross_attention_layer_names,
     remove_cross_attention_hooks,
@@ -88,12 +88,12 @@ def test_resolutions_from_the_latent_shape(sd15_pipe):
 
 
 def test_attention_resolution_rounds_like_the_unet():
-    assert attention_resolution((64, 96), 64 * 96) == (64, 96)
-    assert attention_resolution((64, 96), 16 * 24) == (16, 24)
-    assert attention_resolution((9, 13), 5 * 7) == (5, 7)  # odd sizes round up, as stride-2 convs do
-    assert attention_resolution((9, 13), 3 * 4) == (3, 4)
+    assert attention_grid((64, 96), 64 * 96) == (64, 96)
+    assert attention_grid((64, 96), 16 * 24) == (16, 24)
+    assert attention_grid((9, 13), 5 * 7) == (5, 7)  # odd sizes round up, as stride-2 convs do
+    assert attention_grid((9, 13), 3 * 4) == (3, 4)
     with pytest.raises(ValueError, match="cannot place 50"):
-        attention_resolution((64, 64), 50)
+        attention_grid((64, 64), 50)
 
 
 def test_attention_mask_is_applied(sd15_pipe):

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,6 +30,7 @@ def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     assert result["device"] in table and "| ours + MAG, gradient checkpointing |" in table
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_gpu_train_script_trains_measures_and_packs_both_models(tmp_path):
     """bench/gpu_train.py --smoke: the retraining run prepared for a lent GPU, same code, a few CPU steps."""
     import subprocess

@@ -28,11 +28,12 @@ def cli(*args, cwd=None):
 def mag_run(sd15_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     done = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--layout", LAYOUT_PNG, "--regions", REGIONS,
-               "--method", "mag", "--alpha", "5", "--steps", "4", "--guide-until", "500", "--out", out / "mag.png",
+               "--method", "mag", "--alpha", "5", "--steps", "4", "--guide-while-t-above", "500", "--out", out / "mag.png",
                "--save-attention", out / "maps.safetensors", "--device", "cpu")
     return done, out
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_generate_writes_the_image_and_the_maps(mag_run):
     done, out = mag_run
     assert done.returncode == 0, done.stderr
@@ -88,6 +89,7 @@ def test_bad_input_is_one_line_and_non_zero(sd15_folder, tmp_path, capfd, args, 
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_verbose_shows_the_libraries_loading_output(sd15_folder, tmp_path):
     done = cli("generate", "--model", sd15_folder, "--prompt", PROMPT, "--method", "none", "--steps", "1",
                "--out", tmp_path / "x.png", "--device", "cpu", "--verbose")
@@ -95,16 +97,18 @@ def test_verbose_shows_the_libraries_loading_output(sd15_folder, tmp_path):
     assert "Loading pipeline components" in done.stderr
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
     done = cli("generate", "--model", tmp_path / "nope", "--prompt", PROMPT, "--method", "none", "--out",
                tmp_path / "x.png")
     assert done.returncode == 2 and "nope" in done.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_help_names_every_option_with_its_default():
     done = cli("generate", "--help")
     assert done.returncode == 0
-    for option in ["--alpha", "--lmbda", "--guide-until", "--swap-until", "--word-ids", "--save-attention", "--cfg"]:
+    for option in ["--alpha", "--lmbda", "--guide-while-t-above", "--swap-while-t-above", "--word-ids", "--save-attention", "--cfg"]:
         assert option in done.stdout
     text = " ".join(done.stdout.split())  # argparse wraps lines
     assert "(default 0.5)" in text and "700 as the official code" in text and "default 42" in text

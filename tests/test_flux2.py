@@ -89,7 +89,7 @@ def test_captured_block_equals_an_independent_softmax(pipe, layer):
     recorder = Recorder()
     family = flux2.Flux2KleinFamily()
     try:
-        with family.attention_hooks(pipe, [recorder]), torch.no_grad():
+        with family.install_attention_hooks(pipe, [recorder]), torch.no_grad():
             hooked = flux2.denoise(pipe, latents, 500.0, cond)
     finally:
         handle.remove()

@@ -326,7 +326,7 @@ def test_cli_edit(sd15_folder, tmp_path, capsys):
     out = tmp_path / "out" / "edited.png"
     args = ["edit", "--model", str(sd15_folder), "--image", str(tmp_path / "in.png"), "--prompt", PROMPT,
             "--layout", str(tmp_path / "target.json"), "--keep", "blue square", "--inject-steps", "1",
-            "--steps", "2", "--guide-until", "0", "--device", "cpu", "--out", str(out),
+            "--steps", "2", "--guide-while-t-above", "0", "--device", "cpu", "--out", str(out),
             "--save-reconstruction", str(tmp_path / "rec.png")]
     assert main(args) == 0
     assert "reconstruction PSNR" in capsys.readouterr().out
@@ -379,8 +379,8 @@ def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
     # approximation (noise predicted a level too low) costs up to 1.8 dB here (up to 16 dB with
     # the earlier UNet). Five fixed-point iterations per step: 34.1 / 34.9 / 36.8 / 34.2 dB,
     # within 0.4 dB of the ceiling. So: iterated, every scene within 1.5 dB of its ceiling, its
-    # objects found again where they were (color IoU >= 0.8); plain, never below 17 dB and on
-    # average at least 0.5 dB worse (measured 1.0).
+    # objects found again where they were (color IoU >= 0.8); plain, never below 32.5 dB (just
+    # under the 33.1 measured) and on average at least 0.5 dB worse (measured 1.0).
     pipe, cases = shapes_cases
     plain, iterated = [], []
     for (moved, kept, _), (image, masks, prompt, inversion) in zip(EDITS, cases):
@@ -390,7 +390,7 @@ def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
         reconstructed = reconstruct(pipe, exact, progress=False).image
         plain.append(psnr(image, reconstruct(pipe, inversion, progress=False).image))
         iterated.append(psnr(image, reconstructed))
-        assert iterated[-1] >= limit - 1.5 and plain[-1] >= 17.0, (prompt, limit, plain[-1], iterated[-1])
+        assert iterated[-1] >= limit - 1.5 and plain[-1] >= 32.5, (prompt, limit, plain[-1], iterated[-1])
         found = color_ious(reconstructed, {moved[0]: masks[0], kept[0]: masks[1]})
         assert min(found.values()) >= 0.8, found
     assert np.mean(iterated) >= np.mean(plain) + 0.5, (plain, iterated)

@@ -266,6 +266,7 @@ def test_flux_only_options_are_refused_elsewhere(pipes):
 
 # ---------------------------------------------------------------- the command line
 @pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_cli_generate_with_mag(folders, tmp_path, name):
     mask = np.zeros((32, 32, 3), np.uint8)
     mask[:, :16] = (255, 0, 0)

@@ -96,14 +96,14 @@ def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed:
     and after it, and the step-0 attention of the denoising pass without guidance
     (``plain_store``) and after the update (``guided_store``). The "after" figures come from
     a probe: a second MAG with α = 0, which measures the loss at the updated latent and
-    moves nothing. ``step_fn``: your own ``mag_step(step, alpha, lmbda)`` instead of the
+    moves nothing. ``step_fn``: your own ``mag_step(inputs, alpha, lmbda)`` instead of the
     package's (notebook 04).
     """
     from .learner import LearnerMAG
 
     defaults = model_defaults(pipe)
     alpha = defaults["mag_alpha"] if alpha is None else alpha
-    lmbda = defaults["mag_lambda"]
+    lmbda = defaults["mag_lmbda"]
     plain_store, guided_store = AttentionStore(), AttentionStore()
     update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 1)) if step_fn is None
               else LearnerMAG(layout, step_fn, alpha, lmbda, step_range=(0, 1)))

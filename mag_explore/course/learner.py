@@ -6,15 +6,15 @@
 * :class:`SwapHook` - a swap edit ``fn(probs, masks, token_groups, cond_rows)`` as a
   sampler control (notebook 03);
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
-  control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
-  (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_step``: the
+  control that runs a learner's ``mag_step(inputs, alpha, lmbda)`` before each guided step
+  (notebook 04). Its pass mirrors the engine's ``methods.guidance.guidance_pass``: the
   UNet on x_t with the conditional prompt only, phase "guidance", weights frozen. The
   learner writes the paper's step, x_t − α∇L; on a model whose MAG uses our normalized step
   (the embedded shapes model) the engine rescales that update to α noise-stds, exactly as
   ``MaskedAttentionGuidance`` does, and resizes masks as the model's MAG does.
 
 Both act like the package's methods: ``while_t_above=T`` (active while t > T) or
-``step_range=(start, stop)`` (step indices); neither: the model's ``guide_until``.
+``step_range=(start, stop)`` (step indices); neither: the model's ``while_t_above``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from ..validation import check_choice
 
 def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
     """The step range of a learner's control: the keywords, else the model's "guide while t > ..."."""
-    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["while_t_above"]))
     steps = resolve_step_range(while_t_above, step_range, default=default, what=what)
     steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, f"{what} steps")
     return steps
@@ -192,7 +192,7 @@ class SwapHook(Control, AttentionHook):
 # ---------------------------------------------------------------------------- 04: MAG step
 @dataclass
 class GuidanceInputs:
-    """What one MAG step needs. ``attention(x, embeddings)`` runs the denoiser once on ``x``
+    """What one MAG step needs. ``attention_of(x, embeddings)`` runs the denoiser once on ``x``
     and returns each cross-attention layer's ``(probs, masks)``: probs (batch, heads, pixels,
     tokens) float32, masks (regions, pixels) resized to that layer."""
 
@@ -200,7 +200,7 @@ class GuidanceInputs:
     cond_embeddings: torch.Tensor
     uncond_embeddings: torch.Tensor
     token_groups: list[list[int]]
-    attention: Callable[[torch.Tensor, torch.Tensor], list]
+    attention_of: Callable[[torch.Tensor, torch.Tensor], list]
     step_index: int = 0
     timestep: int = 0
 
@@ -210,10 +210,10 @@ class _LayerCollector(AttentionHook):
 
     def __init__(self):
         self.layout, self.mask_mode, self.layers = None, "nearest", []
-        self.resolutions: set[int] | None = None  # None: every layer
+        self.layer_sizes: set[int] | None = None  # None: every layer
 
     def uses_size(self, layer: str, hw: tuple[int, int]) -> bool:  # layout_for_run's uses_layer
-        return self.resolutions is None or max(hw) in self.resolutions
+        return self.layer_sizes is None or max(hw) in self.layer_sizes
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "guidance" and self.uses_size(ctx.layer, (ctx.height, ctx.width))
@@ -228,8 +228,8 @@ class LearnerMAG(Control):
 
     ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
     finite and shaped like x_t. The step rule and the masks' resizing are the model's MAG
-    defaults (``mag_step``, ``mag_mask_mode``, ``mag_resolutions``: which layers the step
-    gets) unless given: with ``step="normalized"`` the
+    defaults (``mag_step_rule``, ``mag_mask_mode``, ``mag_layer_sizes``: which layers the step
+    gets) unless given: with ``step_rule="normalized"`` the
     learner's update d = x_t' − x_t is rescaled to α·σ_t / rms(d) · d, which for d = −α∇L is
     the package's normalized step exactly.
     """
@@ -238,11 +238,11 @@ class LearnerMAG(Control):
 
     def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
                  while_t_above: int | None = None, step_range: tuple | None = None,
-                 step: str | None = None, mask_mode: str | None = None,
-                 resolutions: list[int] | None = None):
+                 step_rule: str | None = None, mask_mode: str | None = None,
+                 layer_sizes: list[int] | None = None):
         resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
-        self.step, self.mask_mode, self.resolutions = step, mask_mode, resolutions
-        self.rule = None  # the step rule of the run, after start
+        self.step_rule, self.mask_mode, self.layer_sizes = step_rule, mask_mode, layer_sizes
+        self._step_rule = None  # the step rule in effect, after start (the model's where step_rule is None)
         self.layout, self.step_fn = layout, step_fn
         self.alpha, self.lmbda = float(alpha), float(lmbda)
         self.while_t_above, self.step_range = while_t_above, step_range
@@ -255,9 +255,9 @@ class LearnerMAG(Control):
 
     def start(self, sampler) -> None:
         defaults = model_defaults(sampler.pipe)
-        self.rule = check_choice("step", self.step or defaults["mag_step"], STEP_RULES)
+        self._step_rule = check_choice("step_rule", self.step_rule or defaults["mag_step_rule"], STEP_RULES)
         self.collector.mask_mode = self.mask_mode or defaults["mag_mask_mode"]
-        self.collector.resolutions = layer_sizes_in_effect(self.resolutions, defaults)
+        self.collector.layer_sizes = layer_sizes_in_effect(self.layer_sizes, defaults)
         self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode,
                                                self.collector.uses_size)
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
@@ -265,23 +265,23 @@ class LearnerMAG(Control):
 
     @property
     def settings(self) -> dict:
-        resolutions = self.collector.resolutions
-        return {"alpha": self.alpha, "lmbda": self.lmbda, "step": self.rule, "mask_mode": self.collector.mask_mode,
-                "resolutions": None if resolutions is None else sorted(resolutions),
+        layer_sizes = self.collector.layer_sizes
+        return {"alpha": self.alpha, "lmbda": self.lmbda, "step_rule": self._step_rule, "mask_mode": self.collector.mask_mode,
+                "layer_sizes": None if layer_sizes is None else sorted(layer_sizes),
                 **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:
         unet, collector = state.pipe.unet, self.collector
 
-        def attention(x: torch.Tensor, embeddings: torch.Tensor) -> list:
+        def attention_of(x: torch.Tensor, embeddings: torch.Tensor) -> list:
             collector.layers = []
-            with torch.enable_grad(), frozen_weights(unet), state.attention.phase_as("guidance", ("cond",) * x.shape[0]):
+            with torch.enable_grad(), frozen_weights(unet), state.attention_controller.phase_as("guidance", ("cond",) * x.shape[0]):
                 unet(state.scheduler.scale_model_input(x, state.timestep), state.timestep,
                      encoder_hidden_states=embeddings, return_dict=False)
             return list(collector.layers)
 
-        return GuidanceInputs(state.latents, state.cond_embeddings, state.uncond_embeddings,
-                              collector.layout.token_groups, attention, state.step_index, int(state.timestep))
+        return GuidanceInputs(state.latents, state.cond.embeddings, state.uncond.embeddings,
+                              collector.layout.token_groups, attention_of, state.step_index, int(state.timestep))
 
     def before_step(self, state: StepState) -> torch.Tensor:
         if not self.steps.contains(state.step_index, int(state.timestep)):
@@ -292,7 +292,7 @@ class LearnerMAG(Control):
                              f"it must return the new x_t, shaped {tuple(state.latents.shape)}")
         check_finite("your MAG step", state, new.float().sum(), new, f"alpha={self.alpha}")
         new = new.detach().float()
-        if self.rule == "normalized":  # your step's direction, α noise-stds long (MaskedAttentionGuidance's rule)
+        if self._step_rule == "normalized":  # your step's direction, α noise-stds long (MaskedAttentionGuidance's rule)
             update = new - state.latents.detach().float()
             sigma = noise_std(state.scheduler, state.timestep)
             new = state.latents.detach().float() + normalized_step_size(update, self.alpha, sigma) * update
@@ -305,10 +305,10 @@ class LearnerMAG(Control):
 
 
 def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, step_range: tuple,
-                    seed: int = 0, num_inference_steps: int | None = None, step: str | None = None) -> torch.Tensor:
+                    seed: int = 0, num_inference_steps: int | None = None, step_rule: str | None = None) -> torch.Tensor:
     """The final latent of a run with :class:`LearnerMAG` (used by ``check_full_mag``)."""
     sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps,
-                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range, step=step)])
+                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range, step_rule=step_rule)])
     while not sampler.done:
         sampler.step()
     return sampler.latents

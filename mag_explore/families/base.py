@@ -10,7 +10,7 @@ subclass of :class:`Family`, that says
   prefixes, padding and the [txt; img] order are all hidden behind it);
 * how to call the denoiser once (``denoise``), how to combine the CFG halves (``predict``),
   its scheduler (``make_scheduler``), its latent shape and sizes;
-* its attention modules (``attention_hooks``, ``attention_grids``, ``attention_places``),
+* its attention modules (``install_attention_hooks``, ``attention_grids``, ``attention_places``),
   each seen by hooks as (batch, heads, image tokens, text tokens).
 
 Nothing outside ``families/`` asks which family a pipeline is: the sampler, the methods and the
@@ -176,7 +176,7 @@ class Family:
         from ..attention import cross_attention_layer_names
         return cross_attention_layer_names(self.denoiser(pipe))
 
-    def attention_hooks(self, pipe, hooks) -> AbstractContextManager:
+    def install_attention_hooks(self, pipe, hooks) -> AbstractContextManager:
         """A ``with`` block that runs ``hooks`` in every hooked layer and restores the processors after."""
         from ..attention import cross_attention_hooks
         return cross_attention_hooks(self.denoiser(pipe), hooks)

@@ -239,7 +239,7 @@ class Flux2KleinFamily(Family):
     def attention_layer_names(self, pipe):
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return joint_attention_hooks(pipe.transformer, hooks, flux2_processor)
 
     def attention_grids(self, pipe, latent_hw):

@@ -218,7 +218,7 @@ class QwenImageFamily(Family):
     def attention_layer_names(self, pipe):
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return joint_attention_hooks(pipe.transformer, hooks, QwenJointProcessor, qwen_place)
 
     def attention_grids(self, pipe, latent_hw):

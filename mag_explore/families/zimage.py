@@ -222,7 +222,7 @@ class ZImageFamily(Family):
     def attention_layer_names(self, pipe):
         return attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return zimage_attention_hooks(pipe.transformer, hooks)
 
     def attention_grids(self, pipe, latent_hw):

@@ -17,22 +17,11 @@ from .colors import BACKGROUND_COLORS, PALETTE, RGB, close_to, color_named_in, c
 from .official import (MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, describe_official, official_color_grid,
                        official_color_order, parse_word_ids)
 from .raster import Shape, as_size, read_rgb, resize_masks_if_needed, resize_nearest, to_bool_mask
-from .region import Region
+from .region import Region, phrase_spec
 
 #: How masks are resized to an attention layer: nearest (0/1, the official MAG), area (covered
 #: fraction), bilinear (align_corners=True, as paint-with-words-sd).
 MASK_MODES = ("nearest", "area", "bilinear")
-
-
-def phrase_spec(value: Any, color: str) -> tuple[str, int]:
-    """A mapping value: ``"red circle"`` or ``{"phrase": "red", "occurrence": 2}``."""
-    if isinstance(value, str):
-        return value, 1
-    if isinstance(value, Mapping) and "phrase" in value:
-        return value["phrase"], value.get("occurrence", 1)
-    raise ValueError(
-        f"color {color}: expected a phrase string or {{'phrase': ..., 'occurrence': n}}, got {value!r}"
-    )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -302,7 +291,7 @@ class Layout:
             resolved.append(replace(region, token_indices=tuple(indices), tokens=pieces))
         return Layout(resolved, prompt=prompt)
 
-    # --- masks at other resolutions -------------------------------------------------------
+    # --- masks at other grids -------------------------------------------------------------
     def masks_at(self, height: int, width: int, mode: str = "nearest",
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -30,12 +30,12 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 50,
     "negative_prompt": "low quality",
     "mag_alpha": 0.08,
-    "mag_lambda": 0.5,
-    "mag_step": "official",
+    "mag_lmbda": 0.5,
+    "mag_step_rule": "official",
     "mag_mask_mode": "nearest",
     "mag_loss": "official",
-    "mag_resolutions": None,
-    "guide_until": 700,
+    "mag_layer_sizes": None,
+    "while_t_above": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
 # The type each key of mag_explore.json must have (bool is excluded below: it is an int).
@@ -46,12 +46,12 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "num_inference_steps": (int,),
     "negative_prompt": (str, type(None)),
     "mag_alpha": (int, float),
-    "mag_lambda": (int, float),
-    "mag_step": (str,),
+    "mag_lmbda": (int, float),
+    "mag_step_rule": (str,),
     "mag_mask_mode": (str,),
     "mag_loss": (str,),
-    "mag_resolutions": (list, type(None)),  # MAG's loss reads only layers of these sizes
-    "guide_until": (int, float),
+    "mag_layer_sizes": (list, type(None)),  # MAG's loss reads only layers of these sizes
+    "while_t_above": (int, float),
     "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
     "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
 }
@@ -177,7 +177,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     verbose: bool = False,
 ):
-    """Load a Stable Diffusion 1.x/2.x, SDXL base, Flux.1 or SD3 pipeline, ready to sample on ``device``.
+    """Load a pipeline of a supported family, ready to sample on ``device``.
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
@@ -193,14 +193,14 @@ def load_pipeline(
             default; the sampler's own progress bar is ``generate(..., progress=)``).
 
     Returns:
-        A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
-        ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
-        the sampler's own pixels), or a ``FluxPipeline`` / ``StableDiffusion3Pipeline``
-        (an SD3 folder without T5 loads with ``text_encoder_3=None``).
+        The family's diffusers pipeline (``models.files.SUPPORTED`` lists them): Stable
+        Diffusion with the safety checker off, SDXL without the invisible watermark (so that
+        images are the sampler's own pixels), or a registered family's class (Flux.1, SD3,
+        PixArt-Σ, Sana, ...; an SD3 folder without T5 loads with ``text_encoder_3=None``).
 
     Raises:
-        UnsupportedModelError: the model is none of these (PixArt, Kandinsky, inpainting,
-            ...). Checked before any weight is loaded.
+        UnsupportedModelError: the model is none of these (Kandinsky, inpainting, ...).
+            Checked before any weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` / ``"shapes_flux"``
             before the embedded model is built (the message names its folder).
         OSError: the hub could not be reached or has no such model.
@@ -212,20 +212,10 @@ def load_pipeline(
     check_supported(index, unet_config, name=repr(name))
     if Path(source).is_dir():
         require_safetensors(Path(source), index)
-
     with library_output(verbose):  # the import warns, from_pretrained shows loading bars
-        import diffusers
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import is_accelerate_available
 
-        family = family_for_index(index)
-        if family is not None:  # a registered family's pipeline class (Flux, SD3, PixArt-Σ, Sana, ...)
-            cls, options = getattr(diffusers, family.pipeline_class), family.load_options(index)
-        elif "text_encoder_2" in index:
-            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
-        else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
-            cls, options = StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
-                                                         requires_safety_checker=False)
+        cls, options = _pipeline_class(index)
         pipe = cls.from_pretrained(
             source,
             use_safetensors=True,  # never unpickle: a .bin/.ckpt file can run code
@@ -236,6 +226,20 @@ def load_pipeline(
             **{_dtype_keyword(): dtype},
         )
     return pipe.to(device)
+
+
+def _pipeline_class(index: dict) -> tuple[type, dict]:
+    """The diffusers pipeline class of a checked ``model_index.json``, and its loading options."""
+    import diffusers
+
+    family = family_for_index(index)
+    if family is not None:  # a registered family's pipeline class (Flux, SD3, PixArt-Σ, Sana, ...)
+        return getattr(diffusers, family.pipeline_class), family.load_options(index)
+    if "text_encoder_2" in index:
+        return diffusers.StableDiffusionXLPipeline, dict(add_watermarker=False)
+    # research on attention: the safety checker only blacks images out; its feature extractor goes too
+    return diffusers.StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
 
 
 # --------------------------------------------------------------------------- defaults
@@ -257,11 +261,11 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``guidance_scale`` (9.0): classifier-free guidance scale, as in the official MAG code.
         ``num_inference_steps`` (50): DDIM steps.
         ``negative_prompt`` (``"low quality"``): the unconditional half's prompt.
-        ``mag_alpha`` (0.08), ``mag_lambda`` (0.5): Masked-Attention Guidance step size
+        ``mag_alpha`` (0.08), ``mag_lmbda`` (0.5): Masked-Attention Guidance step size
         and mask weight, from the official MAG code. SDXL: ``mag_alpha`` 0.01, scaled
         down for its ~7.6x larger loss sum and not calibrated on real weights
         (``families.FAMILY_DEFAULTS``).
-        ``mag_step`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
+        ``mag_step_rule`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
         "normalized" (ours: α noise-stds per step, see ``MaskedAttentionGuidance``).
         ``mag_mask_mode`` (``"nearest"``): how MAG resizes a region's mask to each layer's grid,
         "nearest" (the official code's) or "area" (each cell weighted by the share of it the
@@ -269,9 +273,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``mag_loss`` (``"official"``): MAG's loss, "official" (the paper's) or "balanced" (ours:
         the outside term weighted by the region's area over the outside's; see
         ``MaskedAttentionGuidance``).
-        ``mag_resolutions`` (None: every layer): the layer sizes (the larger side, e.g. ``[16]``)
+        ``mag_layer_sizes`` (None: every layer): the layer sizes (the larger side, e.g. ``[16]``)
             whose cross-attention MAG's loss reads.
-        ``guide_until`` (700): MAG guides while the timestep is above this threshold
+        ``while_t_above`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
         Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the
         pipelines' own ``guidance_scale`` (3.5 and 7.0), ``num_inference_steps`` (28) and no

@@ -11,13 +11,13 @@ from .dit import tiny_gemma_tokenizer, tiny_pixart_pipeline, tiny_sana_pipeline
 from .joint import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwen_tokenizer, tiny_qwenimage_pipeline,
                     tiny_zimage_pipeline)
 from .mmdit import TINY_MMDIT_DEFAULTS, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_t5_tokenizer
-from .unet import (SD15_ATTENTION_RESOLUTIONS, SD21_ATTENTION_RESOLUTIONS, SDXL_ATTENTION_RESOLUTIONS,
-                   SDXL_LAYERS_PER_RESOLUTION, TINY_WORDS, tiny_sd15_pipeline, tiny_sd21_pipeline, tiny_sdxl_pipeline,
+from .unet import (SD15_ATTENTION_GRIDS, SD21_ATTENTION_GRIDS, SDXL_ATTENTION_GRIDS,
+                   SDXL_LAYERS_PER_GRID, TINY_WORDS, tiny_sd15_pipeline, tiny_sd21_pipeline, tiny_sdxl_pipeline,
                    tiny_tokenizer)
 from .vision import tiny_vision_folders
 
-__all__ = ["SD15_ATTENTION_RESOLUTIONS", "SD21_ATTENTION_RESOLUTIONS", "SDXL_ATTENTION_RESOLUTIONS",
-           "SDXL_LAYERS_PER_RESOLUTION", "TINY_MMDIT_DEFAULTS", "TINY_WORDS", "tiny_chroma_pipeline",
+__all__ = ["SD15_ATTENTION_GRIDS", "SD21_ATTENTION_GRIDS", "SDXL_ATTENTION_GRIDS",
+           "SDXL_LAYERS_PER_GRID", "TINY_MMDIT_DEFAULTS", "TINY_WORDS", "tiny_chroma_pipeline",
            "tiny_flux2_klein_pipeline", "tiny_flux_pipeline", "tiny_gemma_tokenizer", "tiny_pixart_pipeline",
            "tiny_qwen_tokenizer", "tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_sd15_pipeline",
            "tiny_sd21_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline", "tiny_t5_tokenizer", "tiny_tokenizer",
