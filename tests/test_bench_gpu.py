@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)

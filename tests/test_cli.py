@@ -44,6 +44,7 @@ def test_generate_writes_the_image_and_the_maps(mag_run):
     assert store.map(0, store.layers[0], token=2).shape == (8, 8)
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_generate_writes_what_the_python_api_makes(mag_run, sd15_pipe):
     # The CLI's PNG is the API's image with the same settings, pixel for pixel (8-bit), and
     # MAG at alpha 5 moved it away from the uncontrolled image.
@@ -115,6 +116,7 @@ def test_help_names_every_option_with_its_default():
     assert "--num-inference-steps" in text and "--verbose" in text
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp_path, capsys):
     # The README's main command on a tiny pipeline: layout, image and one attention map per
     # region, for none / swap / MAG, so 3 rows × (2 + 2) panels of 3.4 × 3.4 inches at 110 dpi.

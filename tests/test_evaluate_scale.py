@@ -152,6 +152,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_images(sd15_folder, sm
     assert fresh.calls == 12
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_a_run_with_other_settings_is_refused(sd15_folder, small_suite, tmp_path, capsys):
     args = ["evaluate", "--model", str(sd15_folder), "--suite", str(small_suite), "--methods", "none",
             "--seeds", "1", "--out", str(tmp_path / "out")]

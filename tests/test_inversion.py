@@ -102,6 +102,7 @@ def test_more_steps_reconstruct_better(sd21_pipe):
     assert errors[24] < 0.6 * errors[3], errors
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_fixed_point_iterations_make_each_step_the_samplers_exact_inverse(sd15_pipe):
     # x_t = inversion_step(UNet(x_t, t), x_p) is the latent the sampler's step takes back to
     # x_p exactly (epsilon prediction). Plain inversion predicts at x_p instead; iterating

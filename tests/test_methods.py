@@ -65,11 +65,27 @@ def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
 
 
 def test_swap_renormalized_rows_sum_to_one(sd15_pipe, layout):
-    store = full_store()
+    store, plain = full_store(), full_store()
     swap = MaskedAttentionSwap(layout, step_range=(0, 1), renormalize=True)
     generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[swap], store=store, progress=False)
+    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, store=plain, progress=False)
     for layer in store.layers:
         assert torch.allclose(store.get(0, layer)[1].sum(-1), torch.ones(()), atol=1e-5)
+    # The first cross-attention layer sees the same input with or without the swap (none runs before
+    # it), so its swapped map is knowable from the plain one: each region's tokens 1/len inside its
+    # mask and 0 outside, every other token rescaled so that the row sums to one.
+    first = next(name for name in store.layers if name.startswith("down_blocks.0.attentions.0."))
+    resolved = layout.resolve(sd15_pipe.tokenizer, PROMPT)
+    h, w = store.grid(first)
+    before = plain.get(0, first)[1].reshape(-1, h * w, 77)  # cond half: (heads, pixels, keys)
+    swapped = store.get(0, first)[1].reshape(-1, h * w, 77)
+    want = before.clone()
+    for mask, tokens in zip(resolved.masks_at(h, w).flatten(1), resolved.token_groups):
+        want[..., tokens] = (mask / len(tokens))[None, :, None]
+    region = sorted({i for tokens in resolved.token_groups for i in tokens})
+    other = [i for i in range(77) if i not in region]
+    want[..., other] = before[..., other] * ((1 - want[..., region].sum(-1)) / before[..., other].sum(-1))[..., None]
+    torch.testing.assert_close(swapped, want, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- the MAG loss

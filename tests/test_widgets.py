@@ -299,7 +299,16 @@ def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, l
     newest, older = playground.history
     assert newest["settings"]["seed"] == 3 and older["settings"]["alpha"] == 0.5
     assert older["settings"]["layer_sizes"] == [4] and older["settings"]["places"] == ["up"]
-    assert set(newest["iou"]) == {"red circle", "blue square"}
-    assert all(0.0 <= v <= 1.0 for v in newest["iou"].values())
+    # each region's IoU again, from the newest image: the pixels of its color word vs its mask
+    from mag_explore.shapes.world import segment_by_color
+
+    picture = np.asarray(playground.result.images[0].convert("RGB"))
+    found = segment_by_color(picture)
+    want = {}
+    for label, mask in zip(layout.labels, layout.masks_at(*picture.shape[:2]).numpy() > 0.5):
+        got = found.get(label.split()[0], np.zeros_like(mask))
+        union = np.logical_or(got, mask).sum()
+        want[label] = np.logical_and(got, mask).sum() / union if union else 0.0
+    assert newest["iou"] == pytest.approx(want, abs=1e-9)
     assert len(playground.memory.children) == 2
     assert "IoU red circle" in playground.memory.children[0].children[1].value
