@@ -12,6 +12,7 @@ README, docs, the embedded models' settings).
     a step's controller  state.attention           ->  state.attention_controller
     the learner's pass   inputs.attention(x, e)    ->  inputs.attention_of(x, e)
     the guidance pass    guidance_step             ->  guidance_pass (returns L, ∇L; the update is in before_step)
+    modules              mag_explore.tokens, .exercises, ... ->  mag_explore.text.tokens, .course.exercises, ...
 """
 import json
 import re
@@ -34,6 +35,10 @@ OLD = {
     "inputs.attention": r"\b(step|inputs)\.attention\(",
     "guidance_step": r"\bguidance_step\b",
     "removed keywords": r"\breject_old_keywords\b|\*\*removed\b",
+    "modules moved into folders": r"\bmag_explore[./](tokens|bpe|t5_tokens|text_keys|inversion|model_files|metrics|suites"
+                                  r"|course_joint|exercises|checking|learner|solutions|nbtools|testing_\w+)\b"
+                                  r"|\bmx\.(tokens|inversion|exercises|solutions)\."
+                                  r"|from mag_explore import [\w, ]*\b(tokens|exercises|solutions|course_joint|inversion)\b",
 }
 HERE = Path(__file__).resolve()
 

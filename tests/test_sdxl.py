@@ -296,6 +296,21 @@ def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
     assert np.isfinite(steered.pixels).all() and np.abs(steered.pixels - plain).max() > 1e-3
     if method == "mag":
         assert control.diagnostics["step"] == [0, 1]
+        # The same run written out: a plain sampler whose x_t takes the paper's step, x_t - alpha * grad L,
+        # before steps 0 and 1 (L from a guidance pass through a MAG loss hook): the same pixels.
+        by_hand = MaskedAttentionGuidance(layout, alpha=2.0, step_range=(0, 2), step_rule="official")
+        sampler = Sampler(sdxl_pipe, PROMPT, num_inference_steps=3, seed=0)
+        by_hand.start(sampler)
+        for i, t in enumerate(sampler.scheduler.timesteps[:2]):
+            with families.install_attention_hooks(sdxl_pipe, [by_hand.hook]) as controller:
+                controller.set_step(i, t)
+                state = StepState(sdxl_pipe, sampler.scheduler, i, t, sampler.latents, sampler.cond, sampler.uncond,
+                                  controller, sampler.timesteps)
+                _, grad = guidance_pass(state, sampler.latents, by_hand.hook)
+            sampler.latents = sampler.latents - 2.0 * grad
+            sampler.step()
+        sampler.step()
+        np.testing.assert_allclose(sampler.result().pixels, steered.pixels, atol=1e-5)
 
 
 # ---------------------------------------------------------------- inversion, editing, widgets, CLI
