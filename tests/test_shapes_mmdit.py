@@ -126,25 +126,15 @@ def test_grounding_processor_keeps_the_image_to_text_block_of_every_layer():
     assert len(proc.maps) == 4 and all(m.shape == (2, 16, 7) for m in proc.maps)  # 2 double + 2 single
     # The same block seen through the package's joint-attention processor (its own softmax of the
     # whole [text; image] row): the head mean of each layer's image→text probabilities.
-    from mag_explore.attention import AttentionHook
+    from dit_checks import Recorder
     from mag_explore.attention.joint import joint_attention_hooks
 
-    class Keep(AttentionHook):
-        def __init__(self):
-            self.seen = []
-
-        def active(self, ctx):
-            return True
-
-        def observe(self, probs, ctx):
-            self.seen.append(probs.detach().mean(1))
-
-    keep = Keep()
-    with torch.no_grad(), joint_attention_hooks(model, [keep]):
+    recorder = Recorder()
+    with torch.no_grad(), joint_attention_hooks(model, [recorder]):
         run(model)
-    assert len(keep.seen) == 4
-    for mine, theirs in zip(proc.maps, keep.seen):
-        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+    assert len(recorder.seen) == 4
+    for mine, (theirs, _) in zip(proc.maps, recorder.seen):
+        torch.testing.assert_close(mine, theirs.mean(1), atol=1e-6, rtol=1e-5)
         assert (mine.sum(-1) < 1).all()  # part of a joint softmax over 7 + 16 keys
 
 
