@@ -36,7 +36,8 @@ from mag_explore.methods.mag import MagLossHook  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import Sampler  # noqa: E402
 from mag_explore.editing.inversion import encode_image  # noqa: E402
-from mag_explore.shapes.world import COLORS, mask_iou, render  # noqa: E402
+from mag_explore.layouts import mask_iou  # noqa: E402
+from mag_explore.shapes.world import COLORS, render  # noqa: E402
 
 SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 BACKGROUND = np.array([240.0, 240.0, 240.0])
@@ -86,7 +87,7 @@ class MeasuredMAG(MaskedAttentionGuidance):
         return (x - update).detach()
 
     def _split(self, state, x):
-        from mag_explore.methods.common import frozen_weights
+        from mag_explore.methods.guidance import frozen_weights
 
         unet = state.pipe.unet
         x = x.detach().requires_grad_(True)

@@ -30,7 +30,7 @@ from mag_explore.methods import MaskedAttentionGuidance  # noqa: E402
 from mag_explore.methods.common import check_finite  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import generate  # noqa: E402
-from mag_explore.shapes.world import mask_iou  # noqa: E402
+from mag_explore.layouts import mask_iou  # noqa: E402
 
 SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 STEPS = ("official", "normalized", "signal", "clipped", "renormed")

@@ -240,7 +240,7 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
     from mag_explore.methods import make_controls
     from mag_explore.models import load_pipeline, model_defaults
     from mag_explore.sampling import generate
-    from mag_explore.shapes.world import mask_iou
+    from mag_explore.layouts import mask_iou
 
     flux = load_pipeline("shapes_flux", device="cpu", dtype=torch.float32)
     d = model_defaults(flux)
