@@ -25,9 +25,9 @@ bench: $(VENV)/.installed
 
 # The course: time every notebook with its defaults; strip outputs before committing.
 notebooks-time: $(VENV)/.installed
-	$(PY) -m mag_explore.nbtools time notebooks/*.ipynb
+	$(PY) -m mag_explore.course.nbtools time notebooks/*.ipynb
 
 notebooks-strip: $(VENV)/.installed
-	$(PY) -m mag_explore.nbtools strip notebooks/*.ipynb
+	$(PY) -m mag_explore.course.nbtools strip notebooks/*.ipynb
 
 .PHONY: install demo test bench notebooks-time notebooks-strip

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from mag_explore import (  # noqa: E402
     AttentionStore, Layout, MaskedAttentionGuidance, MaskedAttentionSwap, Sampler, StepRange, generate, rect,
 )
-from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
+from mag_explore.text.bpe import build_clip_tokenizer  # noqa: E402
 
 CONFIGS = ROOT / "mag_explore" / "data" / "configs" / "sd15"
 PROMPT = "a red circle and a blue square"

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mag_explore.suites import load_suite  # noqa: E402
+from mag_explore.layouts.suite import load_suite  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_engine import guided_forward_backward  # noqa: E402

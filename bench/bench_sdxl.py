@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from mag_explore import AttentionStore, Layout, MaskedAttentionGuidance, MaskedAttentionSwap, Sampler, generate, rect  # noqa: E402
 from mag_explore.attention import cross_attention_hooks  # noqa: E402
-from mag_explore.bpe import build_clip_tokenizer  # noqa: E402
+from mag_explore.text.bpe import build_clip_tokenizer  # noqa: E402
 from mag_explore.families import Conditioning, denoise  # noqa: E402
-from mag_explore.methods import guidance_step  # noqa: E402
+from mag_explore.methods import guidance_pass  # noqa: E402
 from mag_explore.sampling import StepState  # noqa: E402
 from mag_explore.schedule import StepRange  # noqa: E402
 
@@ -143,7 +143,7 @@ def one_guidance_pass(pipe, layout, size: int, checkpointing: bool):
             controller.set_step(0, t)
             state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                               controller, sampler.timesteps)
-            guidance_step(state, sampler.latents, mag.hook, 0.01, checkpointing=checkpointing)
+            guidance_pass(state, sampler.latents, mag.hook, checkpointing=checkpointing)
     return run
 
 

@@ -27,7 +27,7 @@ def spin(stop) -> None:
 
 
 def series(paths: list[Path], threads: int) -> dict[str, float]:
-    from mag_explore.nbtools import run_notebook
+    from mag_explore.course.nbtools import run_notebook
 
     os.environ["MAG_EXPLORE_THREADS"] = str(threads)
     os.environ.pop("OMP_NUM_THREADS", None)  # let torch start with its default, as a user's kernel does

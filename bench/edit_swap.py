@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from mag_explore.editing import edit_image  # noqa: E402
 from mag_explore.shapes.scoring import color_ious  # noqa: E402
-from mag_explore.inversion import invert  # noqa: E402
+from mag_explore.editing.inversion import invert  # noqa: E402
 from mag_explore.layouts import Layout, rect  # noqa: E402
 from mag_explore.models import load_pipeline  # noqa: E402
 from mag_explore.shapes.world import caption_for, render, score_image  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--method", default="mag")
     parser.add_argument("--start", default="move")
     parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--step", default=None, help="MAG's step rule: official or normalized (default: the model's)")
+    parser.add_argument("--step-rule", default=None, help="MAG's step rule: official or normalized (default: the model's)")
     parser.add_argument("--source", choices=["given", "attention"], default="given",
                         help="where the objects are: their true masks (default) or read from the attention")
     parser.add_argument("--save", default=None, help="write the edited images side by side to this PNG")
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---|---|")
     for a, b in SWAPS:
         r = swap_scene(pipe, a, b, given_source=args.source == "given", method=args.method, start=args.start,
-                       alpha=args.alpha, mag_step=args.step)
+                       alpha=args.alpha, step_rule=args.step_rule)
         images.append(np.asarray(r["image"]))
         for obj in (a, b):
             print(f"| {r['prompt']} | {obj[0]} {obj[1]} | {r['new'][obj[0]]:.2f} | {r['old'][obj[0]]:.2f} "

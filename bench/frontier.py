@@ -25,9 +25,9 @@ from mag_explore.evaluate.report import bootstrap_summary, format_summary, plot_
 from mag_explore.evaluate.settings import DEFAULT, setting_label  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 
-PAPER = {"step": "official", "alpha": 0.08, "lmbda": 0.5, "mask_mode": "nearest", "loss_fn": "official",
-         "resolutions": [8, 16]}
-EARLIER = {**PAPER, "step": "normalized", "alpha": 0.03}  # the first calibrated default
+PAPER = {"step_rule": "official", "alpha": 0.08, "lmbda": 0.5, "mask_mode": "nearest", "loss_fn": "official",
+         "layer_sizes": [8, 16]}
+EARLIER = {**PAPER, "step_rule": "normalized", "alpha": 0.03}  # the first calibrated default
 BALANCED = {**EARLIER, "mask_mode": "area", "loss_fn": "balanced"}
 
 # part -> method -> [(setting, its name in the README's table, its label in the figure or None)]

@@ -30,12 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 from mag_steps import updated_latent  # noqa: E402  (bench/ is on sys.path: the script's folder)
 from mag_explore.evaluate import color_segmenter, load_suite, shapes_fidelity  # noqa: E402
+from mag_explore.methods.guidance import guidance_pass  # noqa: E402
 from mag_explore.methods import MaskedAttentionGuidance  # noqa: E402
 from mag_explore.methods.mag import MagLossHook  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import Sampler  # noqa: E402
-from mag_explore.inversion import encode_image  # noqa: E402
-from mag_explore.shapes.world import COLORS, mask_iou, render  # noqa: E402
+from mag_explore.editing.inversion import encode_image  # noqa: E402
+from mag_explore.layouts import mask_iou  # noqa: E402
+from mag_explore.shapes.world import COLORS, render  # noqa: E402
 
 SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 BACKGROUND = np.array([240.0, 240.0, 240.0])
@@ -57,9 +59,9 @@ class PerLayerLoss(MagLossHook):
 class MeasuredMAG(MaskedAttentionGuidance):
     """MAG with a step rule of ``mag_steps`` (official by default), recording what each update does."""
 
-    def __init__(self, layout, step="official", **kwargs):
+    def __init__(self, layout, step_rule="official", **kwargs):
         super().__init__(layout, **kwargs)
-        self.rule = step
+        self.update_rule = step_rule
         self.hook = PerLayerLoss(self)
         self.records = []
 
@@ -67,11 +69,11 @@ class MeasuredMAG(MaskedAttentionGuidance):
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
         x = state.latents.detach()
-        loss, grad = self.loss_and_grad(state, x)
+        loss, grad = guidance_pass(state, x, self.hook)
         # split of the gradient by resolution: one more pass, keeping the graph for two backward calls
         split = self._split(state, x)
         abar = float(state.scheduler.alphas_cumprod[int(state.timestep)])
-        update = x - updated_latent(self.rule, x, grad, self.alpha, abar)
+        update = x - updated_latent(self.update_rule, x, grad, self.alpha, abar)
         dc = update.mean(dim=(-2, -1), keepdim=True)
         self.records.append({
             "step": state.step_index, "t": int(state.timestep),
@@ -85,14 +87,14 @@ class MeasuredMAG(MaskedAttentionGuidance):
         return (x - update).detach()
 
     def _split(self, state, x):
-        from mag_explore.methods.common import frozen_weights
+        from mag_explore.methods.guidance import frozen_weights
 
         unet = state.pipe.unet
         x = x.detach().requires_grad_(True)
         self.hook.reset()
-        with torch.enable_grad(), frozen_weights(unet), state.attention.phase_as("guidance", ("cond",)):
+        with torch.enable_grad(), frozen_weights(unet), state.attention_controller.phase_as("guidance", ("cond",)):
             unet(state.scheduler.scale_model_input(x, state.timestep), state.timestep,
-                 encoder_hidden_states=state.cond_embeddings, return_dict=False)
+                 encoder_hidden_states=state.cond.embeddings, return_dict=False)
             out = {}
             for res in sorted({h for h, _ in self.hook.per_layer}):
                 loss = sum(l for h, l in self.hook.per_layer if h == res)
@@ -170,8 +172,8 @@ def main(argv=None) -> None:
     items = [suite[int(i)] for i in args.layouts.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     probe = Sampler(pipe, "a red circle", seed=0)
-    guided = [i for i, t in enumerate(probe.timesteps) if t > d["guide_until"]]
-    print(f"{len(items)} layouts x {len(seeds)} seeds; guided steps {guided[0]}..{guided[-1]} (t > {d['guide_until']})")
+    guided = [i for i, t in enumerate(probe.timesteps) if t > d["while_t_above"]]
+    print(f"{len(items)} layouts x {len(seeds)} seeds; guided steps {guided[0]}..{guided[-1]} (t > {d['while_t_above']})")
 
     refs = colour_latents(pipe)
     print("VAE latent of each colour (mean over a circle's cells): " + "; ".join(
@@ -184,7 +186,7 @@ def main(argv=None) -> None:
         rows[name], records[name] = [], []
         for it in items:
             for s in seeds:
-                control = MeasuredMAG(it.layout, step=rule, alpha=alpha, lmbda=d["mag_lambda"], steps=d["guide_until"])
+                control = MeasuredMAG(it.layout, step_rule=rule, alpha=alpha, lmbda=d["mag_lmbda"], while_t_above=d["while_t_above"])
                 rows[name].append(run(pipe, it, s, control, guided[-1], refs))
                 records[name].append(control.records)
 

@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=1 nice python bench/mag_steps.py                          # the default grid
     python bench/mag_steps.py --layouts 1,6,7,9 --seeds 0,1 \\
-        --settings "official:alpha=0.3" "normalized:alpha=0.03" "official:alpha=0.3,resolutions=8"
+        --settings "official:alpha=0.3" "normalized:alpha=0.03" "official:alpha=0.3,layer_sizes=8"
 
 A setting is ``step:key=value,...``; ``step`` is one of ``STEPS`` below, the keys are
-``MaskedAttentionGuidance`` options (alpha, lmbda, resolutions as 8 or 16, skip = guided
+``MaskedAttentionGuidance`` options (alpha, lmbda, layer_sizes as 8 or 16, skip = guided
 steps to leave out at the start, max_step = cap of the update in noise units for "clipped").
 Fidelity is ``evaluate``'s (every requested colour present, no other colour, right shapes).
 This is the exploration that picked the shipped step rule and alpha (README, "MAG on the
@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mag_explore.evaluate import color_segmenter, load_suite, shapes_fidelity  # noqa: E402
+from mag_explore.methods.guidance import guidance_pass  # noqa: E402
 from mag_explore.methods import MaskedAttentionGuidance  # noqa: E402
 from mag_explore.methods.common import check_finite  # noqa: E402
 from mag_explore.models import load_pipeline, model_defaults  # noqa: E402
 from mag_explore.sampling import generate  # noqa: E402
-from mag_explore.shapes.world import mask_iou  # noqa: E402
+from mag_explore.layouts import mask_iou  # noqa: E402
 
 SUITE = ROOT / "mag_explore" / "data" / "suites" / "shapes.json"
 STEPS = ("official", "normalized", "signal", "clipped", "renormed")
@@ -47,9 +48,9 @@ class StepRuleMAG(MaskedAttentionGuidance):
     sigma_t = sqrt(1 - abar_t) is x_t's noise level (VP/DDIM), sqrt(abar_t) its signal scale.
     """
 
-    def __init__(self, layout, step="official", skip=0, max_step=0.05, **kwargs):
+    def __init__(self, layout, step_rule="official", skip=0, max_step=0.05, **kwargs):
         super().__init__(layout, **kwargs)
-        self.rule, self.skip, self.max_step = step, int(skip), float(max_step)
+        self.update_rule, self.skip, self.max_step = step_rule, int(skip), float(max_step)
         self.guided = 0
 
     def start(self, sampler):
@@ -63,10 +64,10 @@ class StepRuleMAG(MaskedAttentionGuidance):
         if self.guided <= self.skip:
             return state.latents
         x = state.latents.detach()
-        loss, grad = self.loss_and_grad(state, x)
+        loss, grad = guidance_pass(state, x, self.hook)
         check_finite("MAG", state, loss, grad, f"alpha={self.alpha}")
         abar = float(state.scheduler.alphas_cumprod[int(state.timestep)])
-        return updated_latent(self.rule, x, grad, self.alpha, abar, self.max_step).detach()
+        return updated_latent(self.update_rule, x, grad, self.alpha, abar, self.max_step).detach()
 
 
 def updated_latent(rule: str, x, grad, alpha: float, abar: float, max_step: float = 0.05):
@@ -92,11 +93,11 @@ def parse_setting(text: str) -> tuple[str, dict]:
     options = {}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
-        options[key] = {int(value)} if key == "resolutions" else (int(value) if key == "skip" else float(value))
+        options[key] = {int(value)} if key == "layer_sizes" else (int(value) if key == "skip" else float(value))
     return step, options
 
 
-def score(pipe, items, seeds, step, options, lmbda, guide_until, dump=None):
+def score(pipe, items, seeds, step, options, lmbda, while_t_above, dump=None):
     ious, fids, present, extra = [], [], [], []
     lmbda = options.get("lmbda", lmbda)
     options = {k: v for k, v in options.items() if k != "lmbda"}
@@ -104,7 +105,7 @@ def score(pipe, items, seeds, step, options, lmbda, guide_until, dump=None):
         phrases = [item.layout.label(i) for i in range(len(item.layout))]
         for seed in seeds:
             controls = [] if step == "none" else [
-                StepRuleMAG(item.layout, step=step, lmbda=lmbda, steps=guide_until, **options)]
+                StepRuleMAG(item.layout, step_rule=step, lmbda=lmbda, while_t_above=while_t_above, **options)]
             image = np.asarray(generate(pipe, item.layout.prompt, seed=seed, controls=controls,
                                         progress=False).images[0])
             masks = color_segmenter(image, phrases)
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dump", default=None, help="folder: one PNG per setting (all its images) and the failures listed")
     parser.add_argument("--settings", nargs="+", default=[
         "none", "official:alpha=0.3", "official:alpha=0.1", "official:alpha=0.3,skip=1",
-        "official:alpha=0.3,resolutions=8", "official:alpha=0.3,resolutions=16",
+        "official:alpha=0.3,layer_sizes=8", "official:alpha=0.3,layer_sizes=16",
         "renormed:alpha=0.3", "clipped:alpha=0.3,max_step=0.05", "normalized:alpha=0.03",
         "normalized:alpha=0.06"])
     args = parser.parse_args(argv)
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
         step, options = ("none", {}) if text == "none" else parse_setting(text)
         start = time.perf_counter()
         dump = [] if args.dump else None
-        iou, fid, present, extra = score(pipe, items, seeds, step, options, d["mag_lambda"], d["guide_until"], dump)
+        iou, fid, present, extra = score(pipe, items, seeds, step, options, d["mag_lmbda"], d["while_t_above"], dump)
         print(f"| {text} | {iou:.3f} | {fid:.2f} | {present:.2f} | {extra:.2f} | {time.perf_counter() - start:.0f} |",
               flush=True)
         if dump:

@@ -46,26 +46,28 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="hub id or local folder of a pipeline of a supported family: SD 1.x/2.x, SDXL, Flux.1, SD3/SD3.5, "
                         "PixArt-Σ or Sana; or 'shapes' (default: 'shapes' "
                         "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
-    p.add_argument("--negative-prompt", default=None, help="default: the model's ('low quality', as the official MAG)")
+    p.add_argument("--negative-prompt", default=None, help="default: the model's")
     p.add_argument("--layout", help="color-label PNG of the regions")
     p.add_argument("--regions", help='JSON {"#ff0000": "red circle", ...} (inline or a .json file) with --layout')
     p.add_argument("--word-ids", help='official MAG format with --layout, e.g. "[[1,2,3,4],[6,7]]" (index 0 = BOS)')
     p.add_argument("--method", choices=["none", "swap", "mag", "pww", "lg"], default="mag",
                    help="none, swap or mag (the paper's), pww (paint-with-words) or lg (layout guidance); default: mag")
     p.add_argument("--alpha", type=float, default=None,
-                   help="MAG step size (default: the model's; 0.08 on SD; 0.01 on SDXL and PixArt-Σ, 0.04 on Sana: "
-                        "first guesses, not calibrated on real weights)")
-    p.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks (default 0.5)")
+                   help="MAG step size α (default: the model's)")
+    p.add_argument("--lmbda", type=float, default=None, help="MAG weight λ of attention outside the masks (default: the model's)")
+    p.add_argument("--step-rule", choices=["official", "normalized"], default=None,
+                   help="MAG's update: official (x_t - alpha grad L, the paper's) or normalized (alpha noise-stds long); "
+                        "default: the model's")
     p.add_argument("--allow-negative-lambda", action="store_true",
                    help="experimental: accept --lmbda < 0 (it rewards attention outside the regions)")
-    p.add_argument("--guide-until", type=int, default=None,
-                   help="MAG guides while timestep t > T (default: the model's; 700 as the official code; Flux/SD3: t = 1000 sigma)")
-    p.add_argument("--swap-until", type=int, default=None,
-                   help="swap while timestep t > T (default: the model's guide_until; 700)")
-    add_common_options(p, "denoising steps (default: the model's; 50)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; 9 on SD; Flux: its guidance embedding, 3.5)")
+    p.add_argument("--guide-while-t-above", type=int, default=None,
+                   help="MAG guides while timestep t > T (default: the model's; Flux/SD3: t = 1000 sigma)")
+    p.add_argument("--swap-while-t-above", type=int, default=None,
+                   help="swap while timestep t > T (default: the model's)")
+    add_common_options(p)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's; Flux: its guidance embedding)")
     p.add_argument("--true-cfg", type=float, default=None,
-                   help="Flux only: CFG with a second, negative-prompt pass (default: the model's; 1 = off; 3 on shapes_flux)")
+                   help="Flux only: CFG with a second, negative-prompt pass, 1 = off (default: the model's)")
     p.add_argument("--seed", type=int, default=42, help="default 42 (the official script's)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
@@ -142,10 +144,12 @@ def add_edit_parser(commands) -> None:
     ed.add_argument("--inject-steps", type=int, default=0,
                     help="inject the kept words' source attention during the first N steps (0: no injection)")
     ed.add_argument("--method", default="mag", help="mag, swap or none")
-    ed.add_argument("--alpha", type=float, default=None, help="MAG step size (default: the model's)")
-    ed.add_argument("--lmbda", type=float, default=None, help="MAG weight of attention outside the masks")
+    ed.add_argument("--alpha", type=float, default=None, help="MAG step size α (default: the model's)")
+    ed.add_argument("--lmbda", type=float, default=None, help="MAG weight λ of attention outside the masks (default: the model's)")
+    ed.add_argument("--step-rule", choices=["official", "normalized"], default=None,
+                    help="MAG's update, official or normalized (default: the model's)")
     ed.add_argument("--allow-negative-lambda", action="store_true", help="experimental: accept --lmbda < 0")
-    ed.add_argument("--guide-until", type=int, default=None, help="guide while timestep t > T (default: the model's)")
+    ed.add_argument("--guide-while-t-above", type=int, default=None, help="guide while timestep t > T (default: the model's)")
     add_common_options(ed, "inversion and sampling steps (default: the model's)")
     ed.add_argument("--cfg", type=float, default=1.0, help="guidance scale of inversion and sampling (1: faithful)")
     ed.add_argument("--device", default=None, help="cuda, mps or cpu (default: auto)")
@@ -197,7 +201,7 @@ def check_method_numbers(args) -> None:
         check_number("--alpha", args.alpha, minimum=0)
     if args.lmbda is not None:
         check_lambda(args.lmbda, args.allow_negative_lambda, name="--lmbda")
-    for option in ("guide_until", "swap_until"):
+    for option in ("guide_while_t_above", "swap_while_t_above"):
         value = getattr(args, option, None)
         if value is not None:
             check_count("--" + option.replace("_", "-"), value, minimum=0, maximum=999)
@@ -217,14 +221,16 @@ def run_generate(args) -> str:
     from . import families
     from .attention import AttentionStore
     from .methods import make_controls
-    from .models import load_pipeline
+    from .models.load import load_pipeline
     from .sampling import generate
 
     check_generate_args(args)
     layout = load_layout(args, args.prompt)
-    threshold = {"mag": args.guide_until, "swap": args.swap_until}.get(args.method)
+    threshold = {"mag": args.guide_while_t_above, "swap": args.swap_while_t_above}.get(args.method)
     for flag, value, method in (("--alpha", args.alpha, "mag"), ("--lmbda", args.lmbda, "mag"),
-                                ("--guide-until", args.guide_until, "mag"), ("--swap-until", args.swap_until, "swap"),
+                                ("--step-rule", args.step_rule, "mag"),
+                                ("--guide-while-t-above", args.guide_while_t_above, "mag"),
+                                ("--swap-while-t-above", args.swap_while_t_above, "swap"),
                                 ("--allow-negative-lambda", args.allow_negative_lambda or None, "mag")):
         if value is not None and args.method != method:
             raise InputError(f"{flag} is a setting of --method {method}, not of --method {args.method}")
@@ -234,8 +240,8 @@ def run_generate(args) -> str:
                          f"{families.family(pipe)} pipeline; use --cfg")
     # settings left as None are resolved from the model's defaults when the run starts
     experimental = {"allow_negative_lambda": True} if args.allow_negative_lambda else {}
-    controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, while_t_above=threshold,
-                             **experimental)
+    controls = make_controls(args.method, layout, alpha=args.alpha, lmbda=args.lmbda, step_rule=args.step_rule,
+                             while_t_above=threshold, **experimental)
     store = AttentionStore() if args.save_attention else None
     result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.cfg, true_cfg_scale=args.true_cfg, seed=args.seed, height=args.height,
@@ -303,12 +309,12 @@ def segmenter_options(args) -> dict:
 
 
 def run_edit(args) -> str:
-    from .editing import edit_image
-    from .models import load_pipeline
+    from .editing.edit import edit_image
+    from .models.load import load_pipeline
 
     from .layouts import Layout
 
-    from .editing import STARTS
+    from .editing.edit import STARTS
     from .methods import METHOD_NAMES
 
     check_method_numbers(args)
@@ -327,7 +333,8 @@ def run_edit(args) -> str:
                         method=args.method, keep=args.keep,
                         inject_step_range=(0, args.inject_steps) if args.inject_steps else None,
                         threshold=args.threshold, num_inference_steps=args.num_inference_steps,
-                        guidance_scale=args.cfg, alpha=args.alpha, lmbda=args.lmbda, while_t_above=args.guide_until,
+                        guidance_scale=args.cfg, alpha=args.alpha, lmbda=args.lmbda, step_rule=args.step_rule,
+                        while_t_above=args.guide_while_t_above,
                         allow_negative_lambda=args.allow_negative_lambda)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .layouts import Layout
 from .methods import run_methods_on
-from .models import load_pipeline, model_defaults, use_cpu_threads
+from .models.load import load_pipeline, model_defaults, use_cpu_threads
 from .plots import CMAP, FONT, TITLE, upsample_map
 from .schedule import resolve_step_range
 from .shapes.scoring import iou_text, region_iou
@@ -41,10 +41,10 @@ def demo_figure(model=None, layout_path=None, num_inference_steps=None, seed=1, 
             ax.axis("off")
     used = results["mag"].settings  # what the run really used, not what the defaults say
     mag = used["mag"]
-    sizes = mag.get("resolutions")
+    sizes = mag.get("layer_sizes")
     layers = "all layers" if sizes is None else ", ".join(f"{r}×{r}" for r in sizes) + " layers"
     fig.suptitle(f'"{layout.prompt}" — {used["num_inference_steps"]} DDIM steps, CFG {used["guidance_scale"]}, '
-                 f'seed {seed}\nMAG ({mag["step"]} step, {mag["loss_fn"]} loss, {layers}, {mag["mask_mode"]} masks) '
+                 f'seed {seed}\nMAG ({mag["step_rule"]} step, {mag["loss_fn"]} loss, {layers}, {mag["mask_mode"]} masks) '
                  f'α={mag["alpha"]}, λ={mag["lmbda"]}, '
                  f'while {resolve_step_range(mag.get("while_t_above"), mag.get("step_range"))}; '
                  "maps: all steps and layers, head mean", fontsize=TITLE)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionStore
 from .layouts.colors import color_named_in
-from .tokens import token_text
+from .text.tokens import token_text
 
 #: Perceptually uniform (brightness rises evenly with the value, readable in grey and by
 #: color-blind viewers): what every attention map uses unless a caller asks for another.
@@ -74,7 +74,7 @@ def _resolve_tokens(result, tokens) -> list[tuple[str, list[int]]]:
 
 
 @legible
-def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=None, resolutions=None,
+def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=None, layer_sizes=None,
                     overlay: bool = True, alpha: float = 0.6, cmap: str = CMAP, scale: str = "own") -> plt.Figure:
     """One panel per word: its cross-attention averaged over steps, layers and heads, over the image.
 
@@ -95,7 +95,7 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
                              layout="constrained")  # room for two-line titles under the suptitle
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("image", fontsize=FONT)
-    heats = [upsample_map(store.aggregate(tokens=indices, steps=steps, resolutions=resolutions).sum(0), size)
+    heats = [upsample_map(store.aggregate(tokens=indices, steps=steps, layer_sizes=layer_sizes).sum(0), size)
              for _, indices in pairs]
     top = max(float(h.max()) for h in heats) if scale == "shared" else None
     for ax, (label, _), heat in zip(axes[0, 1:], pairs, heats):
@@ -105,7 +105,7 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
         ax.set_title(f'"{label}"\npeak {heat.max():.2g}', fontsize=FONT)
     for ax in axes.flat:
         ax.axis("off")
-    res = "all layers" if resolutions is None else f"layers at {sorted(resolutions)}"
+    res = "all layers" if layer_sizes is None else f"layers at {sorted(layer_sizes)}"
     scaled = "each map scaled to its own peak" if scale == "own" else "one color scale for all maps"
     fig.suptitle(f"cross-attention per word, {_steps_label(store, steps)}, {res}, head mean; {scaled}",
                  fontsize=TITLE)
@@ -114,7 +114,7 @@ def plot_token_maps(result, tokens: Sequence[str | int] | None = None, steps=Non
 
 @legible
 def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | None = None,
-                              resolutions=None, cmap: str = CMAP) -> plt.Figure:
+                              layer_sizes=None, cmap: str = CMAP) -> plt.Figure:
     """How one word's map forms over the denoising steps (a row of maps)."""
     store = result.store
     (label, indices), = _resolve_tokens(result, [token])
@@ -124,7 +124,7 @@ def plot_attention_over_steps(result, token: str | int, steps: Sequence[int] | N
     fig, axes = plt.subplots(1, len(steps), figsize=(2.4 * len(steps), 3.0), squeeze=False,
                              layout="constrained")  # room for two-line titles under the suptitle
     for ax, step in zip(axes[0], steps):
-        ax.imshow(store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).numpy(), cmap=cmap)
+        ax.imshow(store.aggregate(tokens=indices, steps=[step], layer_sizes=layer_sizes).sum(0).numpy(), cmap=cmap)
         ax.set_title(f"step {step}\nt={store.timesteps.get(step)}", fontsize=FONT)
         ax.axis("off")
     fig.suptitle(f'"{label}" over the steps (all layers, head mean; each map scaled to its own peak)', fontsize=TITLE)
@@ -143,7 +143,7 @@ def plot_attention_over_layers(result, token: str | int, step: int | None = None
     for ax, layer in zip(axes[0], layers):
         heat = sum(store.map(step, layer, i) for i in indices)
         ax.imshow(heat.numpy(), cmap=cmap)
-        h, w = store.resolution(layer)
+        h, w = store.grid(layer)
         ax.set_title(f"{short_layer_name(layer)}\n{h}×{w}", fontsize=FONT)
         ax.axis("off")
     fig.suptitle(f'"{label}" per layer at step {step} (t={store.timesteps.get(step)}; each map scaled to its own peak)',

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from . import families
 from .attention import AttentionStore
 from .families import Conditioning, encode_prompt
-from .models import model_defaults
-from .tokens import prompt_tokens, token_indices
+from .models.load import model_defaults
+from .text.tokens import prompt_tokens, token_indices
 from .validation import (InputError, check_count, check_latents_finite, check_number, check_seed,
                          check_size)
 
@@ -47,22 +47,8 @@ class StepState:
     latents: torch.Tensor
     cond: Conditioning  # the prompt's conditioning (SDXL: with pooled embeddings and time ids)
     uncond: Conditioning  # the negative prompt's
-    attention: Any  # the AttentionController of this step (phase switching for extra passes)
+    attention_controller: Any  # this step's AttentionController (phase switching for extra passes)
     timesteps: list[int]
-
-    def __post_init__(self):
-        # plain embeddings tensors (SD 1.x/2.x) are accepted too
-        for name in ("cond", "uncond"):
-            if isinstance(getattr(self, name), torch.Tensor):
-                setattr(self, name, Conditioning(getattr(self, name)))
-
-    @property
-    def cond_embeddings(self) -> torch.Tensor:
-        return self.cond.embeddings
-
-    @property
-    def uncond_embeddings(self) -> torch.Tensor:
-        return self.uncond.embeddings
 
 
 class Control:
@@ -206,14 +192,41 @@ class Sampler:
         num_images: int = 1,
         latents: torch.Tensor | None = None,
     ):
-        defaults = model_defaults(pipe)
         self.pipe, self.prompt = pipe, prompt
+        # 0. settings left out come from the model's defaults; every value is checked here, once
+        num_inference_steps = self._resolve_settings(model_defaults(pipe), negative_prompt, num_inference_steps,
+                                                     guidance_scale, true_cfg_scale, max_sequence_length,
+                                                     height, width, eta, num_images)
+        self.controls, self.store, self.callbacks = list(controls), store, list(callbacks)
+        self.keep_latents, self.keep_x0 = keep_latents, keep_x0
+        self.device = families.denoiser(pipe).device
+        self.seed = check_seed(seed)
+        if generator is None and self.seed is not None:
+            generator = torch.Generator("cpu").manual_seed(self.seed)
+        self.generator = generator
+        self._encode_prompts()  # 1. the prompt -> the conditioning of both halves of CFG
+        # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was):
+        #    DDIM for a UNet, the pipeline's own flow-matching scheduler (shift, mu) for Flux / SD3
+        shape = families.latent_shape(pipe, self.num_images, self.height, self.width)
+        self.scheduler = families.make_scheduler(pipe, num_inference_steps, shape[-2:], self.device, scheduler)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.latents, self.x0 = self._initial_latents(latents, shape), None  # 3. x_T
+        self.step_index = 0
+        self.step_latents: list[torch.Tensor] = []
+        self.step_x0: list[torch.Tensor] = []
+        self._run_attention = None  # the installation run() holds over all its steps
+        for control in self.controls:
+            control.start(self)
+
+    def _resolve_settings(self, defaults: dict, negative_prompt, num_inference_steps, guidance_scale, true_cfg_scale,
+                          max_sequence_length, height, width, eta, num_images) -> int:
+        """Set the run's checked settings (the model's where None); returns the step count."""
+        pipe = self.pipe
         self.negative_prompt = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
         # a null negative prompt in the model's defaults means "none": "" on SD, zeros on SDXL (as diffusers)
-        for name, text in (("prompt", prompt), ("negative_prompt", self.negative_prompt)):
+        for name, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
             if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
                 raise InputError(f"{name}={text!r}: give a string")
-        # 0. settings left out come from the model's defaults; every value is checked here, once
         self.guidance_scale = check_number(
             "guidance_scale", defaults["guidance_scale"] if guidance_scale is None else guidance_scale, minimum=0)
         num_inference_steps = check_count(
@@ -225,49 +238,37 @@ class Sampler:
         height, width = check_size(defaults["height"] if height is None else height,
                                    defaults["width"] if width is None else width, families.size_multiple(pipe))
         self.output_size = (height, width)  # PixArt-Σ, Sana: sampled at the nearest resolution bin, resized back
-        height, width = families.family_of(pipe).generation_size(pipe, height, width)
+        self.height, self.width = families.family_of(pipe).generation_size(pipe, height, width)
         self.eta = check_number("eta", eta, minimum=0)
         self.num_images = check_count("num_images", num_images)
-        self.height, self.width = height, width
-        self.controls, self.store, self.callbacks = list(controls), store, list(callbacks)
-        self.keep_latents, self.keep_x0 = keep_latents, keep_x0
-        self.device = families.denoiser(pipe).device
-        seed = check_seed(seed)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
-        self.generator, self.seed = generator, seed
+        return num_inference_steps
 
-        # 1. the prompt -> embeddings for both halves of classifier-free guidance (Flux without a
-        #    negative prompt: uncond is None, one pass per step)
-        families.check_prompt(pipe, prompt)  # SDXL, SD3: both CLIP tokenizers must agree on word positions
+    def _encode_prompts(self) -> None:
+        """The conditioning of both halves of classifier-free guidance (Flux without a negative
+        prompt: uncond is None, one pass per step)."""
+        pipe, size = self.pipe, (self.height, self.width)
+        families.check_prompt(pipe, self.prompt)  # SDXL, SD3: both CLIP tokenizers must agree on word positions
         text = dict(max_sequence_length=self.max_sequence_length, guidance_scale=self.guidance_scale)
-        self.cond = encode_prompt(pipe, prompt, num_images, (height, width), **text)
-        self.uncond = families.encode_negative_prompt(pipe, self.negative_prompt, num_images, (height, width), **text)
+        self.cond = encode_prompt(pipe, self.prompt, self.num_images, size, **text)
+        self.uncond = families.encode_negative_prompt(pipe, self.negative_prompt, self.num_images, size, **text)
         self.cond_embeddings = self.cond.embeddings
         self.uncond_embeddings = None if self.uncond is None else self.uncond.embeddings
-        self.num_prompt_tokens = families.num_prompt_tokens(pipe, prompt, self.max_sequence_length)
-        # 2. a fresh scheduler (never the pipeline's own object, so the pipeline is left as it was):
-        #    DDIM for a UNet, the pipeline's own flow-matching scheduler (shift, mu) for Flux / SD3
-        shape = families.latent_shape(pipe, num_images, height, width)
-        self.scheduler = families.make_scheduler(pipe, num_inference_steps, shape[-2:], self.device, scheduler)
-        self.timesteps = [int(t) for t in self.scheduler.timesteps]
-        # 3. the initial noise x_T, scaled as the scheduler expects. x_t stays float32 across
-        #    steps whatever the UNet's dtype, as in the official MAG code: in fp16, a guidance
-        #    update below ~5e-4 on a latent near 1 would round away.
+        self.num_prompt_tokens = families.num_prompt_tokens(pipe, self.prompt, self.max_sequence_length)
+
+    def _initial_latents(self, latents: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        """x_T: fresh noise scaled as the scheduler expects, or the given latents (checked).
+
+        x_t stays float32 across steps whatever the UNet's dtype, as in the official MAG code:
+        in fp16, a guidance update below ~5e-4 on a latent near 1 would round away.
+        """
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device,
-                                   dtype=families.denoiser(pipe).dtype)
+            latents = randn_tensor(shape, generator=self.generator, device=self.device,
+                                   dtype=families.denoiser(self.pipe).dtype)
             latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching: x_1 is the noise
         elif tuple(latents.shape) != shape or not torch.isfinite(latents).all():
             raise InputError(f"latents of shape {tuple(latents.shape)}: give finite latents of shape {shape} "
-                             f"for {num_images} image(s) of {height}x{width}")
-        self.latents, self.x0 = latents.to(self.device, torch.float32), None
-        self.step_index = 0
-        self.step_latents: list[torch.Tensor] = []
-        self.step_x0: list[torch.Tensor] = []
-        self._run_attention = None  # the installation run() holds over all its steps
-        for control in self.controls:
-            control.start(self)
+                             f"for {self.num_images} image(s) of {self.height}x{self.width}")
+        return latents.to(self.device, torch.float32)
 
     @property
     def done(self) -> bool:
@@ -314,7 +315,7 @@ class Sampler:
         if self._run_attention is not None:
             return nullcontext(self._run_attention)
         hooks = self.hooks
-        return families.attention_hooks(self.pipe, hooks) if hooks else nullcontext()
+        return families.install_attention_hooks(self.pipe, hooks) if hooks else nullcontext()
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, attention=None) -> torch.Tensor:
         """The guided prediction (fp32): UNet on [uncond, cond] + CFG; Flux / SD3: see families.mmdit.predict."""
@@ -335,7 +336,7 @@ class Sampler:
     def run(self, progress: bool = True) -> GenerationResult:
         """Do the remaining steps (with a progress bar) and decode."""
         hooks = self.hooks
-        with families.attention_hooks(self.pipe, hooks) if hooks else nullcontext() as attention:
+        with families.install_attention_hooks(self.pipe, hooks) if hooks else nullcontext() as attention:
             self._run_attention = attention
             try:
                 for _ in tqdm(range(self.step_index, len(self.timesteps)), desc="denoising", disable=not progress):
@@ -374,24 +375,25 @@ class Sampler:
         )
 
 
-def generate(pipe, prompt: str, *, progress: bool = True, **options) -> GenerationResult:
+def generate(pipe, prompt: str, *, negative_prompt: str | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, true_cfg_scale: float | None = None,
+             max_sequence_length: int | None = None, seed: int | None = None,
+             generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
+             eta: float = 0.0, scheduler=None, controls: Sequence[Control] = (), store: AttentionStore | None = None,
+             callbacks: Sequence[Callable[["Sampler"], None]] = (), keep_latents: bool = False, keep_x0: bool = False,
+             num_images: int = 1, latents: torch.Tensor | None = None, progress: bool = True) -> GenerationResult:
     """Sample an image for ``prompt``: ``Sampler(pipe, prompt, **options).run(progress)``.
 
-    The options are ``Sampler``'s (``help(generate)`` and Shift-Tab list them): settings
-    left as None come from ``model_defaults(pipe)`` (size, steps, CFG scale, negative
+    Settings left as None come from ``model_defaults(pipe)`` (size, steps, CFG scale, negative
     prompt); each control resolves its own (MAG's α, λ, threshold) the same way.
     ``controls`` plug methods into the loop, ``store`` records attention, ``callbacks`` run
     after every step, ``keep_latents``/``keep_x0`` keep each step's x_t / predicted x_0,
-    ``latents`` replaces the initial noise (e.g. an inverted x_T).
+    ``latents`` replaces the initial noise (e.g. an inverted x_T). The options are written
+    out (not ``**options``) so that ``help(generate)`` and Shift-Tab list them.
     """
-    return Sampler(pipe, prompt, **options).run(progress=progress)
-
-
-def _signature_of_generate() -> inspect.Signature:
-    """``generate(pipe, prompt, *, <every Sampler option>, progress=True)``: one list of options, shown twice."""
-    sampler = list(inspect.signature(Sampler.__init__).parameters.values())[1:]  # without self
-    progress = inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
-    return inspect.signature(generate).replace(parameters=[*sampler, progress])
-
-
-generate.__signature__ = _signature_of_generate()
+    return Sampler(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+                   max_sequence_length=max_sequence_length, seed=seed, generator=generator, height=height,
+                   width=width, eta=eta, scheduler=scheduler, controls=controls, store=store, callbacks=callbacks,
+                   keep_latents=keep_latents, keep_x0=keep_x0, num_images=num_images,
+                   latents=latents).run(progress=progress)

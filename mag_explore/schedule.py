@@ -120,19 +120,6 @@ def resolve_step_range(while_t_above: int | StepRange | None = None, step_range:
     return StepRange.all() if default is None else default
 
 
-def reject_old_keywords(owner: str, given: dict) -> None:
-    """A ``TypeError`` for keywords that were removed, saying what to write instead.
-
-    ``steps=`` once meant a timestep threshold (an int), step indices (a tuple) or a
-    count, depending on where it was written; it is gone everywhere.
-    """
-    if "steps" in given:
-        raise TypeError(f"{owner}(steps={given['steps']!r}): 'steps' is ambiguous and was removed; "
-                        + _fix_hint(given["steps"]))
-    if given:
-        raise TypeError(f"{owner}() got unexpected keyword arguments {sorted(given)}")
-
-
 def sigma_as_timestep(sigma: float, num_train_timesteps: int = 1000) -> int:
     """The ``while_t_above`` threshold that means "while σ > sigma" on a flow-matching schedule (t = 1000·σ)."""
     if not 0 <= sigma < 1:

@@ -19,7 +19,7 @@ rule lives in one place:
   are (at those layers the words are pushed away, or swapped to zero), and the coarsest
   layers of SD (8x8 at 512²) lose every region narrower than 64 px. The message gives
   the fixes: draw it larger, soft masks with ``mask_mode="area"``, or leave those
-  layers out (MAG's ``resolutions=``).
+  layers out (MAG's ``layer_sizes=``).
 
 Non-finite numbers *during* a run (a NaN or inf in the latents after a step, or in a
 guidance loss) stop it with a :class:`NonFiniteError` naming the step and the knob to

@@ -76,3 +76,13 @@ def sdxl_folder(tmp_path_factory) -> Path:
 def sdxl_pipe(sdxl_folder):
     """Tiny SDXL-like ``StableDiffusionXLPipeline`` (CPU, fp32), loaded with load_pipeline."""
     return load_pipeline(sdxl_folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's rendezvous (a fixed one may be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

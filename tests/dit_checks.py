@@ -5,7 +5,7 @@ import torch
 
 from mag_explore import families
 from mag_explore.attention import AttentionHook
-from mag_explore.methods.guidance import guidance_step
+from mag_explore.methods.guidance import guidance_pass
 from mag_explore.sampling import Sampler, StepState
 
 
@@ -47,7 +47,7 @@ def captured_and_reference(pipe, layer: str, prompt: str, latents, timestep):
     cond = families.Conditioning.cat([families.encode_negative_prompt(pipe, "", 1), families.encode_prompt(pipe, prompt, 1)])
     recorder = Recorder()
     try:
-        with families.attention_hooks(pipe, [recorder]), torch.no_grad():
+        with families.install_attention_hooks(pipe, [recorder]), torch.no_grad():
             families.denoise(pipe, latents, timestep, cond)
     finally:
         handle.remove()
@@ -62,16 +62,16 @@ def mag_gradient_and_finite_differences(pipe, prompt: str, mag, cells: int = 3, 
     """MAG's gradient at the first step, and central differences of its loss at the ``cells`` largest entries."""
     sampler = Sampler(pipe, prompt, seed=0, controls=[mag], **options)
     t = sampler.scheduler.timesteps[0]
-    with families.attention_hooks(pipe, sampler.hooks) as attention:
+    with families.install_attention_hooks(pipe, sampler.hooks) as attention:
         attention.set_step(0, t)
         attention.num_prompt_tokens = sampler.num_prompt_tokens
         state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond, attention,
                           sampler.timesteps)
 
         def loss_at(x):
-            return float(guidance_step(state, x, mag.hook, 0.0)[1])
+            return float(guidance_pass(state, x, mag.hook)[0])
 
-        _, _, grad = guidance_step(state, sampler.latents, mag.hook, 0.0)
+        _, grad = guidance_pass(state, sampler.latents, mag.hook)
         picked = grad.flatten().abs().topk(cells).indices
         differences = []
         for index in picked:

@@ -4,7 +4,7 @@
   the notebooks' own steps, where every claim of the text is checked (``course.Claims``).
 * ``sd15-fp16``, ``sdxl-fp16``: the Colab configuration. A user on Colab sets
   ``MAG_EXPLORE_MODEL`` and gets the model in float16; here a tiny random folder of the same
-  family (``python -m mag_explore.testing_folders``) is loaded with ``MAG_EXPLORE_DTYPE=fp16`` on
+  family (``python -m mag_explore.testing.folders``) is loaded with ``MAG_EXPLORE_DTYPE=fp16`` on
   the CPU, so the float16 path of every notebook and exercise runs without a GPU.
 * ``flux-fp16``, ``sd3-fp16``: notebook 08 only (the MMDiT notebook), with the tiny folder in
   ``MAG_EXPLORE_FLUX``.
@@ -43,7 +43,7 @@ _FOLDERS: dict[str, Path] = {}
 
 def tiny_folder(kind: str, tmp_path_factory) -> Path:
     """The tiny ``kind`` folder of this test session, written on first use."""
-    from mag_explore.testing_folders import write_tiny_folder
+    from mag_explore.testing.folders import write_tiny_folder
 
     if kind not in _FOLDERS:
         _FOLDERS[kind] = write_tiny_folder(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))

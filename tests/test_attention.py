@@ -8,7 +8,7 @@ from mag_explore.attention import (
     AttentionHook,
     AttentionStore,
     CrossAttentionProcessor,
-    attention_resolution,
+    attention_grid,
     cross_attention_hooks,
     cross_attention_layer_names,
     remove_cross_attention_hooks,
@@ -88,12 +88,12 @@ def test_resolutions_from_the_latent_shape(sd15_pipe):
 
 
 def test_attention_resolution_rounds_like_the_unet():
-    assert attention_resolution((64, 96), 64 * 96) == (64, 96)
-    assert attention_resolution((64, 96), 16 * 24) == (16, 24)
-    assert attention_resolution((9, 13), 5 * 7) == (5, 7)  # odd sizes round up, as stride-2 convs do
-    assert attention_resolution((9, 13), 3 * 4) == (3, 4)
+    assert attention_grid((64, 96), 64 * 96) == (64, 96)
+    assert attention_grid((64, 96), 16 * 24) == (16, 24)
+    assert attention_grid((9, 13), 5 * 7) == (5, 7)  # odd sizes round up, as stride-2 convs do
+    assert attention_grid((9, 13), 3 * 4) == (3, 4)
     with pytest.raises(ValueError, match="cannot place 50"):
-        attention_resolution((64, 64), 50)
+        attention_grid((64, 64), 50)
 
 
 def test_attention_mask_is_applied(sd15_pipe):
@@ -197,9 +197,21 @@ def test_edit_hooks_change_what_the_layer_uses(sd15_pipe):
         def attention_hooks(self):
             return [Uniform()]
 
-    result = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[UniformControl()], store=store,
-                      progress=False)
-    assert abs(result.pixels - plain.pixels).max() > 1e-4
+    # With every key weighted 1/77 the layer's output is knowable: the mean of its values, projected
+    # out, the same at every pixel: to_out(mean_k to_v(text_k)).
+    module = sd15_pipe.unet.get_submodule(store_layer := cross_attention_layer_names(sd15_pipe.unet)[0])
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs, out)), with_kwargs=True)
+    try:
+        result = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[UniformControl()], store=store,
+                          progress=False)
+    finally:
+        handle.remove()
+    kwargs, out = seen[0]  # the first step's call: (uncond, cond) rows
+    with torch.no_grad():
+        want = module.to_out[0](module.to_v(kwargs["encoder_hidden_states"]).mean(1))  # (rows, features)
+    torch.testing.assert_close(out, want[:, None, :].expand_as(out), atol=1e-5, rtol=1e-4)
+    assert abs(result.pixels - plain.pixels).max() > 1e-4 and store_layer in store.layers
     stored = store.get(0, store.layers[0]).float()
     assert torch.allclose(stored, torch.full_like(stored, 1 / 77), atol=1e-4)  # the store saw the edited maps
 

@@ -106,15 +106,15 @@ CASES = [
     Case("cfg overflowing to inf", gen("--cfg", "1e38", "--method", "none", layout=False),
          ["not finite after step", "guidance_scale=1e+38"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=6, guidance_scale=1e38, progress=False)),
-    Case("alpha overflowing", gen("--alpha", "1e30", "--guide-until", "100"), ["not finite", "alpha=1e+30"],
+    Case("alpha overflowing", gen("--alpha", "1e30", "--guide-while-t-above", "100"), ["not finite", "alpha=1e+30"],
          lambda e: mag(e, alpha=1e30, while_t_above=100)),
     # ---- generate: step ranges
-    Case("guide range selects no step", gen("--guide-until", "990"), ["t > 990", "selects no step", "831"],
+    Case("guide range selects no step", gen("--guide-while-t-above", "990"), ["t > 990", "selects no step", "831"],
          lambda e: mag(e, while_t_above=990)),
-    Case("guide threshold negative", gen("--guide-until", "-5"), ["--guide-until=-5", "0..999"],
+    Case("guide threshold negative", gen("--guide-while-t-above", "-5"), ["--guide-while-t-above=-5", "0..999"],
          lambda e: mag(e, while_t_above=-5), ["threshold -5", "0..999"]),
-    Case("swap threshold beyond the schedule", gen("--swap-until", "2000", "--method", "swap"),
-         ["--swap-until=2000", "0..999"],
+    Case("swap threshold beyond the schedule", gen("--swap-while-t-above", "2000", "--method", "swap"),
+         ["--swap-while-t-above=2000", "0..999"],
          lambda e: mx.generate(e.pipe, PROMPT, num_inference_steps=6, controls=[mx.MaskedAttentionSwap(e.layout(), while_t_above=2000)]),
          ["threshold 2000", "0..999"]),
     # ---- generate: layouts and words
@@ -275,6 +275,6 @@ def test_a_region_that_vanishes_at_some_layers_is_a_warning_naming_region_and_la
     with warnings.catch_warnings():
         warnings.simplefilter("error", VanishingRegionWarning)
         mx.Sampler(sd15_pipe, PROMPT, num_inference_steps=6,
-                   controls=[mx.MaskedAttentionGuidance(layout, resolutions=[8, 4])])
+                   controls=[mx.MaskedAttentionGuidance(layout, layer_sizes=[8, 4])])
         mx.Sampler(sd15_pipe, PROMPT, num_inference_steps=6,
                    controls=[mx.MaskedAttentionGuidance(layout, mask_mode="area")])

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import (LayoutGuidance, PaintWithWords, guidance_step, layout_loss_terms, make_controls,
+from mag_explore.methods import (LayoutGuidance, PaintWithWords, guidance_pass, layout_loss_terms, make_controls,
                                  noise_level, pww_bonus)
 from mag_explore.methods.layout_guidance import official_layers
 from mag_explore.sampling import Control, Sampler, StepState, generate
@@ -209,11 +209,11 @@ def test_layout_guidance_gradient_matches_a_finite_difference(sd15_pipe, layout)
     h = 1e-2
     with cross_attention_hooks(sd15_pipe.unet, sampler.hooks) as controller:
         controller.set_step(0, t)
-        state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
-                          sampler.uncond_embeddings, controller, sampler.timesteps)
-        _, _, grad = guidance_step(state, sampler.latents, lg.hook, 0.0)
-        _, plus, _ = guidance_step(state, sampler.latents + h * direction, lg.hook, 0.0)
-        _, minus, _ = guidance_step(state, sampler.latents - h * direction, lg.hook, 0.0)
+        state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond,
+                          sampler.uncond, controller, sampler.timesteps)
+        _, grad = guidance_pass(state, sampler.latents, lg.hook)
+        plus, _ = guidance_pass(state, sampler.latents + h * direction, lg.hook)
+        minus, _ = guidance_pass(state, sampler.latents - h * direction, lg.hook)
     assert len(lg.hook.layers) == 3
     directional = float((grad * direction).sum())
     assert abs(directional) > 1e-4  # the check means something
@@ -319,16 +319,15 @@ def test_layout_guidance_loop_is_the_published_one_on_a_toy_loss(layout, thresho
     lg._alphas_cumprod = torch.full((1000,), 1 - eta, dtype=torch.float64)  # so η_t = 1 − ᾱ_t = eta
     counted = []
 
-    def toy_guidance_step(state, latents, hook, step_size, checkpointing=False):
+    def toy_guidance_pass(state, latents, hook, checkpointing=False):
         latents = latents.detach().requires_grad_(True)
         loss = ((latents - target) ** 2).mean()
         counted[-1] += 1
-        grad = torch.autograd.grad(loss, latents)[0]
-        return (latents - step_size * grad).detach(), loss.detach(), grad
+        return loss.detach(), torch.autograd.grad(loss, latents)[0]
 
     import mag_explore.methods.layout_guidance as lg_module
 
-    monkeypatch.setattr(lg_module, "guidance_step", toy_guidance_step)
+    monkeypatch.setattr(lg_module, "guidance_pass", toy_guidance_pass)
     lg._record = lambda *args: None
     x = x0
     for index, t in enumerate(timesteps):

@@ -3,9 +3,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
@@ -28,6 +31,7 @@ def test_gpu_script_writes_json_and_markdown_with_device_and_date(tmp_path):
     assert result["device"] in table and "| ours + MAG, gradient checkpointing |" in table
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_gpu_train_script_trains_measures_and_packs_both_models(tmp_path):
     """bench/gpu_train.py --smoke: the retraining run prepared for a lent GPU, same code, a few CPU steps."""
     import subprocess

@@ -1,4 +1,4 @@
-"""Chroma on a tiny random ChromaPipeline (mag_explore.testing_joint), against diffusers' own
+"""Chroma on a tiny random ChromaPipeline (mag_explore.testing.joint), against diffusers' own
 pipeline and against softmax(QKᵀ/√d + mask) written out here."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from mag_explore.attention import AttentionHook
 from mag_explore.attention.joint import joint_attention_hooks, joint_attention_layer_names
 from mag_explore.families import chroma, mmdit
-from mag_explore.testing_joint import tiny_chroma_pipeline
+from mag_explore.testing.joint import tiny_chroma_pipeline
 
 PROMPT = "a red circle and a blue square"
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mag_explore import course, solutions
+from mag_explore import course
+from mag_explore.course import solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.layouts import Layout, rect
 from mag_explore.sampling import Hooks, generate
@@ -107,13 +108,23 @@ def test_attention_inside_outside_per_pixel(sd15_pipe):
         course.attention_inside_outside(generate(sd15_pipe, PROMPT, num_inference_steps=1, progress=False), layout)
 
 
-def test_guidance_cost_times_the_guided_steps(sd15_pipe):
-    layout = course.example_layout("left_right", sd15_pipe)
-    cost = course.guidance_cost(sd15_pipe, layout, num_inference_steps=4, repeats=1)
+def test_guidance_cost_times_the_guided_steps(sd15_pipe, monkeypatch):
+    # A clock that moves one "second" per UNet call, so every time is knowable: a plain step is
+    # one batched CFG call, a guided step adds MAG's conditional pass (its backward calls no forward).
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    handle = sd15_pipe.unet.register_forward_hook(lambda *_: clock.__setitem__(0, clock[0] + 1.0))
+    try:
+        layout = course.example_layout("left_right", sd15_pipe)
+        cost = course.guidance_cost(sd15_pipe, layout, num_inference_steps=4, repeats=1)
+    finally:
+        handle.remove()
     # the tiny model's default: guide while t > 700; with 4 DDIM steps (t 751, 501, 251, 1) that is step 0
     assert cost["guided_steps"] == [0]
-    assert cost["plain_step_s"] > 0 and cost["guided_step_s"] > 0
-    assert cost["ratio"] == pytest.approx(cost["guided_step_s"] / cost["plain_step_s"])
+    assert (cost["plain_step_s"], cost["guided_step_s"], cost["added_s"], cost["ratio"]) == (1.0, 2.0, 1.0, 2.0)
+    assert (cost["run_plain_s"], cost["run_mag_s"]) == (4.0, 5.0)
 
 
 # ------------------------------------------------------------------ claims the text makes

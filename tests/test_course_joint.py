@@ -1,14 +1,14 @@
-"""Notebook 08's helpers (mag_explore.course_joint) on tiny random Flux and SD3 pipelines and a tiny SD."""
+"""Notebook 08's helpers (mag_explore.course.joint) on tiny random Flux and SD3 pipelines and a tiny SD."""
 from __future__ import annotations
 
 import matplotlib
 import pytest
 import torch
 
-from mag_explore import course_joint
+from mag_explore.course import joint as course_joint
 from mag_explore.attention import AttentionStore
 from mag_explore.sampling import generate
-from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from mag_explore.testing.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
 matplotlib.use("Agg")
 PROMPT = "a red circle and a blue square"
@@ -57,10 +57,21 @@ def test_attention_budget_adds_up_and_names_the_image_tokens(pipes, sd15_pipe):
                            progress=False) for name, pipe in {**pipes, "sd": sd15_pipe}.items()}
     budgets = {name: course_joint.attention_budget(run) for name, run in runs.items()}
     for name, budget in budgets.items():
-        for layer, parts in budget.items():
-            assert sum(parts.values()) == pytest.approx(1.0, abs=2e-3), (name, layer)  # fp16 store
-            assert (parts["image tokens"] > 0) == (name != "sd")
-            assert (parts["BOS"] > 0) == (name != "flux")  # T5 has no BOS; CLIP (SD, SD3) does
+        run = runs[name]
+        said = PROMPT.split()  # every word of the prompt, each occurrence ("a" twice)
+        words = sorted({i for n, word in enumerate(said) for i in run.token_indices(word, said[:n].count(word) + 1)})
+        for (label, parts), layer in zip(budget.items(), run.store.layers):
+            # the same shares written out from the stored maps, with each part's own key indices
+            per_key = torch.stack([run.store.get(s, layer)[0].float().mean(0) for s in run.store.step_indices])
+            per_key = per_key.flatten(1, 2).mean(1).mean(0)  # (text keys,): mean over steps and pixels
+            bos = [0] if name != "flux" else []  # T5 has no BOS; CLIP (SD, SD3) does
+            rest = [i for i in range(per_key.numel()) if i not in bos and i not in words]
+            want = {"BOS": float(per_key[bos].sum()), "the prompt's words": float(per_key[words].sum()),
+                    "EOS and padding": float(per_key[rest].sum()),
+                    "image tokens": 0.0 if name == "sd" else 1.0 - float(per_key.sum())}
+            assert parts == pytest.approx(want, abs=1e-6), (name, label)
+            assert sum(want.values()) == pytest.approx(1.0, abs=2e-3)  # a softmax row, stored in fp16
+            assert (parts["image tokens"] > 0.01) == (name != "sd")
     assert list(budgets["flux"])[:2] == ["double 0", "single 0"] and list(budgets["sd3"]) == ["joint 0", "joint 1"]
     fig = course_joint.plot_attention_budget({"Flux": budgets["flux"], "SD": budgets["sd"]}, title="budget")
     assert [ax.get_title() for ax in fig.axes] == ["Flux", "SD"]

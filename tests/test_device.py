@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import mag_explore as mx
-from mag_explore import exercises, solutions
+from mag_explore.course import exercises, solutions
 from mag_explore.attention import AttentionHook
 from mag_explore.sampling import Hooks
-from mag_explore.testing_folders import write_tiny_folder
+from mag_explore.testing.folders import write_tiny_folder
 
 pytestmark = pytest.mark.device
 

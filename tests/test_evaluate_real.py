@@ -1,6 +1,6 @@
 """The built-in real-image segmenters, instance success and CLIP score, on tiny random models.
 
-The tiny Grounding DINO / OWLv2 / SAM / CLIP (mag_explore.testing_vision) are saved to
+The tiny Grounding DINO / OWLv2 / SAM / CLIP (mag_explore.testing.vision) are saved to
 folders and loaded back the way a hub model is. Their outputs are random, so the glue is
 checked on *constructed* outputs: the models' forward is replaced by one that returns
 logits, boxes and mask logits written out here (and records what it was given), and the
@@ -17,8 +17,8 @@ from mag_explore.evaluate import (ClipScorer, DetectSegment, RealImageScorer, bo
 from mag_explore.evaluate.run import Item, score_row
 from mag_explore.evaluate.segmenters import grounding_scores, owl_pixels, pick_box
 from mag_explore.layouts import Layout, rect
-from mag_explore.suites import SuiteLayout
-from mag_explore.testing_vision import tiny_vision_folders
+from mag_explore.layouts.suite import SuiteLayout
+from mag_explore.testing.vision import tiny_vision_folders
 
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 

@@ -11,7 +11,7 @@ import pytest
 
 from mag_explore import cli
 from mag_explore.evaluate import load_suite, read_csv
-from mag_explore.testing_vision import tiny_vision_folders
+from mag_explore.testing.vision import tiny_vision_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "mag_explore" / "data" / "suites" / "real.json"
@@ -30,11 +30,11 @@ def command(sd15_folder, vision, out, seeds: int, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_grounded_sam_runs_sharded_over_two_processes_and_resumes(sd15_folder, vision, tmp_path, capsys):
+def test_grounded_sam_runs_sharded_over_two_processes_and_resumes(sd15_folder, vision, tmp_path, capsys, free_port):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "mag_explore"] +
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port), "-m", "mag_explore"] +
                          command(sd15_folder, vision, out, 1), env=env, capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]

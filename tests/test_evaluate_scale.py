@@ -46,6 +46,7 @@ def test_parse_sweeps_reads_values_combines_options_and_names_bad_specs():
         parse_sweeps(["mag.alpha=1"], methods=["none", "swap"])
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_a_sweep_writes_one_row_per_setting_and_image(sd15_pipe, small_suite, tmp_path):
     suite = load_suite(small_suite, 64, 64)
     settings = parse_sweeps(SWEEP)
@@ -124,6 +125,7 @@ class StopAfter:
         return self.segment(image, phrases)
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_an_interrupted_run_resumes_with_only_the_missing_images(sd15_folder, small_suite, tmp_path):
     run = lambda out, segmenter, **kw: run_evaluation(str(sd15_folder), small_suite, ["none", "mag"], 2, out,
                                                        num_inference_steps=5, segmenter=segmenter,
@@ -150,6 +152,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_images(sd15_folder, sm
     assert fresh.calls == 12
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_a_run_with_other_settings_is_refused(sd15_folder, small_suite, tmp_path, capsys):
     args = ["evaluate", "--model", str(sd15_folder), "--suite", str(small_suite), "--methods", "none",
             "--seeds", "1", "--out", str(tmp_path / "out")]
@@ -162,14 +165,15 @@ def test_a_run_with_other_settings_is_refused(sd15_folder, small_suite, tmp_path
     assert cli.main(args + ["--steps", "6", "--fresh"]) == 0
 
 
-def test_two_torchrun_processes_give_the_rows_of_one(sd15_folder, small_suite, tmp_path):
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
+def test_two_torchrun_processes_give_the_rows_of_one(sd15_folder, small_suite, tmp_path, free_port):
     common = ["-m", "mag_explore", "evaluate", "--model", str(sd15_folder), "--suite", str(small_suite),
               "--methods", "none,swap,mag", "--seeds", "2", "--steps", "5", "--sweep", "mag.alpha=0.5",
               "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     assert cli.main(common[2:] + ["--out", str(tmp_path / "one")]) == 0  # one process: this one
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517"] + common +
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port)] + common +
                          ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -15,8 +15,8 @@ from mag_explore import families
 from mag_explore.attention import AttentionStore
 from mag_explore.families import Family, SDFamily, family_of, register_family, unregister_family
 from mag_explore.sampling import generate
-from mag_explore.text_keys import TextKeys
-from mag_explore.tokens import token_indices
+from mag_explore.text.keys import TextKeys
+from mag_explore.text.tokens import token_indices
 
 TEMPLATE = "a photo of "
 PROMPT = "a red circle and a red square"

@@ -1,15 +1,15 @@
-"""Flux.2 Klein on a tiny random Flux2KleinPipeline (mag_explore.testing_joint): the text keys, and
+"""Flux.2 Klein on a tiny random Flux2KleinPipeline (mag_explore.testing.joint): the text keys, and
 the image→text block against softmax(QKᵀ/√d) with rotary and q/k norms written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mag_explore import tokens
+from mag_explore.text import tokens
 from mag_explore.attention import AttentionHook
 from mag_explore.attention.joint import joint_attention_layer_names
 from mag_explore.families import flux2
-from mag_explore.testing_joint import tiny_flux2_klein_pipeline
+from mag_explore.testing.joint import tiny_flux2_klein_pipeline
 
 PROMPT = "a red circle and a blue square"
 
@@ -89,7 +89,7 @@ def test_captured_block_equals_an_independent_softmax(pipe, layer):
     recorder = Recorder()
     family = flux2.Flux2KleinFamily()
     try:
-        with family.attention_hooks(pipe, [recorder]), torch.no_grad():
+        with family.install_attention_hooks(pipe, [recorder]), torch.no_grad():
             hooked = flux2.denoise(pipe, latents, 500.0, cond)
     finally:
         handle.remove()

@@ -16,7 +16,7 @@ from mag_explore.attention import AttentionStore
 from mag_explore.cli import main
 from mag_explore.editing import edit_image, layout_from_attention, move_latents, renoise
 from mag_explore.shapes.scoring import color_ious
-from mag_explore.inversion import encode_image, invert, inversion_step, psnr, reconstruct
+from mag_explore.editing.inversion import encode_image, invert, inversion_step, psnr, reconstruct
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods.inject import AttentionInjection, injection_store
 from mag_explore.models import load_pipeline
@@ -102,6 +102,7 @@ def test_more_steps_reconstruct_better(sd21_pipe):
     assert errors[24] < 0.6 * errors[3], errors
 
 
+@pytest.mark.slow  # a subprocess, a whole evaluation or a long inversion
 def test_fixed_point_iterations_make_each_step_the_samplers_exact_inverse(sd15_pipe):
     # x_t = inversion_step(UNet(x_t, t), x_p) is the latent the sampler's step takes back to
     # x_p exactly (epsilon prediction). Plain inversion predicts at x_p instead; iterating
@@ -326,7 +327,7 @@ def test_cli_edit(sd15_folder, tmp_path, capsys):
     out = tmp_path / "out" / "edited.png"
     args = ["edit", "--model", str(sd15_folder), "--image", str(tmp_path / "in.png"), "--prompt", PROMPT,
             "--layout", str(tmp_path / "target.json"), "--keep", "blue square", "--inject-steps", "1",
-            "--steps", "2", "--guide-until", "0", "--device", "cpu", "--out", str(out),
+            "--steps", "2", "--guide-while-t-above", "0", "--device", "cpu", "--out", str(out),
             "--save-reconstruction", str(tmp_path / "rec.png")]
     assert main(args) == 0
     assert "reconstruction PSNR" in capsys.readouterr().out
@@ -379,8 +380,8 @@ def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
     # approximation (noise predicted a level too low) costs up to 1.8 dB here (up to 16 dB with
     # the earlier UNet). Five fixed-point iterations per step: 34.1 / 34.9 / 36.8 / 34.2 dB,
     # within 0.4 dB of the ceiling. So: iterated, every scene within 1.5 dB of its ceiling, its
-    # objects found again where they were (color IoU >= 0.8); plain, never below 17 dB and on
-    # average at least 0.5 dB worse (measured 1.0).
+    # objects found again where they were (color IoU >= 0.8); plain, never below 32.5 dB (just
+    # under the 33.1 measured) and on average at least 0.5 dB worse (measured 1.0).
     pipe, cases = shapes_cases
     plain, iterated = [], []
     for (moved, kept, _), (image, masks, prompt, inversion) in zip(EDITS, cases):
@@ -390,7 +391,7 @@ def test_shapes_reconstruction_is_close_to_the_vae_limit(shapes_cases):
         reconstructed = reconstruct(pipe, exact, progress=False).image
         plain.append(psnr(image, reconstruct(pipe, inversion, progress=False).image))
         iterated.append(psnr(image, reconstructed))
-        assert iterated[-1] >= limit - 1.5 and plain[-1] >= 17.0, (prompt, limit, plain[-1], iterated[-1])
+        assert iterated[-1] >= limit - 1.5 and plain[-1] >= 32.5, (prompt, limit, plain[-1], iterated[-1])
         found = color_ious(reconstructed, {moved[0]: masks[0], kept[0]: masks[1]})
         assert min(found.values()) >= 0.8, found
     assert np.mean(iterated) >= np.mean(plain) + 0.5, (plain, iterated)

@@ -19,10 +19,10 @@ from mag_explore import families
 from mag_explore.attention import AttentionStore
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
-from mag_explore.methods.guidance import guidance_step
+from mag_explore.methods.guidance import guidance_pass
 from mag_explore.models import load_pipeline, model_defaults
 from mag_explore.sampling import Control, Sampler, generate
-from mag_explore.testing_joint import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline,
+from mag_explore.testing.joint import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline,
                                       tiny_zimage_pipeline)
 
 PROMPT = "a red circle and a blue square"
@@ -123,10 +123,10 @@ def test_mag_gradient_matches_a_finite_difference(pipes, layout, name):
     mag = MaskedAttentionGuidance(layout, alpha=1.0, step_range=(0, 1))
     sampler = Sampler(pipe, PROMPT, seed=0, controls=[mag])
     t, x = sampler.timesteps[0], sampler.latents.double().float()
-    with families.attention_hooks(pipe, [mag.hook]) as attention:
-        state = SimpleNamespace(pipe=pipe, attention=attention, scheduler=sampler.scheduler, timestep=t,
+    with families.install_attention_hooks(pipe, [mag.hook]) as attention:
+        state = SimpleNamespace(pipe=pipe, attention_controller=attention, scheduler=sampler.scheduler, timestep=t,
                                 cond=sampler.cond)
-        _, loss, grad = guidance_step(state, x, mag.hook, 1.0)
+        loss, grad = guidance_pass(state, x, mag.hook)
 
         def loss_at(latents):
             mag.hook.reset()
@@ -157,6 +157,7 @@ def test_store_keeps_one_map_per_step_and_layer_of_the_prompts_keys(pipes, name)
 
 @pytest.mark.parametrize("name,method", [("chroma", "mag"), ("qwenimage", "swap"), ("zimage", "mag"),
                                          ("flux2_klein", "swap")])
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_cli_generate(folders, tmp_path, name, method):
     mask = np.zeros((32, 32, 3), np.uint8)
     mask[:, :16] = (255, 0, 0)

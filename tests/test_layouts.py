@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mag_explore.bpe import build_clip_tokenizer
+from mag_explore.text.bpe import build_clip_tokenizer
 from mag_explore.layouts import (
     Layout, Region, ellipse, official_color_order, parse_word_ids, polygon, rect,
 )
 from mag_explore.plots import plot_layout
-from mag_explore.tokens import token_indices
+from mag_explore.text.tokens import token_indices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "mag_explore" / "data" / "layouts"
 

@@ -2,9 +2,9 @@
 family and dtype the engine does, and gives ``MaskedAttentionGuidance``'s result.
 
 The reference is the package's MAG, an independent implementation of the same math: its loss
-(``MagLossHook`` with ``mag_loss_terms``) and its gradient step (``guidance_step``), against the
+(``MagLossHook`` with ``mag_loss_terms``) and its gradient step (``MaskedAttentionGuidance.before_step``), against the
 learner's side, ``solutions.mag_step`` on ``GuidanceInputs``. The pipelines are the tiny random ones
-saved (``python -m mag_explore.testing_folders``) and loaded in float16 on the CPU: the dtype a
+saved (``python -m mag_explore.testing.folders``) and loaded in float16 on the CPU: the dtype a
 user gets on Colab.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import mag_explore as mx
-from mag_explore import exercises, families, solutions, testing_mmdit
+from mag_explore import families
+from mag_explore.course import exercises, solutions, testing_mmdit
 from mag_explore.methods import MaskedAttentionGuidance
-from mag_explore.testing_folders import write_tiny_folder
+from mag_explore.testing.folders import write_tiny_folder
 
 RUN = dict(num_inference_steps=4, height=64, width=64, seed=0, progress=False)
 
@@ -41,7 +42,7 @@ def test_learner_mag_equals_the_packages_mag_with_the_papers_settings(pipe):
     # the issue's call, as notebook 04 makes it ("full MAG with your step")
     ctl = exercises.LearnerMAG(layout(), solutions.mag_step, alpha=0.08, lmbda=0.5, while_t_above=500)
     ours = mx.generate(pipe, layout().prompt, controls=[ctl], **RUN)
-    ref = MaskedAttentionGuidance(layout(), alpha=0.08, lmbda=0.5, while_t_above=500, step="official",
+    ref = MaskedAttentionGuidance(layout(), alpha=0.08, lmbda=0.5, while_t_above=500, step_rule="official",
                                   loss_fn="official")
     want = mx.generate(pipe, layout().prompt, controls=[ref], **RUN)
     plain = mx.generate(pipe, layout().prompt, **RUN)
@@ -60,7 +61,7 @@ def test_the_learner_sees_every_layer_of_its_family_in_float32(pipe):
     seen = {}
 
     def step(inputs, alpha, lmbda):
-        layers = inputs.attention(inputs.x_t.detach().requires_grad_(True), inputs.cond_embeddings)
+        layers = inputs.attention_of(inputs.x_t.detach().requires_grad_(True), inputs.cond_embeddings)
         seen["layers"] = layers
         seen["x_t"] = inputs.x_t
         return inputs.x_t

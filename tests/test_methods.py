@@ -6,7 +6,7 @@ import torch
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
 from mag_explore.methods import (LayoutGuidance, MaskedAttentionGuidance, MaskedAttentionSwap, NonFiniteGuidanceError,
-                                 PaintWithWords, guidance_step, mag_loss_terms, make_controls)
+                                 PaintWithWords, guidance_pass, mag_loss_terms, make_controls)
 from mag_explore.sampling import Sampler, StepState, generate
 
 PROMPT = "a red circle and a blue square"
@@ -45,7 +45,7 @@ def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
     for step in (0, 1):
         for layer in swapped.layers:
             cond = swapped.get(step, layer)[1]  # (heads, h, w, 77)
-            h, w = swapped.resolution(layer)
+            h, w = swapped.grid(layer)
             masks = layout.masks_at(h, w)
             for region, mask in zip(((2, 3), (6, 7)), masks):  # red circle, blue square
                 for token in region:
@@ -60,16 +60,32 @@ def test_swap_sets_exact_values_only_where_asked(sd15_pipe, layout):
             assert torch.allclose(ours[0], ref[0], atol=1e-6)
     # steps outside the range: no swapped pattern
     cond = swapped.get(2, first)[1][..., 2]
-    assert not torch.equal(cond, (layout.masks_at(*swapped.resolution(first))[0] / 2).expand_as(cond))
+    assert not torch.equal(cond, (layout.masks_at(*swapped.grid(first))[0] / 2).expand_as(cond))
     assert swap.diagnostics["swapped_steps"] == [0, 1]
 
 
 def test_swap_renormalized_rows_sum_to_one(sd15_pipe, layout):
-    store = full_store()
+    store, plain = full_store(), full_store()
     swap = MaskedAttentionSwap(layout, step_range=(0, 1), renormalize=True)
     generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, controls=[swap], store=store, progress=False)
+    generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, store=plain, progress=False)
     for layer in store.layers:
         assert torch.allclose(store.get(0, layer)[1].sum(-1), torch.ones(()), atol=1e-5)
+    # The first cross-attention layer sees the same input with or without the swap (none runs before
+    # it), so its swapped map is knowable from the plain one: each region's tokens 1/len inside its
+    # mask and 0 outside, every other token rescaled so that the row sums to one.
+    first = next(name for name in store.layers if name.startswith("down_blocks.0.attentions.0."))
+    resolved = layout.resolve(sd15_pipe.tokenizer, PROMPT)
+    h, w = store.grid(first)
+    before = plain.get(0, first)[1].reshape(-1, h * w, 77)  # cond half: (heads, pixels, keys)
+    swapped = store.get(0, first)[1].reshape(-1, h * w, 77)
+    want = before.clone()
+    for mask, tokens in zip(resolved.masks_at(h, w).flatten(1), resolved.token_groups):
+        want[..., tokens] = (mask / len(tokens))[None, :, None]
+    region = sorted({i for tokens in resolved.token_groups for i in tokens})
+    other = [i for i in range(77) if i not in region]
+    want[..., other] = before[..., other] * ((1 - want[..., region].sum(-1)) / before[..., other].sum(-1))[..., None]
+    torch.testing.assert_close(swapped, want, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- the MAG loss
@@ -111,12 +127,13 @@ def test_mag_collects_every_attn2_layer_and_its_gradient_is_the_loss_gradient(re
     with hooks as controller:
         controller.set_step(0, sampler.scheduler.timesteps[0])
         state = StepState(pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
-                          sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
-        moved, _, grad = guidance_step(state, sampler.latents, mag.hook, 1.0)
+                          sampler.cond, sampler.uncond, controller, sampler.timesteps)
+        _, grad = guidance_pass(state, sampler.latents, mag.hook)
         layers = list(mag.hook.layers)
-        _, plus, _ = guidance_step(state, sampler.latents + h * direction, mag.hook, 1.0)
-        _, minus, _ = guidance_step(state, sampler.latents - h * direction, mag.hook, 1.0)
-    # the step is x_t - alpha * grad, written out here
+        plus, _ = guidance_pass(state, sampler.latents + h * direction, mag.hook)
+        minus, _ = guidance_pass(state, sampler.latents - h * direction, mag.hook)
+        moved = mag.before_step(state)  # the control's own update (the model's rule: "official")
+    # the paper's step is x_t - alpha * grad, written out here
     torch.testing.assert_close(moved, (sampler.latents - 1.0 * grad).detach())
     # every cross-attention module of the UNet, down, mid and up, as the official loss sums them
     attn2 = [name for name, _ in pipe.unet.named_modules() if name.endswith(".attn2")]
@@ -143,9 +160,9 @@ def test_mag_on_an_fp16_model_updates_x_t_in_fp32(sd15_folder, layout):
     t = sampler.scheduler.timesteps[0]
     with cross_attention_hooks(pipe.unet, sampler.hooks) as controller:
         controller.set_step(0, t)
-        state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
-                          sampler.uncond_embeddings, controller, sampler.timesteps)
-        _, _, grad = guidance_step(state, sampler.latents, mag.hook, 0.0)
+        state = StepState(pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond,
+                          sampler.uncond, controller, sampler.timesteps)
+        _, grad = guidance_pass(state, sampler.latents, mag.hook)
         moved = mag.before_step(state)
     assert grad.dtype == moved.dtype == torch.float32 and torch.isfinite(grad).all()
     update = 1e-3 * grad
@@ -165,22 +182,22 @@ def test_normalized_step_is_alpha_noise_stds_long_in_the_gradient_direction(sd15
     alpha = 0.05
     moves = {}
     for rule in ("official", "normalized"):
-        mag = MaskedAttentionGuidance(layout, alpha=alpha, step=rule, step_range=(0, 1))
+        mag = MaskedAttentionGuidance(layout, alpha=alpha, step_rule=rule, step_range=(0, 1))
         sampler, hooks = first_state(sd15_pipe, layout, mag)
         t = sampler.scheduler.timesteps[0]
         with hooks as controller:
             controller.set_step(0, t)
-            state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond_embeddings,
-                              sampler.uncond_embeddings, controller, sampler.timesteps)
+            state = StepState(sd15_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond,
+                              sampler.uncond, controller, sampler.timesteps)
             moves[rule] = sampler.latents - mag.before_step(state)
-        assert mag.settings["step"] == rule
+        assert mag.settings["step_rule"] == rule
     grad = moves["official"] / alpha
     sigma = float(1 - sd15_pipe.scheduler.alphas_cumprod[int(t)]) ** 0.5
     rms = float(grad.pow(2).mean().sqrt())
     torch.testing.assert_close(moves["normalized"], alpha * sigma * grad / rms, rtol=1e-4, atol=1e-6)
     assert float(moves["normalized"].pow(2).mean().sqrt()) == pytest.approx(alpha * sigma, rel=1e-4)
-    with pytest.raises(ValueError, match=r"step='adam': use one of 'official', 'normalized'"):
-        MaskedAttentionGuidance(layout, step="adam")
+    with pytest.raises(ValueError, match=r"step_rule='adam': use one of 'official', 'normalized'"):
+        MaskedAttentionGuidance(layout, step_rule="adam")
 
 
 def test_alpha_zero_is_plain_sampling(sd15_pipe, layout):
@@ -278,7 +295,7 @@ def test_non_finite_loss_stops_with_a_clear_error(sd15_pipe, layout):
 @pytest.mark.parametrize("make, message", [
     (lambda lay: MaskedAttentionGuidance(lay, step_range=(0, 9)), "stop step 9"),
     (lambda lay: MaskedAttentionSwap(lay, while_t_above=990), "selects no step"),
-    (lambda lay: MaskedAttentionGuidance(lay, resolutions=[1024]), "no cross-attention layer matched"),
+    (lambda lay: MaskedAttentionGuidance(lay, layer_sizes=[1024]), "no cross-attention layer matched"),
     (lambda lay: MaskedAttentionGuidance(Layout.from_shapes(64, 64, [rect("dog", 0, 0, 1, 1)])), "'dog' is not in the prompt"),
 ])
 def test_bad_settings_raise_and_restore(sd15_pipe, layout, make, message):
@@ -301,12 +318,9 @@ RANGE_CLASSES = [MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords, L
 
 
 @pytest.mark.parametrize("cls", RANGE_CLASSES)
-def test_a_bare_int_or_the_old_steps_keyword_raises_with_the_fix(cls, layout):
-    # steps=10 once meant "while t > 10" here and "10 steps" elsewhere: now it says what to write
-    with pytest.raises(TypeError, match=r"while_t_above=10 .*step_range=\(0, 10\)"):
+def test_a_bare_int_raises_with_the_fix(cls, layout):
+    with pytest.raises(TypeError, match="steps"):  # no keyword `steps` (it meant a threshold here, a count there)
         cls(layout, steps=10)
-    with pytest.raises(TypeError, match=r"step_range=\(0, 10\)"):
-        cls(layout, steps=(0, 10))
     with pytest.raises(TypeError, match=r"step_range=10 is not a \(start, stop\) pair.*while_t_above=10"):
         cls(layout, step_range=10)
     with pytest.raises(TypeError, match=r"while_t_above=\(0, 10\) must be an int timestep.*step_range"):
@@ -320,7 +334,7 @@ def test_a_bare_int_or_the_old_steps_keyword_raises_with_the_fix(cls, layout):
 def test_make_controls_passes_the_same_keywords_and_refuses_others(layout):
     (swap,) = make_controls("swap", layout, step_range=(0, 3))
     assert isinstance(swap, MaskedAttentionSwap) and swap.step_range == (0, 3)
-    with pytest.raises(TypeError, match="while_t_above=700"):
+    with pytest.raises(ValueError, match=r"no options \['steps'\]"):
         make_controls("mag", layout, steps=700)
     with pytest.raises(ValueError, match=r"'swap' has no options \['alpha'\]"):
         make_controls("swap", layout, alpha=0.1)
@@ -401,16 +415,16 @@ def test_generate_shows_its_options():
 
 
 def test_a_single_place_or_resolution_is_one_value_not_its_letters(sd15_pipe, layout):
-    # What `--sweep mag.places=up` and `--sweep mag.resolutions=16` pass: one value, not a list.
-    assert MaskedAttentionGuidance(layout, resolutions=8).resolutions == {8}
+    # What `--sweep mag.places=up` and `--sweep mag.layer_sizes=16` pass: one value, not a list.
+    assert MaskedAttentionGuidance(layout, layer_sizes=8).layer_sizes == {8}
     mag = MaskedAttentionGuidance(layout, places="up", step_range=(0, 1))
     assert mag.places == {"up"}
     sampler, hooks = first_state(sd15_pipe, layout, mag)
     with hooks as controller:
         controller.set_step(0, sampler.scheduler.timesteps[0])
         state = StepState(sd15_pipe, sampler.scheduler, 0, sampler.scheduler.timesteps[0], sampler.latents,
-                          sampler.cond_embeddings, sampler.uncond_embeddings, controller, sampler.timesteps)
-        guidance_step(state, sampler.latents, mag.hook, 1.0)
+                          sampler.cond, sampler.uncond, controller, sampler.timesteps)
+        guidance_pass(state, sampler.latents, mag.hook)
     up = [n for n, _ in sd15_pipe.unet.named_modules() if n.endswith(".attn2") and n.startswith("up_blocks.")]
     assert sorted(mag.hook.layers) == sorted(up) and up
     with pytest.raises(ValueError, match="upp"):
@@ -422,8 +436,7 @@ def test_balanced_loss_matches_the_formula_by_hand():
     equals its inside term, so at λ = 1 turning such a word down changes nothing."""
     from mag_explore.methods import balanced_loss_terms, mag_loss_terms
 
-    torch.manual_seed(0)
-    probs = torch.rand(2, 3, 16, 5).softmax(-1)
+    probs = torch.rand(2, 3, 16, 5, generator=torch.Generator().manual_seed(0)).softmax(-1)
     masks = torch.zeros(2, 16)
     masks[0, :4] = 1.0          # a quarter of the pixels
     masks[1, 6:14] = 0.5        # soft ("area") mask values count by their weight
@@ -446,7 +459,7 @@ def test_balanced_loss_matches_the_formula_by_hand():
 
 
 def test_mag_resolutions_come_from_the_model_defaults(tmp_path, sd15_folder):
-    """``resolutions=None`` is the model's ``mag_resolutions``: every layer unless its
+    """``layer_sizes=None`` is the model's ``mag_layer_sizes``: every layer unless its
     mag_explore.json names layer sizes; a bad entry is refused, naming the key."""
     import json
     import shutil
@@ -458,27 +471,27 @@ def test_mag_resolutions_come_from_the_model_defaults(tmp_path, sd15_folder):
     run = dict(num_inference_steps=4, seed=0, progress=False)
     store = AttentionStore()
     generate(load_pipeline(str(sd15_folder), device="cpu"), PROMPT, store=store, **run)
-    sizes = sorted(max(hw) for hw in store.resolutions_seen)
+    sizes = sorted(max(hw) for hw in store.grids_seen)
     plain = generate(load_pipeline(str(sd15_folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)],
                      **run)
-    assert plain.settings["mag"]["resolutions"] is None
+    assert plain.settings["mag"]["layer_sizes"] is None
     assert len(sizes) >= 2, sizes  # the tiny model has layers of several sizes: leaving some out must show
     folder = tmp_path / "model"
     shutil.copytree(sd15_folder, folder)
-    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": [sizes[-1]]}))
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_layer_sizes": [sizes[-1]]}))
     pipe = load_pipeline(str(folder), device="cpu")
     default = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
-    named = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, resolutions=sizes[-1])], **run)
-    every = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, resolutions=sizes)], **run)
-    assert default.settings["mag"]["resolutions"] == [sizes[-1]]
+    named = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, layer_sizes=sizes[-1])], **run)
+    every = generate(pipe, PROMPT, controls=[MaskedAttentionGuidance(layout, layer_sizes=sizes)], **run)
+    assert default.settings["mag"]["layer_sizes"] == [sizes[-1]]
     np.testing.assert_array_equal(default.pixels, named.pixels)
     np.testing.assert_array_equal(plain.pixels, every.pixels)
     assert not np.array_equal(default.pixels, every.pixels)
-    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": [0]}))
-    with pytest.raises(ValueError, match="mag_resolutions"):
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_layer_sizes": [0]}))
+    with pytest.raises(ValueError, match="mag_layer_sizes"):
         generate(load_pipeline(str(folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
-    (folder / "mag_explore.json").write_text(json.dumps({"mag_resolutions": 16}))
-    with pytest.raises(ValueError, match="mag_resolutions=16 must be list or null"):
+    (folder / "mag_explore.json").write_text(json.dumps({"mag_layer_sizes": 16}))
+    with pytest.raises(ValueError, match="mag_layer_sizes=16 must be list or null"):
         generate(load_pipeline(str(folder), device="cpu"), PROMPT, controls=[MaskedAttentionGuidance(layout)], **run)
 
 

@@ -1,4 +1,4 @@
-"""Flux.1 and SD3 on tiny random pipelines (mag_explore.testing_mmdit), against diffusers' own
+"""Flux.1 and SD3 on tiny random pipelines (mag_explore.testing.mmdit), against diffusers' own
 FluxPipeline / StableDiffusion3Pipeline and against formulas written out here."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mag_explore.methods import LayoutGuidance, MaskedAttentionGuidance, MaskedA
 from mag_explore.models import load_pipeline, model_defaults
 from mag_explore.sampling import Control, Hooks, Sampler, generate
 from mag_explore.schedule import sigma_as_timestep
-from mag_explore.testing_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+from mag_explore.testing.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPT = "a red circle and a blue square"
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,6 +266,7 @@ def test_flux_only_options_are_refused_elsewhere(pipes):
 
 # ---------------------------------------------------------------- the command line
 @pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_cli_generate_with_mag(folders, tmp_path, name):
     mask = np.zeros((32, 32, 3), np.uint8)
     mask[:, :16] = (255, 0, 0)

@@ -17,7 +17,7 @@ import nbclient  # noqa: F401  (declared test dependencies: a missing one is a f
 import nbformat
 import pytest
 
-from mag_explore.nbtools import outputs_of, run_notebook
+from mag_explore.course.nbtools import outputs_of, run_notebook
 from notebook_configs import configuration_env, runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_notebook_is_committed_without_outputs(path):
     if path not in _tracked_notebooks():
         pytest.skip(f"{path.name} is not in git yet")
     found = outputs_of(nbformat.read(path, as_version=4))
-    assert not found, f"{path.name} carries outputs ({found}); run `python -m mag_explore.nbtools strip {path}`"
+    assert not found, f"{path.name} carries outputs ({found}); run `python -m mag_explore.course.nbtools strip {path}`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -133,10 +133,10 @@ def test_readme_links_every_notebook_to_colab():
 
 def test_the_notebooks_call_the_exercise_checks():
     """Learners write the core: the notebooks call at least six distinct checks, every check in
-    ``mag_explore.exercises`` is used by some notebook, and the learner cells ship unwritten."""
+    ``mag_explore.course.exercises`` is used by some notebook, and the learner cells ship unwritten."""
     import re
 
-    from mag_explore import exercises
+    from mag_explore.course import exercises
 
     called, unwritten = set(), 0
     for path in NOTEBOOKS:

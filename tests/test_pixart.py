@@ -1,4 +1,4 @@
-"""PixArt-Σ on a tiny random build (mag_explore.testing_dit), against diffusers' PixArtSigmaPipeline
+"""PixArt-Σ on a tiny random build (mag_explore.testing.dit), against diffusers' PixArtSigmaPipeline
 and against formulas written out here (tests/dit_checks.py)."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from mag_explore.layouts import Layout, rect
 from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from mag_explore.models import UnsupportedModelError, load_pipeline, model_defaults
 from mag_explore.sampling import Control, Hooks, generate
-from mag_explore.testing_dit import tiny_pixart_pipeline
-from mag_explore.tokens import token_indices
+from mag_explore.testing.dit import tiny_pixart_pipeline
+from mag_explore.text.tokens import token_indices
 
 PROMPT = "a red circle and a blue square"
 #: T5 keys (no BOS): ▁a ▁red ▁circle ▁and ▁a ▁blue ▁square </s>, then <pad> up to 300

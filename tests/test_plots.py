@@ -35,7 +35,7 @@ def test_token_maps_name_words_and_steps(result):
 
     store, purple = result.store, result.token_indices("purple")
     assert len(purple) == 6  # p-u-r-p-l-e: one token per letter in the tiny vocabulary
-    finest = max((store.resolution(l) for l in store.layers), key=lambda hw: hw[0] * hw[1])
+    finest = max((store.grid(l) for l in store.layers), key=lambda hw: hw[0] * hw[1])
     per_layer = [F.interpolate(sum(store.map(s, l, token=t) for t in purple)[None, None].float(), size=finest,
                                mode="bilinear", align_corners=False)[0, 0] for s in (1, 2) for l in store.layers]
     expected = F.interpolate(torch.stack(per_layer).mean(0)[None, None], size=(64, 64), mode="bilinear",

@@ -1,15 +1,15 @@
-"""Qwen-Image on a tiny random QwenImagePipeline (mag_explore.testing_joint), against diffusers' own
+"""Qwen-Image on a tiny random QwenImagePipeline (mag_explore.testing.joint), against diffusers' own
 pipeline and against softmax(QKᵀ/√d) with rotary and q/k norms written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mag_explore import tokens
+from mag_explore.text import tokens
 from mag_explore.attention import AttentionHook
 from mag_explore.attention.joint import joint_attention_hooks
 from mag_explore.families import mmdit, qwenimage
-from mag_explore.testing_joint import tiny_qwenimage_pipeline
+from mag_explore.testing.joint import tiny_qwenimage_pipeline
 
 PROMPT = "a red circle and a blue square"
 

@@ -1,4 +1,4 @@
-"""Sana on a tiny random build (mag_explore.testing_dit), against diffusers' SanaPipeline and against
+"""Sana on a tiny random build (mag_explore.testing.dit), against diffusers' SanaPipeline and against
 formulas written out here (tests/dit_checks.py)."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from mag_explore.layouts import Layout, rect
 from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from mag_explore.models import UnsupportedModelError, load_pipeline, model_defaults
 from mag_explore.sampling import Control, Hooks, generate
-from mag_explore.testing_dit import tiny_sana_pipeline
-from mag_explore.tokens import token_indices
+from mag_explore.testing.dit import tiny_sana_pipeline
+from mag_explore.text.tokens import token_indices
 
 PROMPT = "a red circle and a blue square"
 #: keys: <bos>, then the prompt (its first word absorbs the instruction's trailing space): ▁a ▁red ▁circle ...
@@ -182,7 +182,7 @@ def test_q_k_norm_across_heads_is_applied_before_the_head_split():
                                    with_kwargs=True)
     cond = families.Conditioning.cat([families.encode_negative_prompt(pipe, "", 1), families.encode_prompt(pipe, PROMPT)])
     recorder = Recorder()
-    with families.attention_hooks(pipe, [recorder]), torch.no_grad():
+    with families.install_attention_hooks(pipe, [recorder]), torch.no_grad():
         ours = families.denoise(pipe, torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
                                 torch.tensor(500.0), cond)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from mag_explore.layouts import Layout, rect
 from mag_explore.methods import MaskedAttentionGuidance, MaskedAttentionSwap
 from mag_explore.models import load_pipeline
 from mag_explore.sampling import Hooks, generate
-from mag_explore.testing_mmdit import tiny_sd3_pipeline
+from mag_explore.testing.mmdit import tiny_sd3_pipeline
 
 PROMPT = "a red circle and a blue square"
 VARIANTS = {"large": {"qk_norm": "rms_norm"}, "medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}}

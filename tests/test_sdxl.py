@@ -18,9 +18,10 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from mag_explore import families, testing
+from mag_explore.text import build_clip_tokenizer
 from mag_explore.attention import AttentionHook, AttentionStore, cross_attention_hooks, cross_attention_layer_names
 from mag_explore.layouts import Layout, rect
-from mag_explore.methods import LayoutGuidance, guidance_step, MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords
+from mag_explore.methods import LayoutGuidance, guidance_pass, MaskedAttentionGuidance, MaskedAttentionSwap, PaintWithWords
 from mag_explore.models import check_supported, load_pipeline, model_defaults
 from mag_explore.sampling import Control, Sampler, StepState, generate
 
@@ -58,7 +59,7 @@ def test_load_pipeline_gives_an_sdxl_pipeline_with_sdxl_defaults(sdxl_pipe):
     assert sdxl_pipe.watermark is None and sdxl_pipe.config.force_zeros_for_empty_prompt
     d = model_defaults(sdxl_pipe)
     assert (d["height"], d["width"]) == (128, 128)
-    assert d["mag_alpha"] == 0.01 and d["mag_lambda"] == 0.5 and d["guide_until"] == 700
+    assert d["mag_alpha"] == 0.01 and d["mag_lmbda"] == 0.5 and d["while_t_above"] == 700
 
 
 def test_real_sdxl_base_model_index_is_accepted_and_pickles_refused(sdxl_folder, tmp_path):
@@ -144,7 +145,7 @@ def test_fp16_vae_decodes_in_fp32_and_is_put_back(sdxl_pipe):
 
 
 def test_tokenizers_that_disagree_are_refused(sdxl_pipe, tmp_path):
-    other = testing.build_clip_tokenizer([w for w in testing.TINY_WORDS if w != "circle"], tmp_path)
+    other = build_clip_tokenizer([w for w in testing.TINY_WORDS if w != "circle"], tmp_path)
     pipe = diffusers_pipe(sdxl_pipe, tokenizer_2=other)
     with pytest.raises(ValueError, match="two tokenizers.*differently from token 3.*tokenizer_2 gives"):
         generate(pipe, PROMPT, num_inference_steps=2, progress=False)
@@ -183,10 +184,10 @@ def test_captured_maps_equal_an_independent_softmax(sdxl_pipe):
     assert (ctx.height, ctx.width, ctx.place) == (4, 6, "mid") and probs.shape == (2, 4, 24, 77)
     assert torch.allclose(probs, reference, atol=1e-6) and probs.std() > 1e-3
     assert len(recorder.seen) == 11
-    per_resolution = {}
+    per_grid = {}
     for _, c in recorder.seen:
-        per_resolution[c.resolution] = per_resolution.get(c.resolution, 0) + 1
-    assert per_resolution == {(8, 12): 3, (4, 6): 8}  # the tiny SDXL at 128x192: two resolutions
+        per_grid[c.grid] = per_grid.get(c.grid, 0) + 1
+    assert per_grid == {(8, 12): 3, (4, 6): 8}  # the tiny SDXL at 128x192: two grids
 
 
 def test_hooks_are_restored_after_an_exception(sdxl_pipe, layout):
@@ -211,16 +212,16 @@ def test_store_size_is_bounded_and_selects_by_resolution_and_place(sdxl_pipe):
     prompt_tokens = len(sdxl_pipe.tokenizer(PROMPT).input_ids)  # BOS + 7 words + EOS
     assert prompt_tokens == 9
     # head mean, prompt tokens only, conditional half, fp16: per step sum over layers of h*w*tokens*2 bytes
-    per_step = sum(n * h * w for (h, w), n in testing.SDXL_LAYERS_PER_RESOLUTION.items()) * prompt_tokens * 2
+    per_step = sum(n * h * w for (h, w), n in testing.SDXL_LAYERS_PER_GRID.items()) * prompt_tokens * 2
     assert store.nbytes == 4 * per_step
     heads = {sdxl_pipe.unet.get_submodule(n).heads for n in cross_attention_layer_names(sdxl_pipe.unet)}
     assert heads == {4}
     everything = 4 * per_step / prompt_tokens / 2 * 4 * 77 * 2 * 4  # x heads, all 77 tokens, both halves, fp32
     assert store.nbytes * 100 < everything
-    coarse_up = AttentionStore(resolutions={4}, places=("up",))
+    coarse_up = AttentionStore(layer_sizes={4}, places=("up",))
     generate(sdxl_pipe, PROMPT, num_inference_steps=1, seed=0, store=coarse_up, progress=False)
     assert coarse_up.layers == [n for n in cross_attention_layer_names(sdxl_pipe.unet) if n.startswith("up_blocks.0")]
-    assert len(coarse_up.layers) == 4 and coarse_up.resolutions_seen == [(4, 4)]
+    assert len(coarse_up.layers) == 4 and coarse_up.grids_seen == [(4, 4)]
     with pytest.raises(ValueError, match="places=\\['middle'\\]"):
         AttentionStore(places=["middle"])
 
@@ -233,7 +234,7 @@ def test_swap_sets_exactly_the_official_values(sdxl_pipe, layout):
     assert len(store.layers) == 11
     for layer in store.layers:
         maps = store.get(0, layer)  # (2, heads, h, w, 77): uncond, cond
-        h, w = store.resolution(layer)
+        h, w = store.grid(layer)
         for tokens, mask in zip(((2, 3), (6, 7)), layout.masks_at(h, w)):  # red circle, blue square
             for token in tokens:
                 assert torch.equal(maps[1, ..., token], (mask / 2).expand(maps.shape[1], h, w))
@@ -251,13 +252,13 @@ def test_one_mag_step_lowers_the_loss(sdxl_pipe, layout, checkpointing):
         controller.set_step(0, t)
         state = StepState(sdxl_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                           controller, sampler.timesteps)
-        moved, loss_before, grad = guidance_step(state, sampler.latents, mag.hook, 1.0,
-                                                 checkpointing=checkpointing)
+        loss_before, grad = guidance_pass(state, sampler.latents, mag.hook, checkpointing=checkpointing)
+        moved = sampler.latents - 1.0 * grad
         assert len(mag.hook.layers) == 11  # MAG sums over every cross-attention layer
         # the loss, written out: sum over layers of -inside + lambda * outside of the regions' tokens
         recorder = Recorder(phases=("guidance",))
         with cross_attention_hooks(sdxl_pipe.unet, [recorder]):
-            guidance_step(state, sampler.latents, mag.hook, 1.0, checkpointing=checkpointing)
+            guidance_pass(state, sampler.latents, mag.hook, checkpointing=checkpointing)
         expected = 0.0
         for probs, ctx in recorder.seen[:11]:  # with checkpointing, the backward pass runs the layers again
             masks = layout.masks_at(ctx.height, ctx.width).flatten(1)
@@ -265,7 +266,7 @@ def test_one_mag_step_lowers_the_loss(sdxl_pipe, layout, checkpointing):
                 attention = probs[..., list(tokens)].sum(-1)
                 expected += float(-(attention * mask).sum() + 0.5 * (attention * (1 - mask)).sum())
         assert float(loss_before) == pytest.approx(expected, rel=1e-5)
-        _, loss_after, _ = guidance_step(state, moved, mag.hook, 1.0, checkpointing=checkpointing)
+        loss_after, _ = guidance_pass(state, moved, mag.hook, checkpointing=checkpointing)
     assert grad.abs().max() > 0 and loss_after < loss_before
     assert not sdxl_pipe.unet.is_gradient_checkpointing
     assert all(p.grad is None and p.requires_grad for p in sdxl_pipe.unet.parameters())
@@ -280,7 +281,7 @@ def test_mag_gradient_is_the_same_with_gradient_checkpointing(sdxl_pipe, layout)
         with cross_attention_hooks(sdxl_pipe.unet, sampler.hooks) as controller:
             state = StepState(sdxl_pipe, sampler.scheduler, 0, t, sampler.latents, sampler.cond, sampler.uncond,
                               controller, sampler.timesteps)
-            grads.append(guidance_step(state, sampler.latents, mag.hook, 1.0, checkpointing=checkpointing)[2])
+            grads.append(guidance_pass(state, sampler.latents, mag.hook, checkpointing=checkpointing)[1])
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
@@ -295,12 +296,27 @@ def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
     assert np.isfinite(steered.pixels).all() and np.abs(steered.pixels - plain).max() > 1e-3
     if method == "mag":
         assert control.diagnostics["step"] == [0, 1]
+        # The same run written out: a plain sampler whose x_t takes the paper's step, x_t - alpha * grad L,
+        # before steps 0 and 1 (L from a guidance pass through a MAG loss hook): the same pixels.
+        by_hand = MaskedAttentionGuidance(layout, alpha=2.0, step_range=(0, 2), step_rule="official")
+        sampler = Sampler(sdxl_pipe, PROMPT, num_inference_steps=3, seed=0)
+        by_hand.start(sampler)
+        for i, t in enumerate(sampler.scheduler.timesteps[:2]):
+            with families.install_attention_hooks(sdxl_pipe, [by_hand.hook]) as controller:
+                controller.set_step(i, t)
+                state = StepState(sdxl_pipe, sampler.scheduler, i, t, sampler.latents, sampler.cond, sampler.uncond,
+                                  controller, sampler.timesteps)
+                _, grad = guidance_pass(state, sampler.latents, by_hand.hook)
+            sampler.latents = sampler.latents - 2.0 * grad
+            sampler.step()
+        sampler.step()
+        np.testing.assert_allclose(sampler.result().pixels, steered.pixels, atol=1e-5)
 
 
 # ---------------------------------------------------------------- inversion, editing, widgets, CLI
 def test_inversion_and_edit_on_sdxl(sdxl_pipe, layout):
     from mag_explore.editing import edit_image
-    from mag_explore.inversion import invert, reconstruct
+    from mag_explore.editing.inversion import invert, reconstruct
 
     image = generate(sdxl_pipe, PROMPT, num_inference_steps=10, guidance_scale=1.0, seed=0, progress=False).image
     # Each inverted step should be one the sampler takes back: DDIM's step from x_t with the UNet's
@@ -339,6 +355,7 @@ def test_widgets_run_on_sdxl(sdxl_pipe, layout):
     assert ran.images[0].size == (128, 128)
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_cli_generate_with_mag_on_an_sdxl_folder(sdxl_folder, tmp_path):
     mask = np.zeros((128, 128, 3), np.uint8)
     mask[:, :64] = (255, 0, 0)

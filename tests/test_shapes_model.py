@@ -38,7 +38,7 @@ def test_sd_conventions(pipe):
     s = pipe.scheduler.config
     assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == (
         "scaled_linear", 0.00085, 0.012, 1000)
-    # Cross-attention at two resolutions or more, the finest at least 1/8 of the image
+    # Cross-attention at two layer_sizes or more, the finest at least 1/8 of the image
     # side: record the query length of every attn2 during one UNet call.
     sides = set()
     hooks = [m.register_forward_pre_hook(lambda m, args: sides.add(int(args[0].shape[1] ** 0.5)))
@@ -113,11 +113,11 @@ def test_shipped_mag_defaults_place_the_objects_and_keep_the_prompt():
     from mag_explore.methods import make_controls
     from mag_explore.models import load_pipeline, model_defaults
     from mag_explore.sampling import generate
-    from mag_explore.shapes.world import mask_iou
+    from mag_explore.layouts import mask_iou
 
     pipe = load_pipeline("shapes", device="cpu", dtype=torch.float32)
     d = model_defaults(pipe)
-    assert (d["mag_step"], d["mag_alpha"], d["mag_lambda"], d["mag_mask_mode"], d["mag_loss"], d["mag_resolutions"]) == (
+    assert (d["mag_step_rule"], d["mag_alpha"], d["mag_lmbda"], d["mag_mask_mode"], d["mag_loss"], d["mag_layer_sizes"]) == (
         "normalized", 0.03, 1.25, "area", "balanced", [16])
     suite = load_suite(MODEL.parents[1] / "suites" / "shapes.json", 64, 64)
     ious, faithful = [], 0

@@ -7,8 +7,9 @@ clean and slightly blurred (generated images are never pixel-perfect).
 import numpy as np
 import pytest
 
+from mag_explore.layouts import mask_iou
 from mag_explore.shapes import (COLORS, SHAPES, blobs, caption_for, classify_shape, make_scene,
-                                mask_iou, parse_caption, score_image, segment_by_color)
+                                parse_caption, score_image, segment_by_color)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from mag_explore import families
-from mag_explore.t5_tokens import CLIP_POOLED_ONLY, JointPromptTokens
+from mag_explore.text.t5 import CLIP_POOLED_ONLY, JointPromptTokens
 from mag_explore.testing import tiny_tokenizer
-from mag_explore.testing_mmdit import tiny_t5_tokenizer
-from mag_explore.tokens import phrase_occurrences, prompt_tokens, split_words, token_indices
+from mag_explore.testing.mmdit import tiny_t5_tokenizer
+from mag_explore.text.tokens import phrase_occurrences, prompt_tokens, split_words, token_indices
 
 
 @pytest.fixture(scope="module")

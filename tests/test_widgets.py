@@ -72,13 +72,13 @@ def test_explorer_controls_select_the_asked_map_and_never_run_the_model(sd15_pip
     assert "head 2" in explorer.caption.value
 
 
-def test_explorer_resolution_and_all_layers(result):
+def test_explorer_grid_and_all_layers(result):
     store = result.store
     explorer = AttentionExplorer(result, token=2)
     explorer.step.value = 0
-    by_res = [layer for layer in store.layers if store.resolution(layer) == (4, 4)]
+    by_res = [layer for layer in store.layers if store.grid(layer) == (4, 4)]
     assert len(by_res) == 3  # one down layer, two up layers
-    explorer.layer.value = ("resolution", (4, 4))
+    explorer.layer.value = ("grid", (4, 4))
     expected = torch.stack([store.map(0, layer, 2) for layer in by_res]).mean(0)
     assert torch.allclose(explorer.selected_map(), expected)
     explorer.layer.value = ("all", None)
@@ -99,6 +99,7 @@ def test_explorer_play_animates_the_step_slider(result):
     assert explorer.play.value == 3
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_explorer_head_choice_needs_all_heads(sd15_pipe):
     mean_only = generate(sd15_pipe, PROMPT, num_inference_steps=2, seed=0, progress=False, store=AttentionStore())
     explorer = AttentionExplorer(mean_only)
@@ -111,6 +112,7 @@ def test_explorer_head_choice_needs_all_heads(sd15_pipe):
 
 
 # ============================================================================ playground
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_playground_waits_for_run_then_matches_generate(sd15_pipe, layout):
     playground = MagPlayground(sd15_pipe, layout, num_inference_steps=5, seed=0)
     preview = playground.image.value
@@ -242,6 +244,7 @@ def test_layout_builder_repeated_words_and_tokens(sd15_pipe):
     assert builder.layout.resolve(sd15_pipe.tokenizer).regions[0].token_indices == (6,)
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_playground_reads_the_builder_at_each_run(sd15_pipe):
     builder = LayoutBuilder(PROMPT)
     builder.add_region("red circle", x=0.25, width=0.5, height=1.0)
@@ -268,20 +271,21 @@ def test_playground_accepts_an_empty_builder_and_says_why_it_cannot_run(sd15_pip
     assert playground.error is None and playground.runs == 1
 
 
+@pytest.mark.slow  # a subprocess, a training run or a long widget session
 def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, layout):
-    from mag_explore.widgets.playground import cross_attention_resolutions
+    from mag_explore.widgets.playground import cross_attention_layer_sizes
 
     # the tiny SD1.5-like UNet: 64×64 images, 8×8 latents, cross-attention at 8×8, 4×4 and (mid) 2×2
-    assert cross_attention_resolutions(sd15_pipe) == [8, 4, 2]
+    assert cross_attention_layer_sizes(sd15_pipe) == [8, 4, 2]
     playground = MagPlayground(sd15_pipe, layout, num_inference_steps=3, remember=2, score_iou=True)
-    assert [v for _, v in playground.resolutions.options] == [8, 4, 2]
+    assert [v for _, v in playground.layer_sizes.options] == [8, 4, 2]
     playground.mag_step_range.value = (0, 1)
     playground.run_button.click()
     playground.alpha.value = 0.5
-    playground.resolutions.value = (4,)
+    playground.layer_sizes.value = (4,)
     playground.places.value = ("up",)
     mag = playground.controls()[0]
-    assert mag.resolutions == {4} and mag.places == {"up"}
+    assert mag.layer_sizes == {4} and mag.places == {"up"}
     with unet_calls(sd15_pipe) as calls:
         playground.run_button.click()
     assert playground.error is None, playground.error
@@ -294,8 +298,17 @@ def test_playground_remembers_the_last_runs_and_chooses_mags_layers(sd15_pipe, l
     assert [entry["run"] for entry in playground.history] == [3, 2]  # newest first, only `remember` kept
     newest, older = playground.history
     assert newest["settings"]["seed"] == 3 and older["settings"]["alpha"] == 0.5
-    assert older["settings"]["resolutions"] == [4] and older["settings"]["places"] == ["up"]
-    assert set(newest["iou"]) == {"red circle", "blue square"}
-    assert all(0.0 <= v <= 1.0 for v in newest["iou"].values())
+    assert older["settings"]["layer_sizes"] == [4] and older["settings"]["places"] == ["up"]
+    # each region's IoU again, from the newest image: the pixels of its color word vs its mask
+    from mag_explore.shapes.world import segment_by_color
+
+    picture = np.asarray(playground.result.images[0].convert("RGB"))
+    found = segment_by_color(picture)
+    want = {}
+    for label, mask in zip(layout.labels, layout.masks_at(*picture.shape[:2]).numpy() > 0.5):
+        got = found.get(label.split()[0], np.zeros_like(mask))
+        union = np.logical_or(got, mask).sum()
+        want[label] = np.logical_and(got, mask).sum() / union if union else 0.0
+    assert newest["iou"] == pytest.approx(want, abs=1e-9)
     assert len(playground.memory.children) == 2
     assert "IoU red circle" in playground.memory.children[0].children[1].value

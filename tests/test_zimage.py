@@ -1,14 +1,14 @@
-"""Z-Image on a tiny random ZImagePipeline (mag_explore.testing_joint): the caption keys, and the
+"""Z-Image on a tiny random ZImagePipeline (mag_explore.testing.joint): the caption keys, and the
 image→caption block against softmax(QKᵀ/√d) with rotary and q/k norms written out here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mag_explore import tokens
+from mag_explore.text import tokens
 from mag_explore.attention import AttentionHook
 from mag_explore.families import zimage
-from mag_explore.testing_joint import tiny_zimage_pipeline
+from mag_explore.testing.joint import tiny_zimage_pipeline
 
 PROMPT = "a red circle and a blue square"
 

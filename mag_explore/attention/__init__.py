@@ -3,7 +3,7 @@ from .hooks import AttentionContext, AttentionHook
 from .processor import (
     AttentionController,
     CrossAttentionProcessor,
-    attention_resolution,
+    attention_grid,
     cross_attention_hooks,
     cross_attention_grids,
     cross_attention_layer_names,
@@ -20,7 +20,7 @@ __all__ = [
     "AttentionStore",
     "CrossAttentionProcessor",
     "JointAttentionProcessor",
-    "attention_resolution",
+    "attention_grid",
     "cross_attention_hooks",
     "cross_attention_grids",
     "cross_attention_layer_names",

@@ -44,7 +44,7 @@ class AttentionContext:
     text_first: bool | None = None  # joint attention: text tokens before the image tokens (Flux) or after (SD3)
 
     @property
-    def resolution(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, int]:
         return (self.height, self.width)
 
     def rows(self, role: str) -> list[int]:

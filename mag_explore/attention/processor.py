@@ -1,7 +1,9 @@
 """Install hooks on the cross-attention layers of a UNet, and take them off again.
 
-This is the one module that touches diffusers internals. It uses the public
-attention-processor API (``unet.attn_processors`` / ``unet.set_attn_processor``):
+It touches diffusers' attention through the public attention-processor API only
+(``unet.attn_processors`` / ``unet.set_attn_processor``); its siblings do the same for joint
+attention (``attention.joint``), and each family file (``families/``) holds what else of a
+pipeline it must know:
 
 * only the *cross*-attention layers (``attn2``, 77 text keys) get our processor, which
   computes the probabilities explicitly so hooks can see and change them;
@@ -37,7 +39,7 @@ def layer_place(layer: str) -> str:
     return halves.get(layer.split(".")[0], "other")  # "block": a cross-attention transformer (PixArt-Σ, Sana)
 
 
-def attention_resolution(latent_hw: tuple[int, int], pixels: int) -> tuple[int, int]:
+def attention_grid(latent_hw: tuple[int, int], pixels: int) -> tuple[int, int]:
     """The h×w grid of a layer with ``pixels`` queries, from the latent's own h×w.
 
     Each UNet level halves the size with a stride-2 convolution (rounding up), so we
@@ -86,7 +88,7 @@ class AttentionController:
         self.num_prompt_tokens: int | None = None
         self.latent_hw: tuple[int, int] | None = None
         self.installed = False
-        self._resolutions: dict[tuple, tuple[int, int]] = {}
+        self._grids: dict[tuple, tuple[int, int]] = {}
         self._pre_hook = None
 
     # -- what the sampler tells us -------------------------------------------------
@@ -117,9 +119,9 @@ class AttentionController:
     # -- what the processor asks ---------------------------------------------------
     def context(self, layer: str, pixels: int, batch: int, heads: int) -> AttentionContext:
         key = (self.latent_hw, pixels)
-        if key not in self._resolutions:
-            self._resolutions[key] = attention_resolution(self.latent_hw, pixels)
-        h, w = self._resolutions[key]
+        if key not in self._grids:
+            self._grids[key] = attention_grid(self.latent_hw, pixels)
+        h, w = self._grids[key]
         roles = self.batch_roles
         if roles is None or len(roles) != batch:  # plain pipeline call: [uncond…, cond…] when even
             roles = ("uncond",) * (batch // 2) + ("cond",) * (batch - batch // 2) if batch % 2 == 0 else ("cond",) * batch

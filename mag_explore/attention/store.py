@@ -2,7 +2,7 @@
 
 Keeping every map of every head in float32 is what makes naive attention tools run out of
 memory on Stable Diffusion at 512². The store reduces each map the moment it arrives: mean
-over heads, only the prompt's tokens, only the chosen resolutions and steps, only the
+over heads, only the prompt's tokens, only the chosen layer sizes and steps, only the
 conditional half of classifier-free guidance, on the CPU in float16. ``store.nbytes`` says
 what a run kept; the README gives the measured sizes (``bench/bench_engine.py``).
 """
@@ -23,7 +23,7 @@ class AttentionStore(AttentionHook):
         tokens: "prompt" (BOS, the prompt's tokens and EOS; the default), "all" (every
             padded position) or a list of token indices.
         heads: "mean" (average over heads, the default) or "all".
-        resolutions: keep only layers whose side is in this set, e.g. ``{16, 32}``; None = all.
+        layer_sizes: keep only layers whose side is in this set, e.g. ``{16, 32}``; None = all.
         places: keep only layers in these UNet halves, e.g. ``("mid", "up")``, or these MMDiT blocks
             ("double", "single": Flux; "joint": SD3); None = all.
         steps: keep only these step indices; None = all.
@@ -37,7 +37,7 @@ class AttentionStore(AttentionHook):
         self,
         tokens: str | Sequence[int] = "prompt",
         heads: str = "mean",
-        resolutions: Iterable[int] | None = None,
+        layer_sizes: Iterable[int] | None = None,
         steps: Iterable[int] | None = None,
         roles: Sequence[str] = ("cond",),
         device: str | torch.device = "cpu",
@@ -50,7 +50,7 @@ class AttentionStore(AttentionHook):
             raise ValueError(f"tokens={tokens!r}; use 'prompt', 'all' or a list of token indices")
         self.tokens = tokens if isinstance(tokens, str) else [int(i) for i in tokens]
         self.heads = heads
-        self.resolutions = None if resolutions is None else {int(r) for r in resolutions}
+        self.layer_sizes = None if layer_sizes is None else {int(r) for r in layer_sizes}
         if isinstance(places, str):
             places = [places]
         self.places = None if places is None else set(places)
@@ -75,7 +75,7 @@ class AttentionStore(AttentionHook):
             return False
         if self.places is not None and ctx.place not in self.places:
             return False
-        return self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions
+        return self.layer_sizes is None or max(ctx.height, ctx.width) in self.layer_sizes
 
     def _columns(self, ctx: AttentionContext, num_tokens: int) -> list[int]:
         if self.tokens == "all" or (self.tokens == "prompt" and ctx.num_prompt_tokens is None):
@@ -127,18 +127,18 @@ class AttentionStore(AttentionHook):
             seen.setdefault(layer, None)
         return list(seen)
 
-    def resolution(self, layer: str) -> tuple[int, int]:
+    def grid(self, layer: str) -> tuple[int, int]:
         ctx = next(c for (_, name), c in self.contexts.items() if name == layer)
         return ctx.height, ctx.width
 
     @property
-    def resolutions_seen(self) -> list[tuple[int, int]]:
-        return sorted({self.resolution(layer) for layer in self.layers}, reverse=True)
+    def grids_seen(self) -> list[tuple[int, int]]:
+        return sorted({self.grid(layer) for layer in self.layers}, reverse=True)
 
     def __repr__(self) -> str:
         return (
             f"AttentionStore({len(self.step_indices)} steps × {len(self.layers)} layers, "
-            f"resolutions {self.resolutions_seen}, tokens {self.token_indices}, "
+            f"grids {self.grids_seen}, tokens {self.token_indices}, "
             f"heads={self.heads}, {self.nbytes / 1e6:.2f} MB)"
         )
 
@@ -163,7 +163,7 @@ class AttentionStore(AttentionHook):
         self,
         tokens: Sequence[int] | None = None,
         steps: Iterable[int] | None = None,
-        resolutions: Iterable[int] | None = None,
+        layer_sizes: Iterable[int] | None = None,
         layers: Iterable[str] | None = None,
         size: tuple[int, int] | None = None,
         normalize: str = "none",
@@ -180,20 +180,20 @@ class AttentionStore(AttentionHook):
         tokens = list(self.token_indices if tokens is None else tokens)
         columns = [self._column(t) for t in tokens]
         steps = set(self.step_indices if steps is None else steps)
-        wanted_res = None if resolutions is None else {int(r) for r in resolutions}
+        wanted_sizes = None if layer_sizes is None else {int(r) for r in layer_sizes}
         wanted_layers = None if layers is None else set(layers)
         chosen = [
             key for key in self.maps
             if key[0] in steps
             and (wanted_layers is None or key[1] in wanted_layers)
-            and (wanted_res is None or max(self.resolution(key[1])) in wanted_res)
+            and (wanted_sizes is None or max(self.grid(key[1])) in wanted_sizes)
         ]
         if not chosen:
             raise ValueError(
-                f"no stored maps match steps={sorted(steps)}, resolutions={wanted_res}, layers={wanted_layers}; "
-                f"stored: steps {self.step_indices}, resolutions {self.resolutions_seen}"
+                f"no stored maps match steps={sorted(steps)}, layer_sizes={wanted_sizes}, layers={wanted_layers}; "
+                f"stored: steps {self.step_indices}, grids {self.grids_seen}"
             )
-        size = size or self.resolutions_seen[0]
+        size = size or self.grids_seen[0]
         total = torch.zeros(len(columns), *size, device=self.device)  # where the maps are kept (a GPU store too)
         for key in chosen:
             maps = self.maps[key][batch, ..., columns].float().mean(0)  # (h, w, tokens)

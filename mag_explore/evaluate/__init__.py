@@ -45,7 +45,7 @@ in CI. A sketch with CLIPSeg, if you have its weights::
         return list((masks.sigmoid() > 0.4).numpy())
 """
 from ..shapes.segment import color_segmenter, shapes_fidelity
-from ..suites import MAX_REGIONS, SuiteLayout, load_suite
+from ..layouts.suite import MAX_REGIONS, SuiteLayout, load_suite
 from .clip_score import ClipScorer, clip_score
 from .command import merge_runs, resolve_segmenter, run_evaluation, write_reports
 from .instances import REAL_COLUMNS, RealImageScorer, box_iou, build_real_scorer, mask_box

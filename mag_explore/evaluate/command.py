@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..suites import SuiteLayout, load_suite
+from ..layouts.suite import SuiteLayout, load_suite
 from .report import RowJournal, bootstrap_summary, format_summary, plot_frontier, plot_grid, read_csv, write_csv
 from .run import Segmenter, check_methods, evaluate, image_path, load_segmenter, work_items
 from .settings import DEFAULT, Settings, parse_sweeps
@@ -88,18 +88,10 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     are ``build_real_scorer``'s keywords, e.g. detector, sam, clip, box_threshold), a
     ``package.module:function`` or a callable; None: the shapes world's colors.
     """
-    from ..models import load_pipeline, model_defaults
+    from ..models.load import load_pipeline, model_defaults
     from ..shapes.world import COLORS
 
-    from ..validation import check_count
-
-    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds < 1:
-        raise ValueError(f"--seeds {seeds}: need at least 1")
-    check_count("seeds", seeds)
-    check_count("first_seed", first_seed, minimum=0)
-    if num_inference_steps is not None:  # checked before anything is written to `out`
-        check_count("num_inference_steps", num_inference_steps, maximum=1000)
-    check_methods(methods)
+    _check_run_options(seeds, first_seed, num_inference_steps, methods)  # before anything is written to `out`
     settings = {**parse_sweeps(sweeps, methods), **(settings or {})}
     state = process_state(device)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
@@ -116,18 +108,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     items = work_items(suite, methods, seed_list, settings)
     out = Path(out)
     info = run_info(model, Path(suite_path), num_inference_steps or defaults["num_inference_steps"], spec, defaults)
-    if not fresh:
-        check_run_info(out, info)  # every process, before anyone waits: a refusal never hangs the others
-    _wait(state)
-    if rank == 0:
-        if fresh:
-            for name in (RESULTS, RUN_INFO, "summary.md", "summary.json", "grid.png", "frontier.png"):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / PARTS, ignore_errors=True)
-            shutil.rmtree(out / "images", ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    _wait(state)
+    _prepare_out(out, info, fresh, state, rank)
     before = existing_rows(out)
     done = {(r["layout"], r["method"], r["setting"], r["seed"]) for r in before}
     new_rows, images = evaluate(
@@ -136,12 +117,7 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
         segmenter=segmenter,
         image_dir=out / "images", skip=done, on_row=RowJournal(out / PARTS / f"rank{rank}.csv"),
         rank=rank, world_size=world)
-    if state is not None:
-        from accelerate.utils import gather_object
-
-        new_rows, gathered = gather_object([new_rows]), gather_object([images])
-        new_rows = [row for part in new_rows for row in part]
-        images = {k: v for part in gathered for k, v in part.items()}
+    new_rows, images = _gathered(state, new_rows, images)
     if rank != 0:
         return f"process {rank} of {world}: {len(new_rows)} images; process 0 writes {out / RESULTS}"
     rows = order_rows(before + new_rows, [i.key for i in items])
@@ -155,6 +131,44 @@ def run_evaluation(model: str | None, suite_path: str | Path, methods: Sequence[
     skipped = len([k for k in (i.key for i in items) if k in done])
     return table + (f"\n({skipped} of {len(items)} images were already in {out}; generated "
                     f"{len(new_rows)} in {world} process{'es' if world > 1 else ''})")
+
+
+def _check_run_options(seeds: int, first_seed: int, num_inference_steps: int | None, methods: Sequence[str]) -> None:
+    from ..validation import check_count
+
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds < 1:
+        raise ValueError(f"--seeds {seeds}: need at least 1")
+    check_count("seeds", seeds)
+    check_count("first_seed", first_seed, minimum=0)
+    if num_inference_steps is not None:
+        check_count("num_inference_steps", num_inference_steps, maximum=1000)
+    check_methods(methods)
+
+
+def _prepare_out(out: Path, info: dict, fresh: bool, state, rank: int) -> None:
+    """Refuse to resume a different run in ``out`` (every process); process 0 clears it (``fresh``) and writes run.json."""
+    if not fresh:
+        check_run_info(out, info)  # every process, before anyone waits: a refusal never hangs the others
+    _wait(state)
+    if rank == 0:
+        if fresh:
+            for name in (RESULTS, RUN_INFO, "summary.md", "summary.json", "grid.png", "frontier.png"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / PARTS, ignore_errors=True)
+            shutil.rmtree(out / "images", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    _wait(state)
+
+
+def _gathered(state, rows: list, images: dict) -> tuple[list, dict]:
+    """Every process's rows and images (several processes: gathered on each), or these."""
+    if state is None:
+        return rows, images
+    from accelerate.utils import gather_object
+
+    parts, gathered = gather_object([rows]), gather_object([images])
+    return [row for part in parts for row in part], {k: v for part in gathered for k, v in part.items()}
 
 
 def resolve_segmenter(segmenter: str | Segmenter | None, options: dict | None, device) -> Segmenter | None:

@@ -3,7 +3,7 @@
 ``mag_explore/data/suites/real.json`` (written by ``make_real_suite.py`` next to it, from a
 fixed seed: no data set is downloaded; its colors are ``COLOR_WORDS``) holds layouts of two to four COCO objects, each
 with a color ("a red car, a blue dog and a green bench"), each in its own box, in the
-suite format of ``mag_explore.suites``. Instance success checks the color: see
+suite format of ``mag_explore.layouts.suite``. Instance success checks the color: see
 ``instances``.
 
 MIG_Bench (the COCO-MIG benchmark of MIGC) describes its layouts in a YAML file,
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..suites import MAX_REGIONS
+from ..layouts.suite import MAX_REGIONS
 
 #: The attribute words of the real suite (and of COCO-MIG): a phrase whose first word is one
 #: of these has an attribute, which instance success checks against the others.

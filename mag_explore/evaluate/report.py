@@ -7,9 +7,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..metrics import bootstrap_draws, bootstrap_interval
+from .metrics import bootstrap_draws, bootstrap_interval
 from ..plots import FONT
-from ..suites import SuiteLayout
+from ..layouts.suite import SuiteLayout
 from .run import ROW_FIELDS
 from .settings import DEFAULT
 

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..metrics import mask_iou
-from ..suites import MAX_REGIONS, SuiteLayout
+from ..layouts import mask_iou
+from ..layouts.suite import MAX_REGIONS, SuiteLayout
 from .instances import REAL_COLUMNS
 from .segmenters import SEGMENTER_DETECTORS
 from .settings import DEFAULT, Settings, controls_for, setting_label, setting_slug, settings_of

@@ -23,7 +23,7 @@ from .mmdit import FLUX, SD3, FluxFamily, SD3Family
 from .pixart import PIXART, PixArtSigmaFamily
 from .qwenimage import QwenImageFamily
 from .sana import SANA, SanaFamily
-from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily, _clip_hidden_states,  # noqa: F401
+from .unet import (SD, SDXL, SDXL_COMPONENTS, SDFamily, SDXLFamily,
                    check_token_positions, scale_latents, time_ids, unscale_latents, vae_in_working_dtype)
 from .zimage import ZImageFamily
 
@@ -87,9 +87,9 @@ def noise_std(scheduler, timestep) -> float:
     return float(timestep) / scheduler.config.num_train_timesteps
 
 
-def attention_hooks(pipe, hooks):
+def install_attention_hooks(pipe, hooks):
     """A ``with`` block running ``hooks`` in the family's attention layers (cross- or joint attention)."""
-    return family_of(pipe).attention_hooks(pipe, hooks)
+    return family_of(pipe).install_attention_hooks(pipe, hooks)
 
 
 def attention_grids(pipe, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:

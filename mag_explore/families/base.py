@@ -10,7 +10,7 @@ subclass of :class:`Family`, that says
   prefixes, padding and the [txt; img] order are all hidden behind it);
 * how to call the denoiser once (``denoise``), how to combine the CFG halves (``predict``),
   its scheduler (``make_scheduler``), its latent shape and sizes;
-* its attention modules (``attention_hooks``, ``attention_grids``, ``attention_places``),
+* its attention modules (``install_attention_hooks``, ``attention_grids``, ``attention_places``),
   each seen by hooks as (batch, heads, image tokens, text tokens).
 
 Nothing outside ``families/`` asks which family a pipeline is: the sampler, the methods and the
@@ -95,7 +95,7 @@ class Family:
                                   guidance_scale=guidance_scale)
 
     def span_tokenizer(self, pipe, max_sequence_length: int | None = None):
-        """What ``mag_explore.tokens`` takes to turn words into indices of the attention's text keys."""
+        """What ``mag_explore.text.tokens`` takes to turn words into indices of the attention's text keys."""
         raise NotImplementedError(f"family {self.name!r} does not say where a word's tokens are")
 
     def num_prompt_tokens(self, pipe, prompt: str, max_sequence_length: int | None = None) -> int:
@@ -176,7 +176,7 @@ class Family:
         from ..attention import cross_attention_layer_names
         return cross_attention_layer_names(self.denoiser(pipe))
 
-    def attention_hooks(self, pipe, hooks) -> AbstractContextManager:
+    def install_attention_hooks(self, pipe, hooks) -> AbstractContextManager:
         """A ``with`` block that runs ``hooks`` in every hooked layer and restores the processors after."""
         from ..attention import cross_attention_hooks
         return cross_attention_hooks(self.denoiser(pipe), hooks)

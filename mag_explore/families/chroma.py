@@ -142,7 +142,7 @@ class ChromaFamily(Family):
     def attention_layer_names(self, pipe):
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return joint_attention_hooks(pipe.transformer, hooks)
 
     def attention_grids(self, pipe, latent_hw):

@@ -56,7 +56,7 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, max_sequence_length: i
 
 def span_tokenizer(pipe, max_sequence_length: int | None = None):
     """Words -> keys: key j = token j of the filled-in chat template (the prompt starts at 3)."""
-    from ..text_keys import TextKeys
+    from ..text.keys import TextKeys
 
     prefix = chat(pipe.tokenizer, "{}").split("{}")[0]
     return TextKeys(pipe.tokenizer, max_sequence_length or MAX_SEQUENCE_LENGTH, prefix=prefix)
@@ -239,7 +239,7 @@ class Flux2KleinFamily(Family):
     def attention_layer_names(self, pipe):
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return joint_attention_hooks(pipe.transformer, hooks, flux2_processor)
 
     def attention_grids(self, pipe, latent_hw):

@@ -16,8 +16,9 @@ Its timesteps are t = 1000·σ (``num_train_timesteps`` = 1000), so "while t > 7
   text_encoder_3); pooled = both CLIPs' projections. Ordinary CFG on the batch [uncond, cond]
   when guidance_scale > 1; a missing negative prompt is "" (encoded, not zeros).
 
-Everything follows diffusers 0.42's pipelines step by step, so without controls the pixels
-are the same (tested on tiny random pipelines).
+Everything follows diffusers' pipelines step by step (written against 0.42; pyproject allows
+0.30-0.49), so without controls the pixels are the same as the pipeline's: the tests compare
+them on tiny random pipelines with the installed diffusers.
 """
 from __future__ import annotations
 
@@ -254,7 +255,7 @@ class _MMDiTFamily(Family):
         from ..attention.joint import joint_attention_layer_names
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         from ..attention.joint import joint_attention_hooks
         return joint_attention_hooks(pipe.transformer, hooks)
 
@@ -317,6 +318,6 @@ class SD3Family(_MMDiTFamily):
         check_token_positions(pipe, prompt)
 
     def span_tokenizer(self, pipe, max_sequence_length=None):
-        from ..t5_tokens import JointPromptTokens
+        from ..text.t5 import JointPromptTokens
         return JointPromptTokens(pipe.tokenizer, pipe.tokenizer_3 if pipe.text_encoder_3 is not None else None,
                                  max_sequence_length or MAX_SEQUENCE_LENGTH[SD3])

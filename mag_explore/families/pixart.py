@@ -8,7 +8,7 @@
   (``_text_preprocessing``; caption cleaning only when bs4 and ftfy are installed, as
   diffusers), padded to ``max_sequence_length`` (300) with an attention mask that goes into
   the cross-attention as a bias of −10000, so padded keys get no probability.
-  Key j is T5 token j (:class:`~mag_explore.text_keys.TextKeys`).
+  Key j is T5 token j (:class:`~mag_explore.text.keys.TextKeys`).
 * **Sizes**: the requested size is snapped to the nearest aspect-ratio bin of the model's
   resolution (PixArtSigmaPipeline's ``use_resolution_binning``), sampled there, and the
   decoded image is resized and cropped back. At the native size the bin is the size itself.
@@ -17,13 +17,13 @@
   transformer predicts noise and a learned variance, of which only the noise is used.
 
 Everything follows diffusers 0.42's PixArtSigmaPipeline, so without controls the pixels are
-the same (tested on a tiny random build, :func:`mag_explore.testing_dit.tiny_pixart_pipeline`).
+the same (tested on a tiny random build, :func:`mag_explore.testing.dit.tiny_pixart_pipeline`).
 """
 from __future__ import annotations
 
 import torch
 
-from ..text_keys import TextKeys
+from ..text.keys import TextKeys
 from .base import Family
 from .conditioning import Conditioning
 

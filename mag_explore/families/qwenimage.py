@@ -159,7 +159,7 @@ class QwenJointProcessor(JointAttentionProcessor):
 
 def span_tokenizer(pipe, max_sequence_length: int | None = None):
     """Words -> text keys through the template: key j is template token 34 + j."""
-    from ..text_keys import TextKeys
+    from ..text.keys import TextKeys
 
     length = max_sequence_length or MAX_SEQUENCE_LENGTH
     prefix = TEMPLATE[: TEMPLATE.index("{}")]  # what follows the prompt starts with a special token: no merge
@@ -218,7 +218,7 @@ class QwenImageFamily(Family):
     def attention_layer_names(self, pipe):
         return joint_attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return joint_attention_hooks(pipe.transformer, hooks, QwenJointProcessor, qwen_place)
 
     def attention_grids(self, pipe, latent_hw):

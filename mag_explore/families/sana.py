@@ -11,7 +11,7 @@
   instruction ends in a space that the prompt's first word absorbs, so the prompt starts at
   key 1. The mask of the kept positions goes into the cross-attention (−10000 on padding).
   The negative prompt ("" by default) is encoded *without* the instruction and not cut.
-  Positions are found from the tokenizer's character offsets (:class:`~mag_explore.text_keys.TextKeys`),
+  Positions are found from the tokenizer's character offsets (:class:`~mag_explore.text.keys.TextKeys`),
   so a different instruction or tokenizer moves them correctly.
 * **Sizes**: 1024² by default whatever the model (SanaPipeline's own default), snapped to
   the aspect-ratio bins of the model's resolution and resized back, as PixArt-Σ.
@@ -20,7 +20,7 @@
   ``timestep_scale``, CFG on [uncond, cond] when guidance_scale > 1.
 
 Everything follows diffusers 0.42's SanaPipeline, so without controls the pixels are the same
-(tested on a tiny random build, :func:`mag_explore.testing_dit.tiny_sana_pipeline`).
+(tested on a tiny random build, :func:`mag_explore.testing.dit.tiny_sana_pipeline`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from ..text_keys import TextKeys
+from ..text.keys import TextKeys
 from .conditioning import Conditioning
 from .pixart import BinnedTransformerFamily
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..tokens import prompt_tokens
+from ..text.tokens import prompt_tokens
 from .base import Family
 from .conditioning import Conditioning
 
@@ -168,7 +168,7 @@ def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 class SDFamily(Family):
     """SD 1.x/2.x: one CLIP, a UNet with ``attn2`` cross-attention, DDIM (the official MAG code's sampler).
 
-    Its model index is checked in :func:`mag_explore.model_files.check_supported` (UNet config
+    Its model index is checked in :func:`mag_explore.models.files.check_supported` (UNet config
     included), so ``pipeline_class`` is left None: the UNet families are recognised there.
     """
 

@@ -60,7 +60,7 @@ def encode_prompt(pipe, text: str | None, batch: int = 1, max_sequence_length: i
 
 def span_tokenizer(pipe, max_sequence_length: int | None = None):
     """Words -> caption keys: key j = token j of the filled-in chat template."""
-    from ..text_keys import TextKeys
+    from ..text.keys import TextKeys
 
     prefix = chat(pipe.tokenizer, "{}").split("{}")[0]  # what the template puts before the prompt
     return TextKeys(pipe.tokenizer, max_sequence_length or MAX_SEQUENCE_LENGTH, prefix=prefix)
@@ -222,7 +222,7 @@ class ZImageFamily(Family):
     def attention_layer_names(self, pipe):
         return attention_layer_names(pipe.transformer)
 
-    def attention_hooks(self, pipe, hooks):
+    def install_attention_hooks(self, pipe, hooks):
         return zimage_attention_hooks(pipe.transformer, hooks)
 
     def attention_grids(self, pipe, latent_hw):

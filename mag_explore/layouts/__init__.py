@@ -33,8 +33,9 @@ Rules worth knowing (each is checked and raises a ``ValueError`` naming the valu
 from .colors import BACKGROUND_COLORS, RGB, parse_color, to_hex
 from .layout import MASK_MODES, Layout
 from .official import MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, official_color_grid, official_color_order, parse_word_ids
-from .raster import Shape, ellipse, polygon, rect
+from .raster import Shape, ellipse, mask_iou, polygon, rect
 from .region import Region
+from .suite import MAX_REGIONS, SuiteLayout, load_suite
 
-__all__ = ["BACKGROUND_COLORS", "Layout", "MASK_MODES", "MAX_OFFICIAL_COLORS", "OFFICIAL_COLOR_GRID", "RGB", "Region", "Shape", "ellipse",
+__all__ = ["MAX_REGIONS", "SuiteLayout", "load_suite", "mask_iou", "BACKGROUND_COLORS", "Layout", "MASK_MODES", "MAX_OFFICIAL_COLORS", "OFFICIAL_COLOR_GRID", "RGB", "Region", "Shape", "ellipse",
            "official_color_grid", "official_color_order", "parse_color", "parse_word_ids", "polygon", "rect", "to_hex"]

@@ -12,27 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import tokens as _tokens
+from ..text import tokens as _tokens
 from .colors import BACKGROUND_COLORS, RGB, close_to, colors_present, parse_color, region_colors, to_hex
 from .official import (MAX_OFFICIAL_COLORS, OFFICIAL_COLOR_GRID, describe_official, official_color_grid,
                        official_color_order, parse_word_ids)
 from .raster import Shape, as_size, read_rgb, resize_masks_if_needed, resize_nearest, to_bool_mask
-from .region import Region
+from .region import Region, phrase_spec
 
 #: How masks are resized to an attention layer: nearest (0/1, the official MAG), area (covered
 #: fraction), bilinear (align_corners=True, as paint-with-words-sd).
 MASK_MODES = ("nearest", "area", "bilinear")
-
-
-def phrase_spec(value: Any, color: str) -> tuple[str, int]:
-    """A mapping value: ``"red circle"`` or ``{"phrase": "red", "occurrence": 2}``."""
-    if isinstance(value, str):
-        return value, 1
-    if isinstance(value, Mapping) and "phrase" in value:
-        return value["phrase"], value.get("occurrence", 1)
-    raise ValueError(
-        f"color {color}: expected a phrase string or {{'phrase': ..., 'occurrence': n}}, got {value!r}"
-    )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -267,7 +256,7 @@ class Layout:
     def resolve(self, tokenizer, prompt: str | None = None) -> "Layout":
         """A new layout whose regions all have token indices for ``prompt``.
 
-        Phrase regions are looked up with :func:`mag_explore.tokens.token_indices`
+        Phrase regions are looked up with :func:`mag_explore.text.tokens.token_indices`
         (sub-word pieces included); regions given as indices are checked to lie within
         the prompt (at most the EOS position). ``prompt`` defaults to ``self.prompt``.
         """
@@ -296,7 +285,7 @@ class Layout:
             resolved.append(replace(region, token_indices=tuple(indices), tokens=pieces))
         return Layout(resolved, prompt=prompt)
 
-    # --- masks at other resolutions -------------------------------------------------------
+    # --- masks at other grids -------------------------------------------------------------
     def masks_at(self, height: int, width: int, mode: str = "nearest",
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:

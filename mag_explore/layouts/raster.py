@@ -144,3 +144,9 @@ def polygon(phrase: str, points: Sequence[tuple[float, float]], *, units: str = 
     if len(points) < 3 or any(len(p) != 2 for p in points):
         raise ValueError(f"polygon {phrase!r}: needs 3 or more (x, y) points, got {points}")
     return Shape("polygon", phrase, tuple(c for p in points for c in p), units, occurrence, color)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -59,3 +60,14 @@ class Region:
             f"Region({self.name!r}, phrase={self.phrase!r}, token_indices={self.token_indices}, "
             f"mask={h}x{w}, area={self.area:.1%})"
         )
+
+
+def phrase_spec(value: Any, color: str) -> tuple[str, int]:
+    """A mapping value: ``"red circle"`` or ``{"phrase": "red", "occurrence": 2}``."""
+    if isinstance(value, str):
+        return value, 1
+    if isinstance(value, Mapping) and "phrase" in value:
+        return value["phrase"], value.get("occurrence", 1)
+    raise ValueError(
+        f"color {color}: expected a phrase string or {{'phrase': ..., 'occurrence': n}}, got {value!r}"
+    )

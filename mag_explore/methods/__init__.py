@@ -5,17 +5,16 @@ from typing import Sequence
 
 from ..attention import AttentionStore
 from ..sampling import GenerationResult, generate
-from ..schedule import reject_old_keywords
 
 from .common import NonFiniteGuidanceError
-from .guidance import guidance_step
+from .guidance import guidance_pass
 from .layout_guidance import LayoutGuidance, layout_loss_terms
 from .mag import MaskedAttentionGuidance, MagLossHook, balanced_loss_terms, mag_loss_terms
 from .paint_with_words import PaintWithWords, noise_level, pww_bonus
 from .swap import MaskedAttentionSwap
 
 __all__ = ["LayoutGuidance", "MaskedAttentionGuidance", "MagLossHook", "MaskedAttentionSwap",
-           "NonFiniteGuidanceError", "PaintWithWords", "balanced_loss_terms", "guidance_step", "layout_loss_terms",
+           "NonFiniteGuidanceError", "PaintWithWords", "balanced_loss_terms", "guidance_pass", "layout_loss_terms",
            "mag_loss_terms", "noise_level", "pww_bonus"]
 
 #: Method names of ``make_controls``: the short ``name`` of each control class.
@@ -35,8 +34,6 @@ def make_controls(method: str, layout=None, **options) -> list:
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; use one of {METHOD_NAMES}")
-    if "steps" in options:
-        reject_old_keywords(f"make_controls({method!r})", {"steps": options["steps"]})
     given = {k: v for k, v in options.items() if v is not None}
     if method == "none":
         if given:

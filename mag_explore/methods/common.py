@@ -34,7 +34,7 @@ def layout_for_run(layout, sampler, method: str, mask_mode: str,
     grids = {n: hw for n, hw in every_layer.items() if uses_layer(n, hw)}
     if not grids:
         sizes = sorted({f"{h}x{w}" for h, w in every_layer.values()})
-        raise InputError(f"{method}: no cross-attention layer matched its layer options (resolutions, places or "
+        raise InputError(f"{method}: no cross-attention layer matched its layer options (layer_sizes, places or "
                          f"layers); this UNet's layers are {sizes} at {sampler.height}x{sampler.width}")
     check_regions_at_layers(layout, grids, mask_mode, method, masks_at)
     return layout

@@ -1,4 +1,6 @@
-"""The guidance step that MAG and layout guidance share, on one screen.
+"""The guidance pass that MAG and layout guidance share: L and ∇ₓL at x_t, on one screen.
+
+Each method then writes its own update where a reader looks for it, in its ``before_step``.
 
 A *loss hook* is an attention hook that is active in the phase "guidance" only, adds up
 a loss over the cross-attention layers it watches while the UNet runs, and has:
@@ -17,21 +19,19 @@ import torch
 from ..families import denoise, denoiser, model_input as scaled_input
 
 
-def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
-                  checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t ← x_t − step_size · ∇ₓ L; returns (the new x_t, L at the old x_t, ∇ₓ L).
+def guidance_pass(state, latents: torch.Tensor, loss_hook, *,
+                  checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """L at x_t and its gradient ∇ₓ L, as float32 (the caller makes the step with them).
 
-    L is what ``loss_hook`` adds up in one UNet pass on x_t with the conditional prompt
+    L is what ``loss_hook`` adds up in one denoiser pass on x_t with the conditional prompt
     only (marked as phase "guidance", so stores and edit hooks stay out of it).
-    ``step_size`` is a number, or a function of the gradient that returns one (per image,
-    broadcastable), for steps scaled by the gradient's size.
     """
     # 1. only the latent requires grad; it stays float32 on an fp16 UNet (the cast is part of
-    #    the graph), so the update below is made in float32, as in the official code
+    #    the graph), so the caller's update is made in float32, as in the official code
     latents = latents.detach().float().requires_grad_(True)
     loss_hook.reset()
     with guidance_phase(state, latents.shape[0], checkpointing):
-        # 2. a conditional-only UNet pass; the loss hook adds up its loss layer by layer
+        # 2. a conditional-only pass; the loss hook adds up its loss layer by layer
         conditional_pass(state, latents)
         loss = loss_hook.loss
         if loss is None:
@@ -39,12 +39,16 @@ def guidance_step(state, latents: torch.Tensor, loss_hook, step_size, *,
         # 3. autograd: the gradient of the loss with respect to x_t. With gradient checkpointing the
         # backward pass runs the forward again, hooks included (it must, to rebuild the loss's own
         # graph), so the hook would count every layer twice: keep what it held after the forward.
-        forward_records = {k: list(v) if isinstance(v, list) else v for k, v in vars(loss_hook).items()}
+        forward_records = _copy_records(loss_hook) if checkpointing else None
         (grad,) = torch.autograd.grad(loss, latents)
-        vars(loss_hook).update(forward_records)
-    # 4. one gradient step on the latent
-    size = step_size(grad) if callable(step_size) else step_size
-    return (latents - size * grad).detach(), loss.detach(), grad
+        if forward_records is not None:
+            vars(loss_hook).update(forward_records)
+    return loss.detach(), grad
+
+
+def _copy_records(hook) -> dict:
+    """The hook's attributes, its lists copied (the backward pass's re-run appends to them)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(hook).items()}
 
 
 @contextmanager
@@ -54,7 +58,7 @@ def guidance_phase(state, rows: int, checkpointing: bool = False) -> Iterator[No
     The learner's exercises (``learner.LearnerMAG``) run in it too, so theirs is this pass."""
     unet = denoiser(state.pipe)  # the UNet, or Flux's / SD3's transformer
     with torch.enable_grad(), frozen_weights(unet), gradient_checkpointing(unet, checkpointing), \
-            state.attention.phase_as("guidance", ("cond",) * rows):
+            state.attention_controller.phase_as("guidance", ("cond",) * rows):
         yield
 
 

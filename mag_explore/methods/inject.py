@@ -16,7 +16,7 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook, AttentionStore
 from ..sampling import Control
-from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..schedule import StepRange, resolve_step_range
 
 
 def injection_store(tokens: Sequence[int], steps: Sequence[int] | None = None) -> AttentionStore:
@@ -38,9 +38,7 @@ class AttentionInjection(Control, AttentionHook):
     name = "inject"
 
     def __init__(self, source: AttentionStore, tokens: Sequence[int], *,
-                 step_range: tuple | StepRange | None = None, while_t_above: int | StepRange | None = None,
-                 **removed):
-        reject_old_keywords("AttentionInjection", removed)
+                 step_range: tuple | StepRange | None = None, while_t_above: int | StepRange | None = None):
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("AttentionInjection needs at least one token index")

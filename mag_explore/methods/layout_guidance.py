@@ -46,9 +46,9 @@ import torch
 from ..attention import AttentionContext, AttentionHook, cross_attention_layer_names
 from ..families import require_unet
 from ..sampling import Control, StepState
-from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..schedule import StepRange, resolve_step_range
 from .common import check_finite, layout_for_run
-from .guidance import guidance_step
+from .guidance import guidance_pass
 from ..layouts import MASK_MODES
 from ..validation import check_choice, check_count, check_number
 
@@ -167,8 +167,7 @@ class LayoutGuidance(Control):
     def __init__(self, layout, *, loss_scale: float = 30.0, loss_threshold: float = 0.2, max_iter: int = 5,
                  while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
                  layers: str | Iterable[str] = "official", gradient_checkpointing: bool = False,
-                 mask_mode: str = "box", threshold_test: str = "previous", **removed):
-        reject_old_keywords("LayoutGuidance", removed)
+                 mask_mode: str = "box", threshold_test: str = "previous"):
         if isinstance(layers, str):
             check_choice("layers", layers, LAYER_CHOICES)
         self.layout = layout
@@ -237,12 +236,12 @@ class LayoutGuidance(Control):
         for iteration in range(self.max_iter):
             if self.threshold_test == "previous" and self._previous_loss <= self.loss_threshold:
                 break  # published: the last loss evaluated (maybe at an earlier step) is low enough
-            moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
+            loss, grad = guidance_pass(state, latents, self.hook, checkpointing=self.checkpointing)
             check_finite("layout guidance", state, loss, grad, f"loss_scale={self.loss_scale}")
             self._record(state, iteration, loss, grad)
             if self.threshold_test == "fresh" and float(loss) <= self.loss_threshold:
                 break  # our variant: close enough at this x_t, leave it as it is
-            latents, self._previous_loss = moved, float(loss)
+            latents, self._previous_loss = (latents.float() - step_size * grad).detach(), float(loss)  # x ← x − η·∇L
         return latents
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:

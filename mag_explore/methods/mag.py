@@ -17,7 +17,7 @@ on the embedded shapes model, MAG then erases objects of small regions instead o
 the balanced weight a word attending evenly gains nothing by being turned down (at λ = 1 the two
 terms cancel), so only *moving* its attention lowers the loss.
 
-``step="normalized"`` is a variant of ours, not the paper's: x_t ← x_t − α σ_t ∇L / rms(∇L),
+``step_rule="normalized"`` is a variant of ours, not the paper's: x_t ← x_t − α σ_t ∇L / rms(∇L),
 σ_t = √(1 − ᾱ_t) the noise level of x_t, so every guided step moves x_t by α noise-stds
 whatever the gradient's size. On the embedded shapes model the official step follows the
 gradient, which is 10× larger at t = 981 than at t = 701 while the signal scale √ᾱ_t is 4×
@@ -26,10 +26,11 @@ out with latents up to 2× their color's (the VAE decodes a red one yellow), and
 colors go (``bench/mag_drift.py``; README, "MAG on the embedded model").
 
 α, λ and the threshold default to the model's (``model_defaults(pipe)``: ``mag_alpha``,
-``mag_lambda``, ``guide_until``; on Stable Diffusion the official α = 0.08, λ = 0.5, guidance
+``mag_lmbda``, ``while_t_above``; on Stable Diffusion the official α = 0.08, λ = 0.5, guidance
 while t > 700), resolved when the run starts. Only the latent requires grad, the loss is
 float32, and a non-finite loss or gradient stops the run with an error instead of a black
-image. The step itself is :func:`~mag_explore.methods.guidance.guidance_step`.
+image. The update itself is in :meth:`MaskedAttentionGuidance.before_step`; the pass that gives
+L and ∇L is :func:`~mag_explore.methods.guidance.guidance_pass`.
 """
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..families import attention_places, noise_std
 from ..layouts import MASK_MODES
-from ..models import model_defaults
+from ..models.load import model_defaults
 from ..sampling import Control, StepState
-from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..schedule import StepRange, resolve_step_range
 from .common import check_finite, layout_for_run
-from .guidance import guidance_step
+from .guidance import guidance_pass
 from ..validation import check_choice, check_count, check_lambda, check_number
 
 #: UNet halves; Flux's double- and single-stream blocks; SD3's joint blocks
@@ -98,26 +99,26 @@ LOSSES = {"official": mag_loss_terms, "balanced": balanced_loss_terms}
 
 
 def layer_sizes_in_effect(given, defaults: dict) -> set[int] | None:
-    """The layer sizes MAG's loss reads: ``given``, else the model's ``mag_resolutions``
+    """The layer sizes MAG's loss reads: ``given``, else the model's ``mag_layer_sizes``
     (None: every layer); each a whole number >= 1, named in the error otherwise."""
     if given is not None:
-        return {check_count("resolution", r) for r in given}
-    sizes = defaults["mag_resolutions"]
-    return None if sizes is None else {check_count("mag_resolutions", r) for r in sizes}
+        return {check_count("layer_sizes", r) for r in given}
+    sizes = defaults["mag_layer_sizes"]
+    return None if sizes is None else {check_count("mag_layer_sizes", r) for r in sizes}
 
 
 class MagLossHook(AttentionHook):
     """Adds up the MAG loss over the cross-attention layers of one guidance pass.
 
-    ``layout`` is resolved (token indices known); ``resolutions`` / ``places`` restrict
+    ``layout`` is resolved (token indices known); ``layer_sizes`` / ``places`` restrict
     the layers (None: all).
     """
 
     def __init__(self, layout, lmbda: float, *, mask_mode: str = "nearest", loss_fn=mag_loss_terms,
-                 resolutions: set[int] | None = None, places: set[str] | None = None):
+                 layer_sizes: set[int] | None = None, places: set[str] | None = None):
         self.layout, self.lmbda, self.mask_mode, self.loss_fn = layout, lmbda, mask_mode, loss_fn
-        self.resolutions, self.places = resolutions, places
-        self.layers_wanted = f"resolutions={resolutions}, places={places}"
+        self.layer_sizes, self.places = layer_sizes, places
+        self.layers_wanted = f"layer_sizes={layer_sizes}, places={places}"
         self.reset()
 
     def reset(self) -> None:
@@ -126,7 +127,7 @@ class MagLossHook(AttentionHook):
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "guidance" and (
-            self.resolutions is None or max(ctx.height, ctx.width) in self.resolutions) and (
+            self.layer_sizes is None or max(ctx.height, ctx.width) in self.layer_sizes) and (
             self.places is None or ctx.place in self.places)
 
     def observe(self, probs: torch.Tensor, ctx: AttentionContext) -> None:
@@ -145,17 +146,17 @@ class MaskedAttentionGuidance(Control):
     Args:
         layout: regions tied to words of the prompt.
         alpha: step size α of the gradient step on x_t (None: the model's ``mag_alpha``;
-            official 0.08). With ``step="normalized"``: the step's length in noise-stds.
-        step: "official" (x_t − α∇L, the paper) or "normalized" (ours, see above); None:
-            the model's ``mag_step`` ("official" on Stable Diffusion).
-        lmbda: weight λ of the attention outside the masks (None: ``mag_lambda``; 0.5).
-        while_t_above: guide while the timestep t > this (None: the model's ``guide_until``;
+            official 0.08). With ``step_rule="normalized"``: the step's length in noise-stds.
+        step_rule: "official" (x_t − α∇L, the paper) or "normalized" (ours, see above); None:
+            the model's ``mag_step_rule``.
+        lmbda: weight λ of the attention outside the masks (None: ``mag_lmbda``; 0.5).
+        while_t_above: guide while the timestep t > this (None: the model's ``while_t_above``;
             official 700).
         step_range: or guide during step indices ``(start, stop)`` instead; a ``StepRange``
             is accepted by either keyword.
         iterations: gradient steps per denoising step (official 1).
-        resolutions: use only layers whose larger side is in this set (None: the model's
-            ``mag_resolutions``; all layers on Stable Diffusion).
+        layer_sizes: use only layers whose larger side is in this set (None: the model's
+            ``mag_layer_sizes``; all layers on Stable Diffusion).
         places: use only these UNet halves, e.g. ("mid", "up"), or MMDiT blocks: "double",
             "single" (Flux), "joint" (SD3) (None: all). On Flux and SD3 the loss reads the
             image→text block of each joint softmax (``mag_explore.attention.joint``).
@@ -186,19 +187,17 @@ class MaskedAttentionGuidance(Control):
         *,
         alpha: float | None = None,
         lmbda: float | None = None,
-        step: str | None = None,
+        step_rule: str | None = None,
         while_t_above: int | StepRange | None = None,
         step_range: tuple | StepRange | None = None,
         iterations: int = 1,
-        resolutions: Iterable[int] | None = None,
+        layer_sizes: Iterable[int] | None = None,
         places: Iterable[str] | None = None,
         gradient_checkpointing: bool = False,
         mask_mode: str | None = None,
         loss_fn=None,
         allow_negative_lambda: bool = False,
-        **removed,
     ):
-        reject_old_keywords("MaskedAttentionGuidance", removed)
         resolve_step_range(while_t_above, step_range, what="MaskedAttentionGuidance")  # type errors now
         self.allow_negative_lambda = bool(allow_negative_lambda)
         self.layout = layout
@@ -206,18 +205,17 @@ class MaskedAttentionGuidance(Control):
         self.lmbda = None if lmbda is None else check_lambda(lmbda, self.allow_negative_lambda)
         self.while_t_above, self.step_range = while_t_above, step_range
         self.iterations = check_count("iterations", iterations)
-        if isinstance(resolutions, int) and not isinstance(resolutions, bool):
-            resolutions = (resolutions,)  # one resolution, as a sweep passes it: resolutions=16
+        if isinstance(layer_sizes, int) and not isinstance(layer_sizes, bool):
+            layer_sizes = (layer_sizes,)  # one size, as a sweep passes it: layer_sizes=16
         if isinstance(places, str):
             places = (places,)  # "up" is one place, not the letters "u" and "p"
-        self.resolutions = None if resolutions is None else {check_count("resolution", r) for r in resolutions}
-        self._resolutions = self.resolutions  # in effect: the model's mag_resolutions fill a None in start
+        self.layer_sizes = None if layer_sizes is None else {check_count("layer_sizes", r) for r in layer_sizes}
+        self._layer_sizes = self.layer_sizes  # in effect: the model's mag_layer_sizes fill a None in start
         self.places = None if places is None else {check_choice("place", p, PLACES) for p in places}
         check_choice("mask_mode", mask_mode, MASK_MODES) if mask_mode is not None else None
         if loss_fn is not None and not callable(loss_fn):
             check_choice("loss_fn", loss_fn, LOSSES)
-        check_choice("step", step, STEP_RULES) if step is not None else None
-        self.step = step
+        self.step_rule = None if step_rule is None else check_choice("step_rule", step_rule, STEP_RULES)
         self.checkpointing, self.mask_mode, self.loss_fn = gradient_checkpointing, mask_mode, loss_fn
         self.hook: MagLossHook | None = None
         self._layer_places: dict[str, str] = {}
@@ -229,8 +227,8 @@ class MaskedAttentionGuidance(Control):
         return [self.hook] if self.hook is not None else []
 
     def uses_layer(self, layer: str, hw: tuple[int, int]) -> bool:
-        """Whether the loss reads this cross-attention layer (``resolutions`` / ``places``)."""
-        return (self._resolutions is None or max(hw) in self._resolutions) and (
+        """Whether the loss reads this cross-attention layer (``layer_sizes`` / ``places``)."""
+        return (self._layer_sizes is None or max(hw) in self._layer_sizes) and (
             self.places is None or self._layer_places.get(layer) in self.places)
 
     def knob(self) -> str:
@@ -244,22 +242,23 @@ class MaskedAttentionGuidance(Control):
         mask_mode = check_choice("mag_mask_mode", defaults["mag_mask_mode"] if self.mask_mode is None
                                  else self.mask_mode, MASK_MODES)
         loss_fn = check_choice("mag_loss", defaults["mag_loss"], LOSSES) if self.loss_fn is None else self.loss_fn
-        self._resolutions = layer_sizes_in_effect(self.resolutions, defaults)
+        self._layer_sizes = layer_sizes_in_effect(self.layer_sizes, defaults)
         loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", repr(loss_fn))
         loss_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
         run_layout = layout_for_run(self.layout, sampler, "MAG", mask_mode, self.uses_layer)
         alpha = check_number("alpha", defaults["mag_alpha"] if self.alpha is None else self.alpha, minimum=0)
-        lmbda = check_lambda(defaults["mag_lambda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
-        step = check_choice("mag_step", defaults["mag_step"] if self.step is None else self.step, STEP_RULES)
+        lmbda = check_lambda(defaults["mag_lmbda"] if self.lmbda is None else self.lmbda, self.allow_negative_lambda)
+        step_rule = check_choice("mag_step_rule", defaults["mag_step_rule"] if self.step_rule is None else self.step_rule,
+                                 STEP_RULES)
         self.steps = resolve_step_range(self.while_t_above, self.step_range, what="MaskedAttentionGuidance",
-                                        default=StepRange(while_t_above=int(defaults["guide_until"])))
+                                        default=StepRange(while_t_above=int(defaults["while_t_above"])))
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "guidance steps")
         self.hook = MagLossHook(run_layout, lmbda, mask_mode=mask_mode,
-                                loss_fn=loss_fn, resolutions=self._resolutions, places=self.places)
-        self._settings = {"alpha": alpha, "lmbda": lmbda, "step": step, **self.steps.as_keywords(),
+                                loss_fn=loss_fn, layer_sizes=self._layer_sizes, places=self.places)
+        self._settings = {"alpha": alpha, "lmbda": lmbda, "step_rule": step_rule, **self.steps.as_keywords(),
                           "iterations": self.iterations, "mask_mode": mask_mode,
                           "loss_fn": loss_name,
-                          "resolutions": None if self._resolutions is None else sorted(self._resolutions)}
+                          "layer_sizes": None if self._layer_sizes is None else sorted(self._layer_sizes)}
         self.history = []
 
     @property
@@ -267,19 +266,21 @@ class MaskedAttentionGuidance(Control):
         return self._settings
 
     def before_step(self, state: StepState) -> torch.Tensor:
+        """Masked-attention guidance "indirectly controls attention to each word and pixel
+        according to the semantic regions by manipulating noise images fed to diffusion models"
+        (the paper's abstract): before the denoising step, x_t takes gradient steps on L."""
         if not self.steps.contains(state.step_index, int(state.timestep)):
             return state.latents
-        alpha, latents = self._settings["alpha"], state.latents.detach()
-        step_size = alpha
-        if self._settings["step"] == "normalized":
-            sigma = noise_std(state.scheduler, state.timestep)  # √(1 − ᾱ_t); flow matching: σ
-            step_size = lambda grad: normalized_step_size(grad, alpha, sigma)  # noqa: E731
+        alpha, x_t = self._settings["alpha"], state.latents.detach().float()  # float32, as the official code
         for iteration in range(self.iterations):
-            moved, loss, grad = guidance_step(state, latents, self.hook, step_size, checkpointing=self.checkpointing)
+            loss, grad = guidance_pass(state, x_t, self.hook, checkpointing=self.checkpointing)  # L(x_t), ∇ₓL
             check_finite("MAG", state, loss, grad, f"alpha={alpha}")
             self._record(state, iteration, loss, grad)
-            latents = moved
-        return latents
+            if self._settings["step_rule"] == "official":
+                x_t = x_t - alpha * grad  # paper §3.2: x_t ← x_t − α·∇ₓL
+            else:  # ours: the same direction, α noise-stds long (σ_t = √(1 − ᾱ_t); flow matching: σ)
+                x_t = x_t - normalized_step_size(grad, alpha, noise_std(state.scheduler, state.timestep)) * grad
+        return x_t.detach()
 
     def _record(self, state: StepState, iteration: int, loss: torch.Tensor, grad: torch.Tensor) -> None:
         inside = torch.stack(self.hook.inside).sum(0)

@@ -36,9 +36,9 @@ import torch
 from ..attention import AttentionContext, AttentionHook
 from ..families import require_unet
 from ..sampling import Control
-from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..schedule import StepRange, resolve_step_range
 from ..layouts import MASK_MODES
-from ..tokens import phrase_occurrences
+from ..text.tokens import phrase_occurrences
 from ..validation import check_choice, check_number
 from .common import layout_for_run
 
@@ -85,8 +85,7 @@ class PaintWithWords(Control, AttentionHook):
 
     def __init__(self, layout, *, weight: float | Sequence[float] = 0.1,
                  while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
-                 mask_mode: str = "bilinear", every_occurrence: bool = True, **removed):
-        reject_old_keywords("PaintWithWords", removed)
+                 mask_mode: str = "bilinear", every_occurrence: bool = True):
         values = [weight] if isinstance(weight, numbers.Real) else list(weight)
         for value in values:
             check_number("paint-with-words weight", value, hint=", or one per region")

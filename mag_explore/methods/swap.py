@@ -19,9 +19,9 @@ import torch
 
 from ..attention import AttentionContext, AttentionHook
 from ..families import family, is_mmdit
-from ..models import model_defaults
+from ..models.load import model_defaults
 from ..sampling import Control
-from ..schedule import StepRange, reject_old_keywords, resolve_step_range
+from ..schedule import StepRange, resolve_step_range
 from ..layouts import MASK_MODES
 from ..validation import InputError, check_choice
 from .common import layout_for_run
@@ -32,7 +32,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
 
     Args:
         layout: the regions and the words they control.
-        while_t_above: swap while the timestep t > this (None: the model's ``guide_until``,
+        while_t_above: swap while the timestep t > this (None: the model's ``while_t_above``,
             700 as in the official code).
         step_range: or swap during step indices ``(start, stop)`` instead (or a StepRange).
         renormalize: rescale the other tokens so that each row sums to one again.
@@ -43,8 +43,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
 
     def __init__(self, layout, *, while_t_above: int | StepRange | None = None,
                  step_range: tuple | StepRange | None = None, renormalize: bool = False,
-                 mask_mode: str = "nearest", **removed):
-        reject_old_keywords("MaskedAttentionSwap", removed)
+                 mask_mode: str = "nearest"):
         resolve_step_range(while_t_above, step_range, what="MaskedAttentionSwap")  # type errors now
         check_choice("mask_mode", mask_mode, MASK_MODES)
         self.layout, self.while_t_above, self.step_range = layout, while_t_above, step_range
@@ -63,7 +62,7 @@ class MaskedAttentionSwap(Control, AttentionHook):
                              f"pipeline's joint attention rows also hold the image tokens (see the module doc): "
                              f"use renormalize=False")
         self._run_layout = layout_for_run(self.layout, sampler, "swap", self.mask_mode)
-        default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+        default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["while_t_above"]))
         self.steps = resolve_step_range(self.while_t_above, self.step_range, default=default,
                                         what="MaskedAttentionSwap")
         self.steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, "swap steps")

@@ -6,9 +6,9 @@ back (segmentation by color, shape classification); ``train`` trains the small
 (parts in ``mmdit``, figures from ``check_mmdit``) the tiny ``FluxPipeline`` in ``models/shapes_flux``.
 """
 from .world import (COLORS, SHAPES, WORDS, Scene, SceneObject, blobs, caption_for,
-                    classify_shape, make_scene, mask_iou, parse_caption, score_image,
+                    classify_shape, make_scene, parse_caption, score_image,
                     segment_by_color)
 
 __all__ = ["COLORS", "SHAPES", "WORDS", "Scene", "SceneObject", "blobs", "caption_for",
-           "classify_shape", "make_scene", "mask_iou", "parse_caption", "score_image",
+           "classify_shape", "make_scene", "parse_caption", "score_image",
            "segment_by_color"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..bpe import build_clip_tokenizer
+from ..text.bpe import build_clip_tokenizer
 from .world import SIZE, WORDS
 
 MAX_LENGTH = 77  # like CLIP: every prompt padded to 77 tokens
@@ -97,8 +97,8 @@ def export(out: Path, vae, unet, text, tokenizer, meta: dict) -> None:
         "height": SIZE, "width": SIZE, "guidance_scale": 3.0, "num_inference_steps": 50,
         # A starting point only: the shipped model's calibration (README, "MAG on the embedded
         # model"). Measure a new model with bench/mag_steps.py and bench/mag_suite.py, and edit this file.
-        "mag_step": "normalized", "mag_alpha": 0.03, "mag_lambda": 1.25, "mag_mask_mode": "area",
-        "mag_loss": "balanced", "mag_resolutions": [16],
+        "mag_step_rule": "normalized", "mag_alpha": 0.03, "mag_lmbda": 1.25, "mag_mask_mode": "area",
+        "mag_loss": "balanced", "mag_layer_sizes": [16],
         "description": "Tiny Stable Diffusion trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles.",
         **defaults, "training": meta,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..data import data_path
-from ..metrics import mask_iou
+from ..layouts import mask_iou
 from .segment import color_segmenter
 from .world import COLORS, SHAPES, blobs, caption_for, score_image, segment_by_color
 
@@ -99,9 +99,9 @@ def spatial_control(pipe, seeds: int = 2, suite_path: Path = SUITE, num_inferenc
     from tqdm.auto import tqdm
 
     from ..methods import make_controls
-    from ..models import model_defaults
+    from ..models.load import model_defaults
     from ..sampling import generate
-    from ..suites import load_suite
+    from ..layouts.suite import load_suite
 
     d = model_defaults(pipe)
     suite = [s for s in load_suite(suite_path, d["height"], d["width"]) if len(s.layout) == 2 and "contradicts" in s.tags]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.seeds < 1:
         parser.error(f"--images {args.images} and --seeds {args.seeds} must be at least 1")
-    from ..models import load_pipeline
+    from ..models.load import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
     figures = fidelity_and_localization(pipe, check_prompts(args.images, args.seed), seed=args.seed)

@@ -32,13 +32,14 @@ from . import mmdit
 from .check import check_prompts
 from .fidelity import summarize
 from .train_mmdit import GRID, grounding_processor, predict, scene_batch
-from .world import blobs, make_scene, mask_iou, parse_caption, segment_by_color
+from ..layouts import mask_iou
+from .world import blobs, make_scene, parse_caption, segment_by_color
 
 MODEL = data_path("models", "shapes_flux")
 
 
 def load(folder: Path = MODEL):
-    from ..models import library_output
+    from ..models.load import library_output
 
     with library_output(verbose=False):  # no "requires torchvision" notices while loading
         from diffusers import FluxPipeline

@@ -203,8 +203,8 @@ def export(out: Path, vae, transformer, clip, t5, t5_tokenizer, meta: dict, meas
         # MAG: the paper's step and alpha 0.3, masks resized by area (the share of each 8×8 token a
         # region covers), our balanced loss at lambda 1; chosen on the suite (README, "The
         # embedded MMDiT model").
-        "mag_step": "official", "mag_alpha": 0.3, "mag_mask_mode": "area", "mag_loss": "balanced",
-        "mag_lambda": 1.0,
+        "mag_step_rule": "official", "mag_alpha": 0.3, "mag_mask_mode": "area", "mag_loss": "balanced",
+        "mag_lmbda": 1.0,
         "description": "Tiny Flux.1-shaped pipeline (MMDiT: double- and single-stream joint attention, "
                        "CLIP pooled + T5 tokens, flow matching) trained on the shapes world: 64×64 scenes of "
                        "1–3 red/green/blue/yellow/purple circles, squares and triangles. Call FluxPipeline "

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .world import COLORS, blobs, mask_iou, segment_by_color
+from ..layouts import mask_iou
+from .world import COLORS, blobs, segment_by_color
 
 
 def color_of(phrase: str) -> str | None:

@@ -191,32 +191,15 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
             module.load_state_dict(ckpt[key])
         step = ckpt["step"]
     first = step
-    latents = (pool["latents"] * scale).to(device)  # shift_factor 0: latents are scaled only
-    t5_ids, clip_ids = pool["t5_ids"].to(device), pool["clip_ids"].to(device)
-    masks, token_object = pool["masks"].to(device), pool["token_object"].to(device)
-    empty_t5, empty_clip = (e.to(device) for e in empty)
-    mu = mmdit.image_mu(GRID * GRID)
-
-    def save():
-        state = {**{n: m.state_dict() for n, m in zip(names, models)},
-                 **{f"ema_{n}": m.state_dict() for n, m in zip(names, emas)}}
-        save_checkpoint(ckpt_path, **state, opt=opt.state_dict(), step=step)
-
+    data = {"latents": (pool["latents"] * scale).to(device),  # shift_factor 0: latents are scaled only
+            "t5_ids": pool["t5_ids"].to(device), "clip_ids": pool["clip_ids"].to(device),
+            "token_object": pool["token_object"].to(device), "empty": [e.to(device) for e in empty],
+            "mu": mmdit.image_mu(GRID * GRID)}
+    masks = pool["masks"].to(device)
     recent = []
     last_save, bar = time.time(), tqdm(total=args.steps, initial=step, desc="MMDiT+text")
     while step < args.steps:
-        g = torch.Generator().manual_seed(SEED * 31 + step)  # seed by step: exact resume
-        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
-        drop = (torch.rand(args.batch, 1, generator=g) < 0.1).to(device)  # CFG: caption -> ""
-        # Also the pooled CLIP vector alone, often: it enters every block's modulation, a global
-        # route around the joint attention that would leave the T5 words' maps free to mean nothing.
-        drop_pooled = drop | (torch.rand(args.batch, 1, generator=g) < args.pooled_drop).to(device)
-        tok5, tokc = torch.where(drop, empty_t5, t5_ids[idx]), torch.where(drop_pooled, empty_clip, clip_ids[idx])
-        named = torch.where(drop, -1, token_object[idx])
-        sigma = sample_sigmas(args.batch, g, mu).to(device)
-        x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g).to(device)
-        s = sigma.view(-1, 1, 1, 1)
-        noisy = (1 - s) * x0 + s * noise
+        idx, tok5, tokc, named, sigma, x0, noise, noisy = _flow_batch(step, data, args, device)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, "cosine", warmup=200)
         with grounding_processor(models[0], tok5.shape[1], keep=args.grounding > 0) as proc:
@@ -237,7 +220,8 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
         bar.set_postfix(flow=f"{flow.item():.4f}", ground=f"{ground.item():.3f}")
         save_now, stop = checkpoint_now(step, args.steps, last_save, stop_at)
         if save_now:
-            save()
+            save_checkpoint(ckpt_path, **{n: m.state_dict() for n, m in zip(names, models)},
+                            **{f"ema_{n}": m.state_dict() for n, m in zip(names, emas)}, opt=opt.state_dict(), step=step)
             last_save = time.time()
         if stop:
             break
@@ -245,6 +229,25 @@ def train(pool: dict, scale: float, empty: tuple, models, workdir: Path, args, s
     if recent:
         print(f"mean flow loss of the last {min(len(recent), 200)} steps: {np.mean(recent[-200:]):.4f}")
     return [m.eval() for m in emas], step, first
+
+
+def _flow_batch(step: int, data: dict, args, device: str):
+    """One batch from a generator seeded by the step (so a resumed run is exact): indices, T5 and
+    CLIP ids (captions dropped for CFG), each token's object, σ, x_0, noise and x_σ."""
+    g = torch.Generator().manual_seed(SEED * 31 + step)
+    latents, (empty_t5, empty_clip) = data["latents"], data["empty"]
+    idx = torch.randint(0, len(latents), (args.batch,), generator=g)
+    drop = (torch.rand(args.batch, 1, generator=g) < 0.1).to(device)  # CFG: caption -> ""
+    # Also the pooled CLIP vector alone, often: it enters every block's modulation, a global
+    # route around the joint attention that would leave the T5 words' maps free to mean nothing.
+    drop_pooled = drop | (torch.rand(args.batch, 1, generator=g) < args.pooled_drop).to(device)
+    tok5 = torch.where(drop, empty_t5, data["t5_ids"][idx])
+    tokc = torch.where(drop_pooled, empty_clip, data["clip_ids"][idx])
+    named = torch.where(drop, -1, data["token_object"][idx])
+    sigma = sample_sigmas(args.batch, g, data["mu"]).to(device)
+    x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g).to(device)
+    s = sigma.view(-1, 1, 1, 1)
+    return idx, tok5, tokc, named, sigma, x0, noise, (1 - s) * x0 + s * noise
 
 
 def parse_args(argv):

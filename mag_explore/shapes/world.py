@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..metrics import mask_iou  # noqa: F401  (re-exported: the world's readers use it)
 
 SIZE = 64
 # Far apart in RGB, and all far from the light background, so that the nearest known

@@ -8,7 +8,7 @@ import ipywidgets as W
 
 from ..layouts import Layout, ellipse, rect
 from ..plots import figure_png, plot_layout
-from ..tokens import words_of
+from ..text.tokens import words_of
 from .words import phrase_at, positions_of, quiet_updates, show_layout_status, word_options
 
 

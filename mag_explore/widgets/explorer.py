@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..plots import CMAP, attention_overlay, png_bytes, short_layer_name
 from ..sampling import GenerationResult
-from ..tokens import token_text
+from ..text.tokens import token_text
 
 
 class AttentionExplorer(W.VBox):
@@ -19,7 +19,7 @@ class AttentionExplorer(W.VBox):
     >>> AttentionExplorer(result, token="circle")
 
     Controls (all display-only): ``step`` (a slider over the stored steps, with ``play``
-    to animate it), ``layer`` (every layer, all layers of one resolution, or one layer),
+    to animate it), ``layer`` (every layer, all layers of one grid, or one layer),
     ``token``, ``head`` (needs a store made with ``heads="all"``) and ``opacity``.
     ``selected_map()`` is the h×w map on screen, ``image.value`` its PNG.
     """
@@ -61,14 +61,14 @@ class AttentionExplorer(W.VBox):
     # -- options -----------------------------------------------------------------------
     def _layer_options(self) -> list[tuple[str, tuple]]:
         layers = self.store.layers
-        by_resolution: dict[tuple[int, int], list[str]] = {}
+        by_grid: dict[tuple[int, int], list[str]] = {}
         for layer in layers:
-            by_resolution.setdefault(self.store.resolution(layer), []).append(layer)
+            by_grid.setdefault(self.store.grid(layer), []).append(layer)
         options = [(f"all {len(layers)} layers (resampled, mean)", ("all", None))]
-        options += [(f"all {h}×{w} layers ({len(names)})", ("resolution", (h, w)))
-                    for (h, w), names in sorted(by_resolution.items(), reverse=True)]
+        options += [(f"all {h}×{w} layers ({len(names)})", ("grid", (h, w)))
+                    for (h, w), names in sorted(by_grid.items(), reverse=True)]
         options += [(f"{short_layer_name(layer)} {h}×{w}", ("layer", layer))
-                    for layer in layers for h, w in [self.store.resolution(layer)]]
+                    for layer in layers for h, w in [self.store.grid(layer)]]
         return options
 
     def _token_options(self) -> list[tuple[str, int]]:
@@ -89,8 +89,8 @@ class AttentionExplorer(W.VBox):
         kind, what = self.layer.value
         if kind == "layer":
             return [what]
-        if kind == "resolution":
-            return [layer for layer in self.store.layers if self.store.resolution(layer) == what]
+        if kind == "grid":
+            return [layer for layer in self.store.layers if self.store.grid(layer) == what]
         return list(self.store.layers)
 
     def _update_heads(self) -> None:

@@ -25,7 +25,7 @@ from ipycanvas import Canvas, hold_canvas
 from PIL import Image
 
 from ..layouts import Layout, to_hex
-from ..tokens import words_of
+from ..text.tokens import words_of
 from .words import phrase_at, positions_of, quiet_updates, show_layout_status, word_options
 
 __all__ = ["LayoutPainter"]

@@ -16,7 +16,7 @@ from ..sampling import GenerationResult, Sampler
 from ..schedule import StepRange, ddim_scheduler
 
 
-def cross_attention_resolutions(pipe) -> list[int]:
+def cross_attention_layer_sizes(pipe) -> list[int]:
     """The larger side of each cross-attention resolution of ``pipe``'s UNet at its default size, finest first."""
     defaults, unet = model_defaults(pipe), pipe.unet
     side = max(defaults["height"], defaults["width"]) // pipe.vae_scale_factor
@@ -47,7 +47,7 @@ class MagPlayground(W.VBox):
     (a :class:`LayoutBuilder` or a :class:`LayoutPainter`: its current layout is read at each
     run; a painter gets the new image under its paint). The sliders ``mag_step_range`` and
     ``swap_step_range`` are step indices ``[start, stop)``; an empty range (start = stop)
-    switches that method off; ``resolutions`` and ``places`` choose MAG's layers.
+    switches that method off; ``layer_sizes`` and ``places`` choose MAG's layers.
     After a run: ``result`` (with its attention store), ``runs``, the summary ``image``,
     ``last_controls``, and ``history``: the last ``remember`` runs (settings, image, and the
     regions' IoU where the shapes world can segment them), shown side by side.
@@ -61,14 +61,14 @@ class MagPlayground(W.VBox):
         self.height, self.width = defaults["height"], defaults["width"]
         self.num_inference_steps = int(num_inference_steps or defaults["num_inference_steps"])
         self.timesteps = [int(t) for t in ddim_scheduler(pipe, self.num_inference_steps).timesteps]
-        guided = StepRange(while_t_above=int(defaults["guide_until"])).selected(self.timesteps)
+        guided = StepRange(while_t_above=int(defaults["while_t_above"])).selected(self.timesteps)
         guide_default = (0, guided[-1] + 1) if guided else (0, max(1, self.num_inference_steps // 3))
         n = self.num_inference_steps
         style = {"description_width": "120px"}
         wide = W.Layout(width="460px")
         self.alpha = W.FloatSlider(value=defaults["mag_alpha"], min=0.0, max=max(1.0, 4 * defaults["mag_alpha"]),
                                    step=0.01, description="α step size", style=style, layout=wide)
-        self.lmbda = W.FloatSlider(value=defaults["mag_lambda"], min=0.0, max=2.0, step=0.05,
+        self.lmbda = W.FloatSlider(value=defaults["mag_lmbda"], min=0.0, max=2.0, step=0.05,
                                    description="λ outside weight", style=style, layout=wide)
         self.mag_step_range = W.IntRangeSlider(value=guide_default, min=0, max=n, description="MAG steps [a, b)",
                                             style=style, layout=wide)
@@ -77,9 +77,9 @@ class MagPlayground(W.VBox):
         self.cfg = W.FloatSlider(value=defaults["guidance_scale"], min=1.0, max=15.0, step=0.5,
                                  description="CFG scale", style=style, layout=wide)
         self.seed = W.IntSlider(value=seed, min=0, max=1000, description="seed", style=style, layout=wide)
-        self.resolutions = W.SelectMultiple(options=[(f"side {r}", r) for r in cross_attention_resolutions(pipe)],
+        self.layer_sizes = W.SelectMultiple(options=[(f"side {r}", r) for r in cross_attention_layer_sizes(pipe)],
                                             description="MAG layers at", style=style, rows=3)
-        self.resolutions.value = tuple(v for _, v in self.resolutions.options)  # all, as the official code
+        self.layer_sizes.value = tuple(v for _, v in self.layer_sizes.options)  # all, as the official code
         self.places = W.SelectMultiple(options=["down", "mid", "up"], value=("down", "mid", "up"),
                                        description="MAG in UNet half", style=style, rows=3)
         self.remember = int(remember)
@@ -96,15 +96,15 @@ class MagPlayground(W.VBox):
         self.runs = 0
         self.run_button.on_click(self._on_click)
         for control in (self.alpha, self.lmbda, self.mag_step_range, self.swap_step_range, self.cfg, self.seed,
-                        self.resolutions, self.places):
+                        self.layer_sizes, self.places):
             control.observe(self._on_setting, names="value")
         for name, control in (("alpha", self.alpha), ("lambda", self.lmbda), ("guide", self.mag_step_range),
                               ("swap", self.swap_step_range), ("cfg", self.cfg), ("seed", self.seed),
                               ("run", self.run_button), ("progress", self.progress), ("image", self.image),
-                              ("resolutions", self.resolutions), ("places", self.places), ("memory", self.memory)):
+                              ("layer_sizes", self.layer_sizes), ("places", self.places), ("memory", self.memory)):
             control.add_class(f"mag-playground-{name}")
         sliders = W.VBox([self.alpha, self.lmbda, self.mag_step_range, self.swap_step_range, self.cfg, self.seed])
-        layers = W.VBox([self.resolutions, self.places])
+        layers = W.VBox([self.layer_sizes, self.places])
         super().__init__([W.HBox([sliders, layers]), W.HBox([self.run_button, self.progress]), self.status,
                           self.image, W.HTML("<b>last runs</b> (newest first)"), self.memory])
         self.add_class("mag-playground")
@@ -145,10 +145,10 @@ class MagPlayground(W.VBox):
         return made
 
     def _layer_choice(self) -> dict:
-        """MAG's ``resolutions`` / ``places``: left out where everything is selected (the official setting)."""
+        """MAG's ``layer_sizes`` / ``places``: left out where everything is selected (the official setting)."""
         chosen = {}
-        if set(self.resolutions.value) != {v for _, v in self.resolutions.options}:
-            chosen["resolutions"] = set(self.resolutions.value)
+        if set(self.layer_sizes.value) != {v for _, v in self.layer_sizes.options}:
+            chosen["layer_sizes"] = set(self.layer_sizes.value)
         if set(self.places.value) != {"down", "mid", "up"}:
             chosen["places"] = set(self.places.value)
         return chosen
@@ -197,7 +197,7 @@ class MagPlayground(W.VBox):
                 **{k: sorted(v) for k, v in self._layer_choice().items()}}
 
     def _remember(self, result: GenerationResult) -> None:
-        from ..course import region_iou  # the shapes world's color segmentation (an app-level helper)
+        from ..course.helpers import region_iou  # the shapes world's color segmentation (an app-level helper)
 
         iou = region_iou(result.images[0], self.layout) if self.score_iou else None
         self.history.insert(0, {"run": self.runs, "settings": self.settings(), "image": result.images[0], "iou": iou})
@@ -209,8 +209,8 @@ class MagPlayground(W.VBox):
         lines = [f"run {entry['run']} · seed {s['seed']} · CFG {s['cfg']}",
                  f"MAG {s['mag_step_range'][0]}–{s['mag_step_range'][1]} α {s['alpha']} λ {s['lambda']}",
                  f"swap {s['swap_step_range'][0]}–{s['swap_step_range'][1]}"]
-        if "resolutions" in s or "places" in s:
-            lines.append(f"layers {s.get('resolutions', 'all')} {s.get('places', '')}")
+        if "layer_sizes" in s or "places" in s:
+            lines.append(f"layers {s.get('layer_sizes', 'all')} {s.get('places', '')}")
         if entry["iou"] is not None:
             lines.append("IoU " + ", ".join(f"{label} {v:.2f}" for label, v in entry["iou"].items()))
         image = W.Image(value=png_bytes(entry["image"]), format="png", width=128, height=128)

@@ -5,7 +5,7 @@ import html
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from ..tokens import words_of
+from ..text.tokens import words_of
 
 
 def word_options(words: list[str]) -> list[tuple[str, int]]:

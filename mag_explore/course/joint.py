@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from matplotlib.colors import LogNorm
 
-from .attention import AttentionContext, AttentionHook, AttentionStore
-from .attention.joint import image_text_block, joint_attention_layer_names
-from .families import is_mmdit
-from .plots import CMAP, FONT, TITLE, legible, short_layer_name
-from .sampling import GenerationResult, Hooks, Sampler
-from .tokens import phrase_occurrences, token_text, words_of
+from ..attention import AttentionContext, AttentionHook, AttentionStore
+from ..attention.joint import image_text_block, joint_attention_layer_names
+from ..families import is_mmdit
+from ..plots import CMAP, FONT, TITLE, legible, short_layer_name
+from ..sampling import GenerationResult, Hooks, Sampler
+from ..text.tokens import phrase_occurrences, token_text, words_of
 
 __all__ = ["JointMatrix", "attention_budget", "capture_joint", "layer_label", "plot_attention_budget",
            "plot_joint_matrix", "plot_word_grid", "word_maps"]

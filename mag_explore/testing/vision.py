@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.bpe import build_clip_tokenizer
+from ..text.bpe import build_clip_tokenizer
 
 
 def _suite_words() -> list[str]:
     """Every word of the shipped real-world suite's prompts: one token each in the tiny tokenizers."""
-    suite = Path(__file__).resolve().parent / "data" / "suites" / "real.json"  # the shipped one, not $MAG_EXPLORE_DATA's
+    suite = Path(__file__).resolve().parent.parent / "data" / "suites" / "real.json"  # the shipped one, not $MAG_EXPLORE_DATA's
     layouts = json.loads(suite.read_text())["layouts"]
     return sorted({w.strip(",") for entry in layouts for w in entry["prompt"].split()})
 
@@ -63,22 +63,30 @@ def tiny_grounding_dino(folder: str | Path, seed: int = 0):
     return model
 
 
+def _clip_like(folder: str | Path, seed: int, model_class, config_class, max_length: int, image_size: int,
+               patch_size: int, projection_dim: int):
+    """A CLIP-shaped model (OWLv2, CLIP: one layer of width 32, two heads per tower) saved in ``folder``
+    with its CLIP tokenizer of ``max_length`` tokens."""
+    folder = Path(folder)
+    tokenizer = build_clip_tokenizer(WORDS, folder / "tokenizer-files", max_length=max_length)
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = config_class(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                                           **_special_ids(tokenizer), **tower),
+                          vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
+                          projection_dim=projection_dim)
+    model = model_class(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 def tiny_owlv2(folder: str | Path, seed: int = 0):
     """An ``Owlv2ForObjectDetection`` (64² images, 16 patches, 16-token queries) with its CLIP tokenizer."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection
 
-    folder = Path(folder)
-    tokenizer = build_clip_tokenizer(WORDS, folder / "tokenizer-files", max_length=16)
-    torch.manual_seed(seed)
-    config = Owlv2Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, **_special_ids(tokenizer)),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16), projection_dim=32)
-    model = Owlv2ForObjectDetection(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
+    return _clip_like(folder, seed, Owlv2ForObjectDetection, Owlv2Config, max_length=16, image_size=64, patch_size=16,
+                      projection_dim=32)
 
 
 def tiny_sam(folder: str | Path, seed: int = 0):
@@ -104,17 +112,7 @@ def tiny_clip(folder: str | Path, seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip import CLIPImageProcessorPil
 
-    folder = Path(folder)
-    tokenizer = build_clip_tokenizer(WORDS, folder / "tokenizer-files", max_length=77)
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, **_special_ids(tokenizer)),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=16)
-    model = CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model = _clip_like(folder, seed, CLIPModel, CLIPConfig, max_length=77, image_size=32, patch_size=8, projection_dim=16)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return model
 

@@ -1,6 +1,6 @@
 """Tiny random-weight PixArt-Σ and Sana pipelines, and the Gemma tokenizer Sana needs, built offline.
 
-Same idea as :mod:`mag_explore.testing_mmdit`: the block structure of the real models (self- and
+Same idea as :mod:`mag_explore.testing.mmdit`: the block structure of the real models (self- and
 cross-attention per block, a text mask into cross-attention, resolution bins), a few thousand
 random weights, images of noise. The query and key projections of the cross-attention are
 scaled up (×4) so that maps are not flat.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.models import DEFAULTS_FILE, library_output
-from mag_explore.testing_mmdit import _t5_encoder, tiny_t5_tokenizer
+from ..models.load import DEFAULTS_FILE, library_output
+from .mmdit import _t5_encoder, tiny_t5_tokenizer
 
 #: Gain on the cross-attention's q/k projections: sharper maps than random weights give.
 QK_GAIN = 4.0
@@ -121,7 +121,7 @@ def tiny_gemma_tokenizer():
 
     from transformers import GemmaTokenizer
 
-    from mag_explore.testing import TINY_WORDS
+    from .unet import TINY_WORDS
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
     for char in "▁\n" + string.ascii_letters + string.digits + string.punctuation:

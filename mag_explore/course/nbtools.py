@@ -1,7 +1,7 @@
 """Run, time and strip the course notebooks (needs the ``test`` extra: nbclient, nbformat, ipykernel).
 
-    python -m mag_explore.nbtools time  notebooks/*.ipynb   # execute each, print wall and kernel CPU seconds
-    python -m mag_explore.nbtools strip notebooks/*.ipynb   # drop outputs before committing
+    python -m mag_explore.course.nbtools time  notebooks/*.ipynb   # execute each, print wall and kernel CPU seconds
+    python -m mag_explore.course.nbtools strip notebooks/*.ipynb   # drop outputs before committing
 
 Notebooks run with their own folder as the working directory, in a fresh kernel that
 inherits this process's environment (so ``MAG_EXPLORE_MODEL`` / ``MAG_EXPLORE_STEPS``
@@ -70,7 +70,7 @@ def strip(path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mag_explore.nbtools", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mag_explore.course.nbtools", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("time", "strip"))
     parser.add_argument("notebooks", nargs="+", type=Path)
     args = parser.parse_args(argv)

@@ -41,10 +41,10 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .families import Conditioning, check_token_positions, require_unet, denoise, encode_prompt, scale_latents, vae_in_working_dtype
-from .models import model_defaults
-from .sampling import Control, GenerationResult, generate
-from .validation import check_count, check_number
+from ..families import Conditioning, check_token_positions, require_unet, denoise, encode_prompt, scale_latents, vae_in_working_dtype
+from ..models.load import model_defaults
+from ..sampling import Control, GenerationResult, generate
+from ..validation import check_count, check_number
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 

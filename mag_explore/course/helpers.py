@@ -18,15 +18,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .attention import AttentionStore
-from .layouts import Layout
-from .methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
-from .data import data_dir
-from .models import model_defaults
-from .sampling import GenerationResult, Sampler, decode_latents, generate
-from .shapes.scoring import color_ious, color_masks, color_of, iou_text, object_counts, region_iou
+from ..attention import AttentionStore
+from ..layouts import Layout
+from ..methods import MaskedAttentionGuidance, MaskedAttentionSwap, run_methods_on
+from ..data import data_dir
+from ..models.load import model_defaults
+from ..sampling import GenerationResult, Sampler, decode_latents, generate
+from ..shapes.scoring import color_ious, color_masks, color_of, iou_text, object_counts, region_iou
 
-__all__ = ["Claims", "ClaimFailed", "EXAMPLE_LAYOUTS", "describe", "color_ious", "color_masks", "color_of", "example_layout", "first_step_attention", "iou_text",
+__all__ = ["Claims", "ClaimFailed", "EXAMPLE_LAYOUTS", "attention_inside_outside", "describe", "guidance_cost", "color_ious", "color_masks", "color_of", "example_layout", "first_step_attention", "iou_text",
            "method_images", "object_counts", "region_iou", "run_methods_on", "swap_sweep", "x0_images"]
 
 EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
@@ -34,8 +34,8 @@ EXAMPLE_LAYOUTS = ("left_right", "top_bottom", "three_objects")
 
 def describe(pipe) -> str:
     """One line for a notebook's first output: the model, where it runs and what a run does by default."""
-    from .families import denoiser
-    from .models import _pipeline_folder
+    from ..families import denoiser
+    from ..models.load import _pipeline_folder
 
     folder = _pipeline_folder(pipe)
     name = folder.name if folder is not None else (getattr(pipe, "name_or_path", None) or type(pipe).__name__)
@@ -96,14 +96,14 @@ def first_step_attention(pipe, layout: Layout, alpha: float | None = None, seed:
     and after it, and the step-0 attention of the denoising pass without guidance
     (``plain_store``) and after the update (``guided_store``). The "after" figures come from
     a probe: a second MAG with α = 0, which measures the loss at the updated latent and
-    moves nothing. ``step_fn``: your own ``mag_step(step, alpha, lmbda)`` instead of the
+    moves nothing. ``step_fn``: your own ``mag_step(inputs, alpha, lmbda)`` instead of the
     package's (notebook 04).
     """
     from .learner import LearnerMAG
 
     defaults = model_defaults(pipe)
     alpha = defaults["mag_alpha"] if alpha is None else alpha
-    lmbda = defaults["mag_lambda"]
+    lmbda = defaults["mag_lmbda"]
     plain_store, guided_store = AttentionStore(), AttentionStore()
     update = (MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 1)) if step_fn is None
               else LearnerMAG(layout, step_fn, alpha, lmbda, step_range=(0, 1)))
@@ -202,8 +202,8 @@ class Claims:
     def __init__(self, pipe, steps: int | None = None, model: str = "shapes", text_steps: int | None = None):
         """``steps``: the run's steps (None: the model's default); ``text_steps``: the steps the text
         was measured at (None: the model's default; notebook 06 edits at 25)."""
-        from .model_files import embedded_model_dir
-        from .models import _pipeline_folder
+        from ..models.files import embedded_model_dir
+        from ..models.load import _pipeline_folder
 
         folder = _pipeline_folder(pipe)
         self.model = model

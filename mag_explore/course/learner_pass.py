@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .families import family, is_mmdit
+from ..families import family, is_mmdit
 
 
 def conditioning_of(state, embeddings: torch.Tensor):

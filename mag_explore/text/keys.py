@@ -14,7 +14,7 @@ tokenizer's character offsets: the text the encoder sees is ``prefix + prompt``;
 at ``max_length`` tokens; ``keep`` lists which token positions become keys, in order. A word
 whose pieces were cut off has no key, and asking for it is an error that says so. A ``suffix``
 (the end of a chat template) may follow the prompt; its tokens belong to no word of the prompt.
-``mag_explore.tokens`` accepts a TextKeys wherever it takes a tokenizer.
+``mag_explore.text.tokens`` accepts a TextKeys wherever it takes a tokenizer.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import InputError
+from ..validation import InputError
 
 #: the device types mag-explore runs on
 DEVICE_TYPES = ("cpu", "cuda", "mps")

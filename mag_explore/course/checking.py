@@ -1,7 +1,7 @@
 """The machinery of the course's checks: a verdict, a case runner, messages that say what differs,
 and the fixed inputs (edge cases included) the checks feed your functions.
 
-``mag_explore.exercises`` builds its ``check_…`` functions on these.
+``mag_explore.course.exercises`` builds its ``check_…`` functions on these.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import solutions
 from .learner import GuidanceInputs
-from .sampling import Sampler
+from ..sampling import Sampler
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Verdict:
         return f"Verdict({self.name}: {'passed' if self.passed else 'failed'})"
 
 
-class _Failed(Exception):
+class Failed(Exception):
     """One rule broken on one case; the message says which and how."""
 
 
@@ -48,7 +48,7 @@ def show_solution(name: str) -> None:
     print(inspect.getsource(found))
 
 
-def _verdict(name: str, fn: Callable, reference: Callable, cases: Callable[[Callable], int]) -> Verdict:
+def make_verdict(name: str, fn: Callable, reference: Callable, cases: Callable[[Callable], int]) -> Verdict:
     """Run ``cases(fn)``; turn its outcome into a printed, returned Verdict."""
     try:
         count = cases(fn)
@@ -57,7 +57,7 @@ def _verdict(name: str, fn: Callable, reference: Callable, cases: Callable[[Call
                    f"the reference solution. Write yours and run the cell again.")
         print(message)
         return Verdict(name, False, message, reference, used_solution=True)
-    except _Failed as failure:
+    except Failed as failure:
         message = f"✗ {name}: {failure}"
     else:
         message = f"✓ {name}: passed ({count} cases)"
@@ -67,43 +67,43 @@ def _verdict(name: str, fn: Callable, reference: Callable, cases: Callable[[Call
     return Verdict(name, False, message, fn)
 
 
-def _call(fn: Callable, case: str, *args):
+def call_yours(fn: Callable, case: str, *args):
     try:
         return fn(*args)
     except NotImplementedError:
         raise
     except Exception as error:  # report it as a broken case, with the case's name
-        raise _Failed(f"on case '{case}' your function raised {type(error).__name__}: {error}") from None
+        raise Failed(f"on case '{case}' your function raised {type(error).__name__}: {error}") from None
 
 
-def _compare(got, want: torch.Tensor, case: str, atol: float = 1e-5, rtol: float = 1e-4, dims: str = "") -> None:
+def compare(got, want: torch.Tensor, case: str, atol: float = 1e-5, rtol: float = 1e-4, dims: str = "") -> None:
     """Shape, finiteness, then the largest difference and where it is."""
     if not isinstance(got, torch.Tensor):
-        raise _Failed(f"on case '{case}' expected a torch.Tensor, got {type(got).__name__}")
+        raise Failed(f"on case '{case}' expected a torch.Tensor, got {type(got).__name__}")
     if tuple(got.shape) != tuple(want.shape):
-        raise _Failed(f"on case '{case}' the shape is {tuple(got.shape)}, expected {tuple(want.shape)} {dims}")
+        raise Failed(f"on case '{case}' the shape is {tuple(got.shape)}, expected {tuple(want.shape)} {dims}")
     got = got.detach().float()
     if not torch.isfinite(got).all():
         index = tuple(int(i) for i in (~torch.isfinite(got)).nonzero()[0])
-        raise _Failed(f"on case '{case}' the result is not finite at index {index} (overflow? 0/0?)")
+        raise Failed(f"on case '{case}' the result is not finite at index {index} (overflow? 0/0?)")
     diff = (got - want.float()).abs()
     bad = diff > atol + rtol * want.float().abs()
     if bad.any():
         index = tuple(int(i) for i in (diff == diff.max()).nonzero()[0])
-        raise _Failed(f"on case '{case}' at index {index} {dims} yours is {float(got[index]):.6g}, the reference "
+        raise Failed(f"on case '{case}' at index {index} {dims} yours is {float(got[index]):.6g}, the reference "
                       f"{float(want[index]):.6g} ({int(bad.sum())} of {bad.numel()} values differ)")
 
 
-def _scalar(value, case: str) -> torch.Tensor:
+def scalar(value, case: str) -> torch.Tensor:
     value = value[0] if isinstance(value, (tuple, list)) else value
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise _Failed(f"on case '{case}' the loss must be one number (a 0-d tensor), got "
+        raise Failed(f"on case '{case}' the loss must be one number (a 0-d tensor), got "
                       f"{getattr(value, 'shape', type(value).__name__)}")
     return value.reshape(())
 
 
 # ============================================================================ fixed inputs
-def _swap_cases() -> dict:
+def swap_cases() -> dict:
     generator = torch.Generator().manual_seed(1)
 
     def probs(batch, heads, pixels, tokens):
@@ -124,7 +124,7 @@ def _swap_cases() -> dict:
     }
 
 
-def _loss_cases() -> dict:
+def loss_cases() -> dict:
     generator = torch.Generator().manual_seed(2)
 
     def probs(batch, heads, h, w, tokens):
@@ -146,7 +146,7 @@ def _loss_cases() -> dict:
     }
 
 
-def _joint_cases() -> dict:
+def joint_cases() -> dict:
     """q, k over a joint sequence [text; image] and the number of text tokens (rotary already applied)."""
     g = torch.Generator().manual_seed(5)
 
@@ -162,7 +162,7 @@ def _joint_cases() -> dict:
     }
 
 
-def _diagnose_joint(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, text: int) -> str:
+def diagnose_joint(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, text: int) -> str:
     """A hint when the image→text block equals a known wrong variant."""
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     variants = {
@@ -181,7 +181,7 @@ def _diagnose_joint(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, text: i
     return ""
 
 
-class _ToyDenoiser:
+class ToyDenoiser:
     """A tiny differentiable stand-in for the UNet: two layers (6×4 and 3×2) of softmax attention."""
 
     def __init__(self, token_groups, seed: int = 3):
@@ -221,14 +221,14 @@ class _ToyDenoiser:
 
 
 # ============================================================================ rules and hints of the checks
-def _check_swap_rules(got: torch.Tensor, given: torch.Tensor, masks, groups, cond_rows, case: str) -> None:
+def require_swap_rules(got: torch.Tensor, given: torch.Tensor, masks, groups, cond_rows, case: str) -> None:
     swapped = sorted({t for g in groups for t in g})
     others = [t for t in range(given.shape[-1]) if t not in swapped]
     uncond = [r for r in range(given.shape[0]) if r not in cond_rows]
     got = got.detach()
     for row in uncond:
         if not torch.equal(got[row], given[row]):
-            raise _Failed(f"on case '{case}' row {row} (the unconditional half) changed: swap edits the cond rows only")
+            raise Failed(f"on case '{case}' row {row} (the unconditional half) changed: swap edits the cond rows only")
     for mask, tokens in zip(masks, groups):
         want = (mask / len(tokens))[None, :, None].expand(given.shape[1], -1, len(tokens))
         for row in cond_rows:
@@ -236,15 +236,15 @@ def _check_swap_rules(got: torch.Tensor, given: torch.Tensor, masks, groups, con
                 wrong = (got[row][..., tokens] - want).abs().argmax()
                 head, pixel, t = np.unravel_index(int(wrong), want.shape)
                 where = "inside" if mask[pixel] > 0 else "outside"
-                raise _Failed(f"on case '{case}' row {row}, head {head}, pixel {pixel} ({where} the mask), token "
+                raise Failed(f"on case '{case}' row {row}, head {head}, pixel {pixel} ({where} the mask), token "
                               f"{tokens[t]}: yours {float(got[row][head, pixel, tokens[t]]):.4g}, expected "
                               f"{float(want[head, pixel, t]):.4g} (1/len(tokens) = 1/{len(tokens)} inside, 0 outside)")
     if not torch.equal(got[..., others], given[..., others]):
-        raise _Failed(f"on case '{case}' the other tokens' probabilities changed: the official swap does not "
+        raise Failed(f"on case '{case}' the other tokens' probabilities changed: the official swap does not "
                       "renormalise (rows no longer sum to one, and that is intended)")
 
 
-def _diagnose_loss(value: float, probs, masks, groups, lmbda: float) -> str:
+def diagnose_loss(value: float, probs, masks, groups, lmbda: float) -> str:
     """A hint when a loss equals a known wrong variant."""
     ref = solutions.mag_loss
     variants = {
@@ -259,7 +259,7 @@ def _diagnose_loss(value: float, probs, masks, groups, lmbda: float) -> str:
     return ""
 
 
-def _final_latents(pipe, layout, controls, steps: int) -> torch.Tensor:
+def final_latents(pipe, layout, controls, steps: int) -> torch.Tensor:
     sampler = Sampler(pipe, layout.prompt, seed=0, num_inference_steps=steps, controls=controls)
     while not sampler.done:
         sampler.step()

@@ -14,7 +14,7 @@ exercised exactly as with the real models.
 image (default)    64 x 64                      96 x 96 (SD2.1: 768 vs SD1.5 512)
 latent             8 x 8 x 4                    12 x 12 x 4
 cross-attention    8x8, 4x4 (down, up),         12x12, 6x6 (down, up),
-resolutions        2x2 (mid)                    3x3 (mid)
+grids              2x2 (mid)                    3x3 (mid)
 channels           32, 64, 64                   32, 64, 64
 heads              4 everywhere, head dim       2, 4, 4 heads, head dim 16
                    8, 16, 16 (SD1.5: 8 heads,   everywhere (SD2: 5/10/20 heads
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.bpe import build_clip_tokenizer
-from mag_explore.models import library_output
+from ..text.bpe import build_clip_tokenizer
+from ..models.load import library_output
 
 #: Words that are single tokens in the tiny vocabulary. A word that is *not* here
 #: ("purple", "astronaut", "bears") is split into several sub-word tokens, exactly
@@ -72,11 +72,11 @@ TINY_WORDS: list[str] = [
 
 #: Where each tiny pipeline's cross-attention lives, for tests to compare with.
 #: (height, width) of the latent at each attention layer for the default image size.
-SD15_ATTENTION_RESOLUTIONS = ((8, 8), (4, 4), (2, 2))
-SD21_ATTENTION_RESOLUTIONS = ((12, 12), (6, 6), (3, 3))
-SDXL_ATTENTION_RESOLUTIONS = ((8, 8), (4, 4))
+SD15_ATTENTION_GRIDS = ((8, 8), (4, 4), (2, 2))
+SD21_ATTENTION_GRIDS = ((12, 12), (6, 6), (3, 3))
+SDXL_ATTENTION_GRIDS = ((8, 8), (4, 4))
 #: Cross-attention layers of the tiny SDXL per resolution (SDXL base at 1024²: 10 at 64², 60 at 32²).
-SDXL_LAYERS_PER_RESOLUTION = {(8, 8): 3, (4, 4): 8}
+SDXL_LAYERS_PER_GRID = {(8, 8): 3, (4, 4): 8}
 
 # With the default random init the cross-attention logits q.k/sqrt(d) are tiny, so
 # every map is nearly uniform: the largest of the 77 token probabilities at a pixel
@@ -107,7 +107,7 @@ def _unet_config(sd2: bool) -> dict:
         in_channels=4,
         out_channels=4,
         # SD: three attention blocks then a plain one (CA, CA, CA, Down); with one
-        # level less we still get attention at three resolutions, mid block included.
+        # level less we still get attention on three grids, mid block included.
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64, 64),

@@ -7,7 +7,7 @@ Getting these indices wrong is the most common silent bug in attention-control c
 so everything here is explicit and checked.
 
 T5 (Flux.1, SD3) marks word starts with ``▁`` and has no BOS: its tokenizers, and SD3's
-joint text keys (CLIP then T5), are handled by :mod:`mag_explore.t5_tokens`, and every
+joint text keys (CLIP then T5), are handled by :mod:`mag_explore.text.t5`, and every
 function here accepts them too.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import t5_tokens
-from .text_keys import TextKeys
+from . import t5
+from .keys import TextKeys
 
 _END_OF_WORD = "</w>"
 
@@ -33,22 +33,22 @@ class TokenizedWord:
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The prompt's token strings without padding: BOS, the prompt's tokens, EOS (T5: no BOS;
     SD3's joint keys: the 77 CLIP keys, then T5's)."""
-    if isinstance(tokenizer, (t5_tokens.JointPromptTokens, TextKeys)):
+    if isinstance(tokenizer, (t5.JointPromptTokens, TextKeys)):
         return tokenizer.prompt_tokens(prompt)
-    if t5_tokens.is_sentencepiece(tokenizer):
-        return t5_tokens.t5_prompt_tokens(tokenizer, prompt)
+    if t5.is_sentencepiece(tokenizer):
+        return t5.t5_prompt_tokens(tokenizer, prompt)
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return tokenizer.convert_ids_to_tokens(ids)
 
 
 def split_words(tokenizer, prompt: str) -> list[TokenizedWord]:
-    """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``; T5: see t5_tokens)."""
-    if isinstance(tokenizer, t5_tokens.JointPromptTokens):
+    """Group the prompt's tokens into words (a word ends at a token ending in ``</w>``; T5: see text.t5)."""
+    if isinstance(tokenizer, t5.JointPromptTokens):
         return tokenizer.split_words(prompt, split_words(tokenizer.clip, prompt))
     if isinstance(tokenizer, TextKeys):  # templates, LM encoders, kept positions (PixArt-Σ, Sana, ...)
         return tokenizer.split_words(prompt)
-    if t5_tokens.is_sentencepiece(tokenizer):
-        return t5_tokens.t5_split_words(tokenizer, prompt)
+    if t5.is_sentencepiece(tokenizer):
+        return t5.t5_split_words(tokenizer, prompt)
     tokens = prompt_tokens(tokenizer, prompt)
     words: list[TokenizedWord] = []
     current: list[int] = []
@@ -105,8 +105,8 @@ def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
     query = words_of(phrase)
     if not query:
         raise ValueError(f"empty phrase {phrase!r}: name one or more words of the prompt")
-    found = t5_tokens.occurrences(words, query)
-    if not found and t5_tokens.occurrences([t5_tokens.Word(w, (i,), ()) for i, w in enumerate(words_of(prompt))],
+    found = t5.occurrences(words, query)
+    if not found and t5.occurrences([t5.Word(w, (i,), ()) for i, w in enumerate(words_of(prompt))],
                                            query):
         limit = getattr(tokenizer, "max_length", None) or getattr(tokenizer, "model_max_length", None)
         raise ValueError(

@@ -79,7 +79,7 @@ def occurrences(words: list[Word], query: list[str]) -> list[list[int]]:
 class JointPromptTokens:
     """SD3's text keys: 77 CLIP positions, then the T5 positions at ``clip_length + j``.
 
-    Stands in for a tokenizer wherever ``mag_explore.tokens`` takes one (layouts, results):
+    Stands in for a tokenizer wherever ``mag_explore.text.tokens`` takes one (layouts, results):
     a phrase's indices are its CLIP tokens and its T5 tokens. Without a T5 encoder (SD3 run
     with ``text_encoder_3=None``) the T5 keys are zeros, so only the CLIP indices are given.
     """

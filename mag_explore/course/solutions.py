@@ -1,4 +1,4 @@
-"""Reference solutions of the course's exercises (``mag_explore.exercises`` checks against them).
+"""Reference solutions of the course's exercises (``mag_explore.course.exercises`` checks against them).
 
 Read one only after trying: ``exercises.show_solution("mag_loss")`` prints its source.
 Each is written the plain way, one idea per line, as a learner would write it; the
@@ -62,16 +62,16 @@ def mag_loss(probs: torch.Tensor, masks: torch.Tensor, token_groups: Sequence[Se
     return loss
 
 
-def mag_step(step, alpha: float, lmbda: float, loss_fn=mag_loss) -> torch.Tensor:
+def mag_step(inputs, alpha: float, lmbda: float, loss_fn=mag_loss) -> torch.Tensor:
     """One MAG update of x_t: x_t − α ∇ₓ L, L read from a conditional-only pass.
 
-    ``step`` (an ``exercises.GuidanceInputs``) has ``x_t``, ``cond_embeddings``,
-    ``uncond_embeddings``, ``token_groups`` and ``attention(x, embeddings)``, which runs the
+    ``inputs`` (a ``GuidanceInputs``) has ``x_t``, ``cond_embeddings``,
+    ``uncond_embeddings``, ``token_groups`` and ``attention_of(x, embeddings)``, which runs the
     denoiser once and returns every cross-attention layer's ``(probs, masks)``.
     """
-    x = step.x_t.detach().requires_grad_(True)                  # 1. the latent is what we move
-    layers = step.attention(x, step.cond_embeddings)            # 2. one pass, conditional prompt only
-    loss = sum(loss_fn(probs, masks, step.token_groups, lmbda) for probs, masks in layers)  # 3. all layers
+    x = inputs.x_t.detach().requires_grad_(True)                  # 1. the latent is what we move
+    layers = inputs.attention_of(x, inputs.cond_embeddings)            # 2. one pass, conditional prompt only
+    loss = sum(loss_fn(probs, masks, inputs.token_groups, lmbda) for probs, masks in layers)  # 3. all layers
     (grad,) = torch.autograd.grad(loss, x)                      # 4. dL/dx_t
     return (x - alpha * grad).detach()                          # 5. one step downhill
 

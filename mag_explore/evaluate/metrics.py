@@ -1,17 +1,7 @@
-"""Numbers that compare images with layouts: mask IoU, and percentile-bootstrap intervals.
-
-Core level (no model, no plotting): the evaluation, the shapes world's check and the
-course all use these.
-"""
+"""Percentile-bootstrap intervals for the evaluation's tables (mask IoU is ``layouts.mask_iou``)."""
 from __future__ import annotations
 
 import numpy as np
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def bootstrap_draws(units: int, resamples: int = 2000, seed: int = 0) -> np.ndarray:

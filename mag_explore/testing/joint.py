@@ -1,6 +1,6 @@
 """Tiny random-weight Chroma, Qwen-Image, Z-Image and Flux.2 (Klein) pipelines, built offline.
 
-Same idea as :mod:`mag_explore.testing_mmdit`: the block structure of the real models (where
+Same idea as :mod:`mag_explore.testing.mmdit`: the block structure of the real models (where
 the joint attention sits, text first or image first, which text encoder feeds it and how),
 a few thousand random weights, images of noise. Nothing is downloaded: the tokenizers are
 built in-process with the ``tokenizers`` library.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.testing_mmdit import _finish, _t5_encoder, _vae, tiny_t5_tokenizer
+from .mmdit import _finish, _t5_encoder, _vae, tiny_t5_tokenizer
 
 def _sharpen(transformer, gain: float = 4.0, names: tuple[str, ...] = ("attn",)) -> None:
     """Scale every query and key projection of the attention modules named ``names``: maps that are not flat."""
@@ -103,7 +103,7 @@ def tiny_qwen_tokenizer(chat_template: str | None = None):
     from tokenizers import Tokenizer, models, trainers
     from transformers import Qwen2Tokenizer
 
-    from mag_explore.testing import TINY_WORDS
+    from .unet import TINY_WORDS
 
     shell = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])  # its pre-tokenizer: Qwen2's regex + byte level
     model = Tokenizer(models.BPE())

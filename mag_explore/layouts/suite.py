@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .layouts import Layout, ellipse, polygon, rect
+from . import Layout, ellipse, polygon, rect
 
 _SHAPE_MAKERS = {"rect": rect, "ellipse": ellipse, "polygon": polygon}
 MAX_REGIONS = 4  # columns iou_1 … iou_4 of the evaluation's CSV (COCO-MIG-like layouts have up to 4 here)

@@ -17,7 +17,7 @@ word in its region. On the embedded shapes model, moving one of two objects to t
 (measured in the README, kept as floors by ``tests/test_inversion.py``), MAG alone from the
 inverted x_T rarely moves it, and the moved x_T without MAG often swaps the two objects' identities.
 Both runs start from the same x_T with the inversion's guidance scale (1 by default, see
-``mag_explore.inversion``), so without controls the edited run is the source run.
+``mag_explore.editing.inversion``), so without controls the edited run is the source run.
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionStore
+from ..attention import AttentionStore
 from .inversion import InversionResult, invert, psnr, reconstruct
-from .layouts import Layout
-from .methods import METHOD_NAMES, make_controls
-from .methods.inject import AttentionInjection, injection_store
-from .sampling import GenerationResult, Hooks, generate
-from .schedule import StepRange, resolve_step_range
-from .tokens import token_indices
-from .validation import check_number, check_seed
+from ..layouts import Layout
+from ..methods import METHOD_NAMES, make_controls
+from ..methods.inject import AttentionInjection, injection_store
+from ..sampling import GenerationResult, Hooks, generate
+from ..schedule import StepRange, resolve_step_range
+from ..text.tokens import token_indices
+from ..validation import check_number, check_seed
 
 
 STARTS = ("inverted", "renoise", "move")
@@ -44,7 +44,7 @@ STARTS = ("inverted", "renoise", "move")
 
 def layout_from_attention(store: AttentionStore, tokenizer, prompt: str, words: Sequence[str], *,
                           threshold: float = 0.5, size: tuple[int, int] | None = None,
-                          steps=None, resolutions=None) -> Layout:
+                          steps=None, layer_sizes=None) -> Layout:
     """Where the run that filled ``store`` put each word: a layout read from its attention.
 
     Each word's map is averaged over the stored steps, layers, heads and its tokens,
@@ -63,7 +63,7 @@ def layout_from_attention(store: AttentionStore, tokenizer, prompt: str, words: 
     masks = []
     for word in words:
         tokens = token_indices(tokenizer, prompt, word)
-        attention = store.aggregate(tokens=tokens, steps=steps, resolutions=resolutions, size=size).sum(0)
+        attention = store.aggregate(tokens=tokens, steps=steps, layer_sizes=layer_sizes, size=size).sum(0)
         masks.append((attention / attention.max().clamp_min(1e-12) >= threshold).numpy())
     return Layout.from_arrays(np.stack(masks), list(words), prompt=prompt)
 
@@ -165,30 +165,13 @@ def _fresh_noise(latents: torch.Tensor, cells: torch.Tensor, seed: int) -> torch
     return torch.where(cells.to(latents.device), noise.to(latents.device, latents.dtype), latents)
 
 
-def edit_image(
-    pipe,
-    image: Any,
-    prompt: str,
-    target_layout: Layout,
-    *,
-    source_layout: Layout | None = None,
-    method: str = "mag",
-    keep: Sequence[str] = (),
-    inject_step_range: tuple | StepRange | None = None,
-    threshold: float = 0.5,
-    num_inference_steps: int | None = None,
-    guidance_scale: float = 1.0,
-    alpha: float | None = None,
-    lmbda: float | None = None,
-    mag_step: str | None = None,
-    while_t_above: int | StepRange | None = None,
-    step_range: tuple | StepRange | None = None,
-    inversion: InversionResult | None = None,
-    start: str = "move",
-    seed: int = 0,
-    progress: bool = True,
-    allow_negative_lambda: bool = False,
-) -> EditResult:
+def edit_image(pipe, image: Any, prompt: str, target_layout: Layout, *, source_layout: Layout | None = None,
+               method: str = "mag", keep: Sequence[str] = (), inject_step_range: tuple | StepRange | None = None,
+               threshold: float = 0.5, num_inference_steps: int | None = None, guidance_scale: float = 1.0,
+               alpha: float | None = None, lmbda: float | None = None, step_rule: str | None = None,
+               while_t_above: int | StepRange | None = None, step_range: tuple | StepRange | None = None,
+               inversion: InversionResult | None = None, start: str = "move", seed: int = 0, progress: bool = True,
+               allow_negative_lambda: bool = False) -> EditResult:
     """Move or reshape the objects of ``image`` into ``target_layout``.
 
     Args:
@@ -202,11 +185,9 @@ def edit_image(
         inject_step_range: also inject the kept words' source-run attention maps during
             these step indices ``(start, stop)``, e.g. ``(0, 10)``; None: no injection.
         num_inference_steps, guidance_scale: of the inversion, and so of both runs (CFG 1:
-            see ``mag_explore.inversion`` for why); taken from ``inversion`` when it is given.
-        alpha, lmbda, mag_step: MAG's step size, outside weight and step rule ("official" or
-            "normalized"; None: the model's).
-        while_t_above, step_range: when MAG (or swap) acts, as in ``MaskedAttentionGuidance``
-            (None: the model's threshold).
+            see ``mag_explore.editing.inversion`` for why); taken from ``inversion`` when it is given.
+        alpha, lmbda, step_rule: MAG's α, λ and step rule, as in ``MaskedAttentionGuidance``.
+        while_t_above, step_range: when MAG (or swap) acts (None: the model's threshold).
         inversion: reuse an ``invert`` result of this image and prompt (saves a pass).
         start: the edited run's x_T: "move" (default: the moved words' inverted cells
             carried into the target regions, ``move_latents``), "inverted" (as inverted) or
@@ -214,36 +195,16 @@ def edit_image(
             ``renoise``). Where the moved words are comes from ``source_layout`` or the attention.
         allow_negative_lambda: experimental, accept ``lmbda`` < 0 (MAG only).
     """
-    if method not in METHOD_NAMES:
-        raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
-    if start not in STARTS:
-        raise ValueError(f"start={start!r}; use one of {STARTS}")
-    check_number("threshold", threshold, minimum=0, maximum=1)
-    check_number("guidance_scale", guidance_scale, minimum=0)
-    check_seed(seed)
-    if isinstance(keep, str):
-        keep = [keep]
+    keep = _checked_edit_options(method, start, threshold, guidance_scale, seed, keep)
     tokenizer = pipe.tokenizer
-    if inversion is None:
-        inversion = invert(pipe, image, prompt, num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, progress=progress)
-    elif inversion.prompt != prompt:
-        raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
+    inversion = _inversion_for(pipe, image, prompt, inversion, num_inference_steps, guidance_scale, progress)
     size = (inversion.height, inversion.width)
     target = target_layout.for_generation(*size).resolve(tokenizer, prompt)  # a phrase not in the prompt fails here
     kept_tokens = _kept_tokens(target, keep, inject_step_range, tokenizer, prompt)
 
     # 1. the source run: redraws the input, and records where each word is
-    store = AttentionStore()
-    source_maps = None  # the kept words' maps, to inject into the edit
-    if inject_step_range is not None:
-        injected = resolve_step_range(step_range=inject_step_range, what="inject_step_range").selected(
-            inversion.timesteps)
-        source_maps = injection_store(kept_tokens, steps=injected)
-    source = reconstruct(pipe, inversion, store=store, controls=[] if source_maps is None else [Hooks(source_maps)],
-                         progress=progress)
-    moved_words = target.labels
-    located = list(keep) + (moved_words if start != "inverted" else [])
+    source, store, source_maps = _source_run(pipe, inversion, kept_tokens, inject_step_range, progress)
+    located = list(keep) + (target.labels if start != "inverted" else [])
     if located and source_layout is None:
         source_layout = layout_from_attention(store, tokenizer, prompt, located, threshold=threshold, size=size)
     elif source_layout is not None:
@@ -252,15 +213,9 @@ def edit_image(
     # 2. the edited run: the target regions, plus the kept words where they are
     kept = _regions_of(keep, source_layout, tokenizer, prompt) if keep else []
     layout = Layout(list(target.regions) + [replace(r, color=None) for r in kept], prompt=prompt)
-    latents = inversion.latents
-    if start != "inverted":
-        was = Layout(_regions_of(moved_words, source_layout, tokenizer, prompt), prompt=prompt)
-        if start == "renoise":
-            latents = renoise(latents, Layout(list(target.regions) + list(was.regions)), seed)
-        else:
-            latents = move_latents(latents, was, target, seed)
+    latents = _starting_latents(inversion.latents, start, target, source_layout, tokenizer, prompt, seed)
     experimental = {"allow_negative_lambda": True} if allow_negative_lambda and method == "mag" else {}
-    controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, step=mag_step, while_t_above=while_t_above,
+    controls = make_controls(method, layout, alpha=alpha, lmbda=lmbda, step_rule=step_rule, while_t_above=while_t_above,
                              step_range=step_range, **experimental)  # None: the model's defaults, resolved at the start
     if source_maps is not None:
         controls.append(AttentionInjection(source_maps, kept_tokens, step_range=inject_step_range))
@@ -269,5 +224,51 @@ def edit_image(
                       num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                       negative_prompt=s["negative_prompt"], height=inversion.height, width=inversion.width,
                       progress=progress)
-    return EditResult(edited=edited, source=source, inversion=inversion, layout=layout,
-                      source_layout=source_layout)
+    return EditResult(edited=edited, source=source, inversion=inversion, layout=layout, source_layout=source_layout)
+
+
+def _checked_edit_options(method: str, start: str, threshold: float, guidance_scale: float, seed: int,
+                          keep: Sequence[str] | str) -> list[str]:
+    """``edit_image``'s plain options checked (errors name the value and what is accepted); ``keep`` as a list."""
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method={method!r}; use one of {METHOD_NAMES}")
+    if start not in STARTS:
+        raise ValueError(f"start={start!r}; use one of {STARTS}")
+    check_number("threshold", threshold, minimum=0, maximum=1)
+    check_number("guidance_scale", guidance_scale, minimum=0)
+    check_seed(seed)
+    return [keep] if isinstance(keep, str) else list(keep)
+
+
+def _inversion_for(pipe, image, prompt: str, inversion: InversionResult | None, num_inference_steps: int | None,
+                   guidance_scale: float, progress: bool) -> InversionResult:
+    """The given inversion (made for this prompt), or a fresh one of ``image``."""
+    if inversion is None:
+        return invert(pipe, image, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      progress=progress)
+    if inversion.prompt != prompt:
+        raise ValueError(f"the inversion was made for prompt {inversion.prompt!r}, not {prompt!r}")
+    return inversion
+
+
+def _source_run(pipe, inversion: InversionResult, kept_tokens, inject_step_range, progress: bool):
+    """The reconstruction of the input with a store; and the kept words' maps to inject, if asked (else None)."""
+    store, source_maps = AttentionStore(), None
+    if inject_step_range is not None:
+        injected = resolve_step_range(step_range=inject_step_range, what="inject_step_range").selected(
+            inversion.timesteps)
+        source_maps = injection_store(kept_tokens, steps=injected)
+    source = reconstruct(pipe, inversion, store=store, controls=[] if source_maps is None else [Hooks(source_maps)],
+                         progress=progress)
+    return source, store, source_maps
+
+
+def _starting_latents(inverted: torch.Tensor, start: str, target: Layout, source_layout: Layout | None,
+                      tokenizer, prompt: str, seed: int) -> torch.Tensor:
+    """The edited run's x_T for ``start`` (see ``edit_image``): as inverted, moved, or renoised."""
+    if start == "inverted":
+        return inverted
+    was = Layout(_regions_of(target.labels, source_layout, tokenizer, prompt), prompt=prompt)
+    if start == "renoise":
+        return renoise(inverted, Layout(list(target.regions) + list(was.regions)), seed)
+    return move_latents(inverted, was, target, seed)

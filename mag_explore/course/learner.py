@@ -6,7 +6,7 @@
 * :class:`SwapHook` - a swap edit ``fn(probs, masks, token_groups, cond_rows)`` as a
   sampler control (notebook 03);
 * :class:`GuidanceInputs` and :class:`LearnerMAG` - what one MAG step needs, and a
-  control that runs a learner's ``mag_step(step, alpha, lmbda)`` before each guided step
+  control that runs a learner's ``mag_step(inputs, alpha, lmbda)`` before each guided step
   (notebook 04). Its pass is the engine's (``methods.guidance.conditional_pass``): the
   denoiser on x_t with the conditional prompt only, phase "guidance", weights frozen. The
   learner writes the paper's step, x_t − α∇L; on a model whose MAG uses our normalized step
@@ -14,7 +14,7 @@
   ``MaskedAttentionGuidance`` does, and resizes masks as the model's MAG does.
 
 Both act like the package's methods: ``while_t_above=T`` (active while t > T) or
-``step_range=(start, stop)`` (step indices); neither: the model's ``guide_until``.
+``step_range=(start, stop)`` (step indices); neither: the model's ``while_t_above``.
 """
 from __future__ import annotations
 
@@ -23,21 +23,21 @@ from typing import Callable
 
 import torch
 
-from .attention import AttentionContext, AttentionHook
-from .families import noise_std
-from .methods.common import check_finite, layout_for_run
+from ..attention import AttentionContext, AttentionHook
+from ..families import noise_std
+from ..methods.common import check_finite, layout_for_run
+from ..methods.guidance import conditional_pass, guidance_phase
 from .learner_pass import conditioning_of, require_unet
-from .methods.guidance import conditional_pass, guidance_phase
-from .methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
-from .models import model_defaults
-from .sampling import Control, Hooks, Sampler, StepState
-from .schedule import StepRange, resolve_step_range
-from .validation import check_choice
+from ..methods.mag import STEP_RULES, layer_sizes_in_effect, normalized_step_size
+from ..models.load import model_defaults
+from ..sampling import Control, Hooks, Sampler, StepState
+from ..schedule import StepRange, resolve_step_range
+from ..validation import check_choice
 
 
 def _resolve(what: str, sampler, while_t_above, step_range) -> StepRange:
     """The step range of a learner's control: the keywords, else the model's "guide while t > ..."."""
-    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["guide_until"]))
+    default = StepRange(while_t_above=int(model_defaults(sampler.pipe)["while_t_above"]))
     steps = resolve_step_range(while_t_above, step_range, default=default, what=what)
     steps.validate(sampler.timesteps, sampler.scheduler.config.num_train_timesteps, f"{what} steps")
     return steps
@@ -62,7 +62,7 @@ def capture_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
     q and k are computed from the layer's inputs with its own ``to_q`` / ``to_k`` weights,
     as the attention processor does; ``probs`` is what a hook observed in that layer.
     """
-    from .attention import cross_attention_layer_names
+    from ..attention import cross_attention_layer_names
 
     require_unet(pipe, "capture_qk", "use capture_joint_qk (notebook 08)")
     names = cross_attention_layer_names(pipe.unet)
@@ -121,7 +121,7 @@ def capture_joint_qk(pipe, prompt: str, layer: str | None = None, seed: int = 0,
     ``q_no_rotary`` / ``k_no_rotary`` (the same before the rotation); ``num_text_tokens``;
     ``probs``, what a hook recorded (batch, heads, image tokens, text tokens); ``layer``, ``place``.
     """
-    from .attention.joint import flux_qkv, joint_attention_layer_names, sd3_qkv
+    from ..attention.joint import flux_qkv, joint_attention_layer_names, sd3_qkv
 
     names = joint_attention_layer_names(pipe.transformer)
     layer = names[0] if layer is None else layer
@@ -194,7 +194,7 @@ class SwapHook(Control, AttentionHook):
 # ---------------------------------------------------------------------------- 04: MAG step
 @dataclass
 class GuidanceInputs:
-    """What one MAG step needs. ``attention(x, embeddings)`` runs the denoiser once on ``x``
+    """What one MAG step needs. ``attention_of(x, embeddings)`` runs the denoiser once on ``x``
     and returns each cross-attention layer's ``(probs, masks)``: probs (batch, heads, pixels,
     tokens) float32, masks (regions, pixels) resized to that layer."""
 
@@ -202,7 +202,7 @@ class GuidanceInputs:
     cond_embeddings: torch.Tensor
     uncond_embeddings: torch.Tensor | None  # None where the model runs no negative prompt (Flux)
     token_groups: list[list[int]]
-    attention: Callable[[torch.Tensor, torch.Tensor], list]
+    attention_of: Callable[[torch.Tensor, torch.Tensor], list]
     step_index: int = 0
     timestep: int = 0
 
@@ -212,10 +212,10 @@ class _LayerCollector(AttentionHook):
 
     def __init__(self):
         self.layout, self.mask_mode, self.layers = None, "nearest", []
-        self.resolutions: set[int] | None = None  # None: every layer
+        self.layer_sizes: set[int] | None = None  # None: every layer
 
     def uses_size(self, layer: str, hw: tuple[int, int]) -> bool:  # layout_for_run's uses_layer
-        return self.resolutions is None or max(hw) in self.resolutions
+        return self.layer_sizes is None or max(hw) in self.layer_sizes
 
     def active(self, ctx: AttentionContext) -> bool:
         return ctx.phase == "guidance" and self.uses_size(ctx.layer, (ctx.height, ctx.width))
@@ -230,8 +230,8 @@ class LearnerMAG(Control):
 
     ``step_fn`` gets a :class:`GuidanceInputs`; the control checks that what it returns is
     finite and shaped like x_t. The step rule and the masks' resizing are the model's MAG
-    defaults (``mag_step``, ``mag_mask_mode``, ``mag_resolutions``: which layers the step
-    gets) unless given: with ``step="normalized"`` the
+    defaults (``mag_step_rule``, ``mag_mask_mode``, ``mag_layer_sizes``: which layers the step
+    gets) unless given: with ``step_rule="normalized"`` the
     learner's update d = x_t' − x_t is rescaled to α·σ_t / rms(d) · d, which for d = −α∇L is
     the package's normalized step exactly.
     """
@@ -240,11 +240,11 @@ class LearnerMAG(Control):
 
     def __init__(self, layout, step_fn: Callable, alpha: float, lmbda: float = 0.5, *,
                  while_t_above: int | None = None, step_range: tuple | None = None,
-                 step: str | None = None, mask_mode: str | None = None,
-                 resolutions: list[int] | None = None):
+                 step_rule: str | None = None, mask_mode: str | None = None,
+                 layer_sizes: list[int] | None = None):
         resolve_step_range(while_t_above, step_range, what="LearnerMAG")  # type errors now
-        self.step, self.mask_mode, self.resolutions = step, mask_mode, resolutions
-        self.rule = None  # the step rule of the run, after start
+        self.step_rule, self.mask_mode, self.layer_sizes = step_rule, mask_mode, layer_sizes
+        self._step_rule = None  # the step rule in effect, after start (the model's where step_rule is None)
         self.layout, self.step_fn = layout, step_fn
         self.alpha, self.lmbda = float(alpha), float(lmbda)
         self.while_t_above, self.step_range = while_t_above, step_range
@@ -257,9 +257,9 @@ class LearnerMAG(Control):
 
     def start(self, sampler) -> None:
         defaults = model_defaults(sampler.pipe)
-        self.rule = check_choice("step", self.step or defaults["mag_step"], STEP_RULES)
+        self._step_rule = check_choice("step_rule", self.step_rule or defaults["mag_step_rule"], STEP_RULES)
         self.collector.mask_mode = self.mask_mode or defaults["mag_mask_mode"]
-        self.collector.resolutions = layer_sizes_in_effect(self.resolutions, defaults)
+        self.collector.layer_sizes = layer_sizes_in_effect(self.layer_sizes, defaults)
         self.collector.layout = layout_for_run(self.layout, sampler, "your MAG", self.collector.mask_mode,
                                                self.collector.uses_size)
         self.steps = _resolve("LearnerMAG", sampler, self.while_t_above, self.step_range)
@@ -267,23 +267,23 @@ class LearnerMAG(Control):
 
     @property
     def settings(self) -> dict:
-        resolutions = self.collector.resolutions
-        return {"alpha": self.alpha, "lmbda": self.lmbda, "step": self.rule, "mask_mode": self.collector.mask_mode,
-                "resolutions": None if resolutions is None else sorted(resolutions),
+        layer_sizes = self.collector.layer_sizes
+        return {"alpha": self.alpha, "lmbda": self.lmbda, "step_rule": self._step_rule, "mask_mode": self.collector.mask_mode,
+                "layer_sizes": None if layer_sizes is None else sorted(layer_sizes),
                 **self.steps.as_keywords()} if self.steps else {}
 
     def inputs(self, state: StepState) -> GuidanceInputs:
         collector = self.collector
 
-        def attention(x: torch.Tensor, embeddings: torch.Tensor) -> list:
+        def attention_of(x: torch.Tensor, embeddings: torch.Tensor) -> list:
             collector.layers = []
             with guidance_phase(state, x.shape[0]):  # MaskedAttentionGuidance's own pass, on every family and dtype
                 conditional_pass(state, x, conditioning_of(state, embeddings))
             return list(collector.layers)
 
         uncond = None if state.uncond is None else state.uncond.embeddings  # Flux: no negative prompt
-        return GuidanceInputs(state.latents, state.cond_embeddings, uncond,
-                              collector.layout.token_groups, attention, state.step_index, int(state.timestep))
+        return GuidanceInputs(state.latents, state.cond.embeddings, uncond,
+                              collector.layout.token_groups, attention_of, state.step_index, int(state.timestep))
 
     def before_step(self, state: StepState) -> torch.Tensor:
         if not self.steps.contains(state.step_index, int(state.timestep)):
@@ -294,7 +294,7 @@ class LearnerMAG(Control):
                              f"it must return the new x_t, shaped {tuple(state.latents.shape)}")
         check_finite("your MAG step", state, new.float().sum(), new, f"alpha={self.alpha}")
         new = new.detach().float()
-        if self.rule == "normalized":  # your step's direction, α noise-stds long (MaskedAttentionGuidance's rule)
+        if self._step_rule == "normalized":  # your step's direction, α noise-stds long (MaskedAttentionGuidance's rule)
             update = new - state.latents.detach().float()
             sigma = noise_std(state.scheduler, state.timestep)
             new = state.latents.detach().float() + normalized_step_size(update, self.alpha, sigma) * update
@@ -307,10 +307,10 @@ class LearnerMAG(Control):
 
 
 def run_learner_mag(pipe, layout, step_fn: Callable, alpha: float, lmbda: float, step_range: tuple,
-                    seed: int = 0, num_inference_steps: int | None = None, step: str | None = None) -> torch.Tensor:
+                    seed: int = 0, num_inference_steps: int | None = None, step_rule: str | None = None) -> torch.Tensor:
     """The final latent of a run with :class:`LearnerMAG` (used by ``check_full_mag``)."""
     sampler = Sampler(pipe, layout.prompt, seed=seed, num_inference_steps=num_inference_steps,
-                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range, step=step)])
+                      controls=[LearnerMAG(layout, step_fn, alpha, lmbda, step_range=step_range, step_rule=step_rule)])
     while not sampler.done:
         sampler.step()
     return sampler.latents

@@ -1,7 +1,7 @@
 """Loading the pipelines of every registered model family (``mag_explore.families``), and their generation defaults.
 
 Which models are accepted, and how that is checked before any weight is loaded, is
-:mod:`mag_explore.model_files`. Only ``.safetensors`` weights are read, and no code shipped
+:mod:`mag_explore.models.files`. Only ``.safetensors`` weights are read, and no code shipped
 with a model is ever executed.
 """
 from __future__ import annotations
@@ -15,14 +15,9 @@ from typing import Any
 
 import torch
 
-# data_path, SUPPORTED, UnsupportedModelError, check_supported, shapes_model_dir, ...: importable from here too
-from .data import data_path  # noqa: F401
 from .devices import check_device
-from .model_files import (  # noqa: F401
-    DEFAULT_GPU_MODEL, EMBEDDED, SHAPES, SHAPES_FLUX, SUPPORTED, UnsupportedModelError, check_supported,
-    embedded_model_dir, locate, require_safetensors, shapes_model_dir,
-)
-from .families import family_for_index, family_of, native_size
+from .files import DEFAULT_GPU_MODEL, SHAPES, check_supported, locate, require_safetensors
+from ..families import family_for_index, family_of, native_size
 
 #: Environment variable: the model to load when none is named.
 MODEL_ENV = "MAG_EXPLORE_MODEL"
@@ -36,12 +31,12 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 50,
     "negative_prompt": "low quality",
     "mag_alpha": 0.08,
-    "mag_lambda": 0.5,
-    "mag_step": "official",
+    "mag_lmbda": 0.5,
+    "mag_step_rule": "official",
     "mag_mask_mode": "nearest",
     "mag_loss": "official",
-    "mag_resolutions": None,
-    "guide_until": 700,
+    "mag_layer_sizes": None,
+    "while_t_above": 700,
 }
 _INFO_KEYS = frozenset({"description", "training", "measured"})
 # The type each key of mag_explore.json must have (bool is excluded below: it is an int).
@@ -52,12 +47,12 @@ _DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "num_inference_steps": (int,),
     "negative_prompt": (str, type(None)),
     "mag_alpha": (int, float),
-    "mag_lambda": (int, float),
-    "mag_step": (str,),
+    "mag_lmbda": (int, float),
+    "mag_step_rule": (str,),
     "mag_mask_mode": (str,),
     "mag_loss": (str,),
-    "mag_resolutions": (list, type(None)),  # MAG's loss reads only layers of these sizes
-    "guide_until": (int, float),
+    "mag_layer_sizes": (list, type(None)),  # MAG's loss reads only layers of these sizes
+    "while_t_above": (int, float),
     "max_sequence_length": (int,),  # Flux, SD3: T5 tokens
     "true_cfg_scale": (int, float),  # Flux: CFG with a second pass when a negative prompt is given
 }
@@ -124,7 +119,7 @@ def use_cpu_threads(pipe) -> int:
     core makes every step many times slower. ``$MAG_EXPLORE_THREADS`` overrides the choice;
     larger models keep torch's default (one per core).
     """
-    from .families import denoiser
+    from ..families import denoiser
 
     if pipe.device.type != "cpu":
         return torch.get_num_threads()
@@ -183,8 +178,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     verbose: bool = False,
 ):
-    """Load a pipeline of a registered family (SD 1.x/2.x, SDXL base, Flux.1, SD3/3.5, PixArt-Σ, Sana, or one
-    added with ``families.register_family``), ready to sample on ``device``.
+    """Load a pipeline of a supported family, ready to sample on ``device``.
 
     Args:
         model: a Hugging Face hub id (``"owner/name"``), a local folder saved with
@@ -200,16 +194,14 @@ def load_pipeline(
             default; the sampler's own progress bar is ``generate(..., progress=)``).
 
     Returns:
-        A ``diffusers.StableDiffusionPipeline`` with the safety checker off, or a
-        ``StableDiffusionXLPipeline`` without the invisible watermark (so that images are
-        the sampler's own pixels), or a ``FluxPipeline`` / ``StableDiffusion3Pipeline``
-        (an SD3 folder without T5 loads with ``text_encoder_3=None``), ``PixArtSigmaPipeline``,
-        ``SanaPipeline``, or the pipeline class a registered family names.
+        The family's diffusers pipeline (``models.files.SUPPORTED`` lists them): Stable
+        Diffusion with the safety checker off, SDXL without the invisible watermark (so that
+        images are the sampler's own pixels), or a registered family's class (Flux.1, SD3,
+        PixArt-Σ, Sana, ...; an SD3 folder without T5 loads with ``text_encoder_3=None``).
 
     Raises:
-        UnsupportedModelError: the model is none of these (PixArt-α, Kandinsky, inpainting,
-            image-to-image and editing pipelines such as Flux Kontext, ...). Checked before any
-            weight is loaded.
+        UnsupportedModelError: the model is none of these (Kandinsky, inpainting, ...).
+            Checked before any weight is loaded.
         FileNotFoundError: no such folder and not a hub id; or ``"shapes"`` / ``"shapes_flux"``
             before the embedded model is built (the message names its folder).
         OSError: the hub could not be reached or has no such model.
@@ -221,20 +213,10 @@ def load_pipeline(
     check_supported(index, unet_config, name=repr(name))
     if Path(source).is_dir():
         require_safetensors(Path(source), index)
-
     with library_output(verbose):  # the import warns, from_pretrained shows loading bars
-        import diffusers
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import is_accelerate_available
 
-        family = family_for_index(index)
-        if family is not None:  # a registered family's pipeline class (Flux, SD3, PixArt-Σ, Sana, ...)
-            cls, options = getattr(diffusers, family.pipeline_class), family.load_options(index)
-        elif "text_encoder_2" in index:
-            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
-        else:  # research on attention: the safety checker only blacks images out; its feature extractor goes too
-            cls, options = StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
-                                                         requires_safety_checker=False)
+        cls, options = _pipeline_class(index)
         pipe = cls.from_pretrained(
             source,
             use_safetensors=True,  # never unpickle: a .bin/.ckpt file can run code
@@ -246,6 +228,20 @@ def load_pipeline(
         )
         # inside: diffusers warns that an fp16 pipeline "cannot run" on the CPU; with torch >= 2.1 it does
         return pipe.to(device)
+
+
+def _pipeline_class(index: dict) -> tuple[type, dict]:
+    """The diffusers pipeline class of a checked ``model_index.json``, and its loading options."""
+    import diffusers
+
+    family = family_for_index(index)
+    if family is not None:  # a registered family's pipeline class (Flux, SD3, PixArt-Σ, Sana, ...)
+        return getattr(diffusers, family.pipeline_class), family.load_options(index)
+    if "text_encoder_2" in index:
+        return diffusers.StableDiffusionXLPipeline, dict(add_watermarker=False)
+    # research on attention: the safety checker only blacks images out; its feature extractor goes too
+    return diffusers.StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
 
 
 # --------------------------------------------------------------------------- defaults
@@ -267,11 +263,11 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``guidance_scale`` (9.0): classifier-free guidance scale, as in the official MAG code.
         ``num_inference_steps`` (50): DDIM steps.
         ``negative_prompt`` (``"low quality"``): the unconditional half's prompt.
-        ``mag_alpha`` (0.08), ``mag_lambda`` (0.5): Masked-Attention Guidance step size
+        ``mag_alpha`` (0.08), ``mag_lmbda`` (0.5): Masked-Attention Guidance step size
         and mask weight, from the official MAG code. SDXL: ``mag_alpha`` 0.01, scaled
         down for its ~7.6x larger loss sum and not calibrated on real weights
         (``families.FAMILY_DEFAULTS``).
-        ``mag_step`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
+        ``mag_step_rule`` (``"official"``): MAG's step rule, "official" (x_t − α∇L, the paper's) or
         "normalized" (ours: α noise-stds per step, see ``MaskedAttentionGuidance``).
         ``mag_mask_mode`` (``"nearest"``): how MAG resizes a region's mask to each layer's grid,
         "nearest" (the official code's) or "area" (each cell weighted by the share of it the
@@ -279,9 +275,9 @@ def model_defaults(pipe) -> dict[str, Any]:
         ``mag_loss`` (``"official"``): MAG's loss, "official" (the paper's) or "balanced" (ours:
         the outside term weighted by the region's area over the outside's; see
         ``MaskedAttentionGuidance``).
-        ``mag_resolutions`` (None: every layer): the layer sizes (the larger side, e.g. ``[16]``)
+        ``mag_layer_sizes`` (None: every layer): the layer sizes (the larger side, e.g. ``[16]``)
             whose cross-attention MAG's loss reads.
-        ``guide_until`` (700): MAG guides while the timestep is above this threshold
+        ``while_t_above`` (700): MAG guides while the timestep is above this threshold
         (the early, layout-forming steps). Flux and SD3: t = 1000·σ, so σ > 0.7.
         Flux and SD3 also have ``max_sequence_length`` (T5 tokens: 512 and 256) and take the
         pipelines' own ``guidance_scale`` (3.5 and 7.0), ``num_inference_steps`` (28) and no

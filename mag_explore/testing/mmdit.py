@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from mag_explore.models import DEFAULTS_FILE, library_output
-from mag_explore.testing import TINY_WORDS, tiny_tokenizer
+from ..models.load import DEFAULTS_FILE, library_output
+from .unet import TINY_WORDS, tiny_tokenizer
 
 #: Pieces of the tiny T5 vocabulary besides "▁" + every word of ``TINY_WORDS``: sub-word
 #: pieces that make "purple" and "bears" split, and single letters so that any word can be spelled.

@@ -1,6 +1,6 @@
 """Write a tiny random-weight model folder, the stand-in for a real model in the "Colab configuration".
 
-    python -m mag_explore.testing_folders sd15 --out /tmp/tiny-sd15
+    python -m mag_explore.testing.folders sd15 --out /tmp/tiny-sd15
     MAG_EXPLORE_MODEL=/tmp/tiny-sd15 MAG_EXPLORE_DTYPE=fp16 jupyter lab notebooks/
 
 On Colab a user sets ``MAG_EXPLORE_MODEL`` to a model and gets it in float16 on a GPU. A tiny
@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 def _builders() -> dict:
-    from . import testing, testing_mmdit
+    from . import mmdit, unet
 
-    return {"sd15": testing.tiny_sd15_pipeline, "sdxl": testing.tiny_sdxl_pipeline,
-            "flux": testing_mmdit.tiny_flux_pipeline, "sd3": testing_mmdit.tiny_sd3_pipeline}
+    return {"sd15": unet.tiny_sd15_pipeline, "sdxl": unet.tiny_sdxl_pipeline,
+            "flux": mmdit.tiny_flux_pipeline, "sd3": mmdit.tiny_sd3_pipeline}
 
 
 KINDS = ("sd15", "sdxl", "flux", "sd3")
@@ -41,7 +41,7 @@ def write_tiny_folder(kind: str, out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mag_explore.testing_folders",
+    parser = argparse.ArgumentParser(prog="python -m mag_explore.testing.folders",
                                      description="Write a tiny random-weight model folder (SD 1.5, SDXL, Flux.1, SD3).")
     parser.add_argument("kind", help=f"one of {', '.join(KINDS)}")
     parser.add_argument("--out", required=True, help="a new or empty folder")

@@ -6,7 +6,7 @@ what differs (shape, the value at which index, which rule was broken) and return
 :class:`Verdict`. ``Verdict.function`` is the function the notebook goes on with: yours,
 or - while yours still raises ``NotImplementedError`` - the reference solution, so that
 the notebook runs top to bottom before you have written anything (that is how CI runs
-them). The references live in ``mag_explore.solutions``; ``show_solution(name)`` prints one.
+them). The references live in ``mag_explore.course.solutions``; ``show_solution(name)`` prints one.
 
 =====================  =====  =============================================================
 check                  nb     your function
@@ -14,7 +14,7 @@ check                  nb     your function
 check_attention_probs  01     ``attention_probs(q, k)`` -> softmax(QKᵀ/√d)
 check_swap_edit        03     ``swap_edit(probs, masks, token_groups, cond_rows)`` -> probs
 check_mag_loss         04     ``mag_loss(probs, masks, token_groups, lmbda)`` -> loss
-check_mag_step         04     ``mag_step(step, alpha, lmbda)`` -> new x_t
+check_mag_step         04     ``mag_step(inputs, alpha, lmbda)`` -> new x_t
 check_full_mag         04     the same step through the engine vs ``MaskedAttentionGuidance``
 check_mask_iou         05     ``mask_iou(a, b)`` -> float
 check_paired_difference 05    ``paired_difference(scores_a, scores_b)`` -> mean of b − a
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from . import solutions
-from .checking import (Verdict, _call, _check_swap_rules, _compare, _diagnose_joint, _diagnose_loss, _Failed,
-                       _final_latents, _joint_cases, _loss_cases, _scalar, _swap_cases, _ToyDenoiser, _verdict,
+from .checking import (Verdict, call_yours, require_swap_rules, compare, diagnose_joint, diagnose_loss, Failed,
+                       final_latents, joint_cases, loss_cases, scalar, swap_cases, ToyDenoiser, make_verdict,
                        show_solution)
 from .learner import (GuidanceInputs, LearnerMAG, SwapHook, capture_joint_qk, capture_qk,  # noqa: F401 (re-exported)
                       run_learner_mag)
-from .methods import MaskedAttentionGuidance
+from ..methods import MaskedAttentionGuidance
 
 __all__ = ["Verdict", "check_attention_probs", "check_full_mag", "check_guidance_loss", "check_joint_probs",
            "check_mag_loss", "check_mag_step", "check_mask_iou", "check_paired_difference", "check_swap_edit",
@@ -61,20 +61,20 @@ def check_attention_probs(fn: Callable, captured: dict | None = None) -> Verdict
 
     def run(f):
         for case, (q, k) in cases.items():
-            got = _call(f, case, q.clone(), k.clone())
+            got = call_yours(f, case, q.clone(), k.clone())
             if isinstance(got, torch.Tensor) and got.shape == (*q.shape[:3], k.shape[2]):
                 sums = got.detach().float().sum(-1)
                 if torch.isfinite(sums).all() and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-                    raise _Failed(f"on case '{case}' a pixel's probabilities over the tokens sum to "
+                    raise Failed(f"on case '{case}' a pixel's probabilities over the tokens sum to "
                                   f"{float(sums.flatten()[0]):.4f}, not 1: softmax over the *last* dim (tokens)")
-            _compare(got, solutions.attention_probs(q, k), case, dims="(batch, head, pixel, token)")
+            compare(got, solutions.attention_probs(q, k), case, dims="(batch, head, pixel, token)")
         if captured is not None:
             case = f"the real layer {captured['layer']} at step 0"
-            _compare(_call(f, case, captured["q"], captured["k"]), captured["probs"], case, atol=1e-4,
+            compare(call_yours(f, case, captured["q"], captured["k"]), captured["probs"], case, atol=1e-4,
                      dims="(batch, head, pixel, token)")
         return len(cases) + (captured is not None)
 
-    return _verdict("check_attention_probs", fn, solutions.attention_probs, run)
+    return make_verdict("check_attention_probs", fn, solutions.attention_probs, run)
 
 
 # ============================================================================ 03
@@ -85,53 +85,53 @@ def check_swap_edit(fn: Callable, pipe=None, layout=None, num_inference_steps: i
     which must give the same image as ``MaskedAttentionSwap``.
     """
     def run(f):
-        cases = _swap_cases()
+        cases = swap_cases()
         for case, (probs, masks, groups, rows) in cases.items():
             given = probs.clone()
-            got = _call(f, case, given, masks, groups, rows)
+            got = call_yours(f, case, given, masks, groups, rows)
             if not torch.equal(given, probs):
-                raise _Failed(f"on case '{case}' your function changed its input in place: clone it first "
+                raise Failed(f"on case '{case}' your function changed its input in place: clone it first "
                               "(other hooks and the store see the same tensor)")
             if not isinstance(got, torch.Tensor) or got.shape != probs.shape:
-                _compare(got, probs, case, dims="(row, head, pixel, token)")  # says what the type/shape is
-            _check_swap_rules(got, probs, masks, groups, rows, case)
+                compare(got, probs, case, dims="(row, head, pixel, token)")  # says what the type/shape is
+            require_swap_rules(got, probs, masks, groups, rows, case)
         if pipe is not None and layout is not None:
-            from .methods import MaskedAttentionSwap
+            from ..methods import MaskedAttentionSwap
 
             case = f"{num_inference_steps} steps through the engine, swap in steps 0-1"
-            ours = _final_latents(pipe, layout, [SwapHook(layout, f, step_range=(0, 2))], num_inference_steps)
-            ref = _final_latents(pipe, layout, [MaskedAttentionSwap(layout, step_range=(0, 2))], num_inference_steps)
-            _compare(ours, ref, case, atol=1e-4, dims="(image, channel, y, x) of the final latent")
+            ours = final_latents(pipe, layout, [SwapHook(layout, f, step_range=(0, 2))], num_inference_steps)
+            ref = final_latents(pipe, layout, [MaskedAttentionSwap(layout, step_range=(0, 2))], num_inference_steps)
+            compare(ours, ref, case, atol=1e-4, dims="(image, channel, y, x) of the final latent")
             return len(cases) + 1
         return len(cases)
 
-    return _verdict("check_swap_edit", fn, solutions.swap_edit, run)
+    return make_verdict("check_swap_edit", fn, solutions.swap_edit, run)
 
 
 # ============================================================================ 04: the loss
 def check_mag_loss(fn: Callable) -> Verdict:
     """``fn(probs, masks, token_groups, lmbda)`` -> MAG's loss of one layer (a tensor, or (loss, …))."""
     def run(f):
-        cases = _loss_cases()
+        cases = loss_cases()
         for case, (probs, masks, groups, lmbda) in cases.items():
             given = probs.clone().requires_grad_(True)
-            loss = _scalar(_call(f, case, given, masks, groups, lmbda), case)
+            loss = scalar(call_yours(f, case, given, masks, groups, lmbda), case)
             if not loss.requires_grad:
-                raise _Failed(f"on case '{case}' the loss is not connected to probs (.item(), numpy or a "
+                raise Failed(f"on case '{case}' the loss is not connected to probs (.item(), numpy or a "
                               "detach?): MAG needs its gradient")
             want = float(solutions.mag_loss(probs, masks, groups, lmbda))
             got = float(loss.detach())
             if not np.isclose(got, want, rtol=1e-4, atol=1e-4):
-                raise _Failed(f"on case '{case}' yours is {got:.6g}, the reference {want:.6g}"
-                              f"{_diagnose_loss(got, probs, masks, groups, lmbda)}")
+                raise Failed(f"on case '{case}' yours is {got:.6g}, the reference {want:.6g}"
+                              f"{diagnose_loss(got, probs, masks, groups, lmbda)}")
         return len(cases)
 
-    return _verdict("check_mag_loss", fn, solutions.mag_loss, run)
+    return make_verdict("check_mag_loss", fn, solutions.mag_loss, run)
 
 
 # ============================================================================ 04: the step
 def check_mag_step(fn: Callable, loss_fn: Callable | None = None) -> Verdict:
-    """``fn(step, alpha, lmbda)`` -> the new x_t, on a toy denoiser (see ``GuidanceInputs``).
+    """``fn(inputs, alpha, lmbda)`` -> the new x_t, on a toy denoiser (see ``GuidanceInputs``).
 
     Rules: x_t requires grad, one pass with the *conditional* embeddings only, the gradient
     by autograd, x_t − α∇L, a detached result. ``loss_fn``: the loss your step uses (default
@@ -139,33 +139,33 @@ def check_mag_step(fn: Callable, loss_fn: Callable | None = None) -> Verdict:
     """
     loss_fn = loss_fn or solutions.mag_loss
 
-    def reference(step, alpha, lmbda):
-        return solutions.mag_step(step, alpha, lmbda, loss_fn=loss_fn)
+    def reference(inputs, alpha, lmbda):
+        return solutions.mag_step(inputs, alpha, lmbda, loss_fn=loss_fn)
 
     def run(f):
         cases = {"α 0.3, λ 0.5, regions 'red circle', a 3-token word and an empty one": ([[1, 2], [4, 5, 6], [7]], 0.3, 0.5),
                  "α 1.0, λ 2, a repeated word (tokens 2 and 6)": ([[2], [6], [3]], 1.0, 2.0)}
         for case, (groups, alpha, lmbda) in cases.items():
-            toy = _ToyDenoiser(groups)
+            toy = ToyDenoiser(groups)
             try:
                 got = fn_result = f(toy.inputs(), alpha, lmbda)
             except NotImplementedError:
                 raise
             except RuntimeError as error:
                 if "does not require grad" in str(error):
-                    raise _Failed(f"on case '{case}': autograd found no path to x_t: make it require grad before "
-                                  "the pass (x = step.x_t.detach().requires_grad_(True))") from None
-                raise _Failed(f"on case '{case}' your step raised RuntimeError: {error}") from None
+                    raise Failed(f"on case '{case}': autograd found no path to x_t: make it require grad before "
+                                  "the pass (x = inputs.x_t.detach().requires_grad_(True))") from None
+                raise Failed(f"on case '{case}' your step raised RuntimeError: {error}") from None
             except Exception as error:
-                raise _Failed(f"on case '{case}' your step raised {type(error).__name__}: {error}") from None
+                raise Failed(f"on case '{case}' your step raised {type(error).__name__}: {error}") from None
             if not toy.calls:
-                raise _Failed(f"on case '{case}' your step never ran the denoiser (step.attention)")
+                raise Failed(f"on case '{case}' your step never ran the denoiser (inputs.attention_of)")
             if toy.calls != ["cond"]:
-                raise _Failed(f"on case '{case}' the denoiser ran as {toy.calls}: MAG needs exactly one pass with "
-                              "step.cond_embeddings (the conditional prompt only)")
+                raise Failed(f"on case '{case}' the denoiser ran as {toy.calls}: MAG needs exactly one pass with "
+                              "inputs.cond_embeddings (the conditional prompt only)")
             if isinstance(fn_result, torch.Tensor) and fn_result.requires_grad:
-                raise _Failed(f"on case '{case}' the new x_t still carries the graph: return it .detach()ed")
-            ref_toy = _ToyDenoiser(groups)
+                raise Failed(f"on case '{case}' the new x_t still carries the graph: return it .detach()ed")
+            ref_toy = ToyDenoiser(groups)
             want = reference(ref_toy.inputs(), alpha, lmbda)
             if isinstance(got, torch.Tensor) and got.shape == want.shape and not torch.allclose(got, want, atol=1e-5):
                 x_t = ref_toy.x_t
@@ -174,11 +174,11 @@ def check_mag_step(fn: Callable, loss_fn: Callable | None = None) -> Verdict:
                                     ("the step forgot α (x_t − ∇L)", x_t + moved / alpha),
                                     ("x_t did not move", x_t)):
                     if torch.allclose(got, wrong, atol=1e-5):
-                        raise _Failed(f"on case '{case}' {hint}")
-            _compare(got, want, case, atol=1e-5, dims="(image, channel, y, x)")
+                        raise Failed(f"on case '{case}' {hint}")
+            compare(got, want, case, atol=1e-5, dims="(image, channel, y, x)")
         return len(cases)
 
-    return _verdict("check_mag_step", fn, solutions.mag_step, run)
+    return make_verdict("check_mag_step", fn, solutions.mag_step, run)
 
 
 def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, lmbda: float | None = None,
@@ -189,28 +189,28 @@ def check_full_mag(pipe, layout, step_fn: Callable, alpha: float | None = None, 
     paper's step rule on both sides (your x_t − α∇L as you wrote it: a normalized rule would
     rescale away a wrong α) and the model's masks.
     """
-    from .models import model_defaults
+    from ..models.load import model_defaults
 
     defaults = model_defaults(pipe)
     alpha = defaults["mag_alpha"] if alpha is None else alpha
-    lmbda = defaults["mag_lambda"] if lmbda is None else lmbda
+    lmbda = defaults["mag_lmbda"] if lmbda is None else lmbda
 
     def run(f):
         case = f"{num_inference_steps} steps, MAG in steps 0-1, α {alpha}, λ {lmbda}"
         try:
             ours = run_learner_mag(pipe, layout, f, alpha, lmbda, step_range=(0, 2),
-                                   num_inference_steps=num_inference_steps, step="official")
+                                   num_inference_steps=num_inference_steps, step_rule="official")
         except NotImplementedError:
             raise
         except Exception as error:
-            raise _Failed(f"on case '{case}' the run stopped: {type(error).__name__}: {error}") from None
-        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2), step="official",
+            raise Failed(f"on case '{case}' the run stopped: {type(error).__name__}: {error}") from None
+        reference = MaskedAttentionGuidance(layout, alpha=alpha, lmbda=lmbda, step_range=(0, 2), step_rule="official",
                                             loss_fn="official")  # your loss is the paper's
-        want = _final_latents(pipe, layout, [reference], num_inference_steps)
-        _compare(ours, want, case, atol=1e-4, rtol=1e-3, dims="(image, channel, y, x) of the final latent")
+        want = final_latents(pipe, layout, [reference], num_inference_steps)
+        compare(ours, want, case, atol=1e-4, rtol=1e-3, dims="(image, channel, y, x) of the final latent")
         return 1
 
-    return _verdict("check_full_mag", step_fn, solutions.mag_step, run)
+    return make_verdict("check_full_mag", step_fn, solutions.mag_step, run)
 
 
 # ============================================================================ 05
@@ -229,24 +229,24 @@ def check_mask_iou(fn: Callable) -> Verdict:
 
     def run(f):
         for case, (x, y) in cases.items():
-            got = _call(f, case, x.copy(), y.copy())
+            got = call_yours(f, case, x.copy(), y.copy())
             want = solutions.mask_iou(x, y)
             try:
                 value = float(got)
             except (TypeError, ValueError):
-                raise _Failed(f"on case '{case}' expected a number, got {type(got).__name__}") from None
+                raise Failed(f"on case '{case}' expected a number, got {type(got).__name__}") from None
             if not np.isfinite(value):
-                raise _Failed(f"on case '{case}' yours is {value}: with an empty union return 0.0, not 0/0")
+                raise Failed(f"on case '{case}' yours is {value}: with an empty union return 0.0, not 0/0")
             if not np.isclose(value, want, atol=1e-9):
                 hint = ""
                 if np.isclose(value, np.logical_and(x, y).sum() / max(np.asarray(x, bool).sum(), 1)):
                     hint = ": you divided by the first mask's area; IoU divides by the union"
                 elif np.isclose(value, 2 * np.logical_and(x, y).sum() / max(np.asarray(x, bool).sum() + np.asarray(y, bool).sum(), 1)):
                     hint = ": that is the Dice score (2|a∧b| / (|a|+|b|)), not IoU"
-                raise _Failed(f"on case '{case}' yours is {value:.4g}, the reference {want:.4g}{hint}")
+                raise Failed(f"on case '{case}' yours is {value:.4g}, the reference {want:.4g}{hint}")
         return len(cases)
 
-    return _verdict("check_mask_iou", fn, solutions.mask_iou, run)
+    return make_verdict("check_mask_iou", fn, solutions.mask_iou, run)
 
 
 def check_paired_difference(fn: Callable) -> Verdict:
@@ -259,7 +259,7 @@ def check_paired_difference(fn: Callable) -> Verdict:
 
     def run(f):
         for case, (x, y) in cases.items():
-            got = float(_call(f, case, dict(x), dict(y)))
+            got = float(call_yours(f, case, dict(x), dict(y)))
             want = solutions.paired_difference(x, y)
             if not np.isclose(got, want, atol=1e-9):
                 hint = ""
@@ -268,10 +268,10 @@ def check_paired_difference(fn: Callable) -> Verdict:
                 elif np.isclose(got, np.mean(list(y.values())) - np.mean(list(x.values()))):
                     hint = (": that is the difference of the means over different images; pair them first "
                             "(only the (layout, seed) both methods have)")
-                raise _Failed(f"on case '{case}' yours is {got:.4g}, the reference {want:.4g}{hint}")
+                raise Failed(f"on case '{case}' yours is {got:.4g}, the reference {want:.4g}{hint}")
         return len(cases)
 
-    return _verdict("check_paired_difference", fn, solutions.paired_difference, run)
+    return make_verdict("check_paired_difference", fn, solutions.paired_difference, run)
 
 
 # ============================================================================ 07
@@ -306,32 +306,32 @@ def check_guidance_loss(fn: Callable, pipe=None, layout=None, alpha: float = 0.3
                             "words outside their masks": concentrated(False),
                             "a word with no attention at all": silent}.items():
             given = probs.clone().requires_grad_(True)
-            out = _call(f, case, given, masks, groups, 0.5)
+            out = call_yours(f, case, given, masks, groups, 0.5)
             if not isinstance(out, (tuple, list)) or len(out) != 3:
-                raise _Failed(f"on case '{case}' return (loss, inside, outside), as mag_loss_terms does")
-            loss = _scalar(out, case)
+                raise Failed(f"on case '{case}' return (loss, inside, outside), as mag_loss_terms does")
+            loss = scalar(out, case)
             if not torch.isfinite(loss):
-                raise _Failed(f"on case '{case}' the loss is {float(loss.detach())}: guard divisions (e.g. clamp_min(1e-12))")
+                raise Failed(f"on case '{case}' the loss is {float(loss.detach())}: guard divisions (e.g. clamp_min(1e-12))")
             if not loss.requires_grad:
-                raise _Failed(f"on case '{case}' the loss has no gradient with respect to probs")
+                raise Failed(f"on case '{case}' the loss has no gradient with respect to probs")
             for name, part in zip(("inside", "outside"), out[1:]):
                 if not isinstance(part, torch.Tensor) or part.numel() != len(groups):
-                    raise _Failed(f"on case '{case}' {name} must hold one value per region ({len(groups)})")
+                    raise Failed(f"on case '{case}' {name} must hold one value per region ({len(groups)})")
             values[case] = float(loss.detach())
         if not values["words inside their masks"] < values["words outside their masks"]:
-            raise _Failed(f"the loss is {values['words inside their masks']:.4g} with the words inside their masks "
+            raise Failed(f"the loss is {values['words inside their masks']:.4g} with the words inside their masks "
                           f"and {values['words outside their masks']:.4g} outside: it must be lower inside, or "
                           "the gradient step pushes the words out")
         if pipe is not None and layout is not None:
             mag = MaskedAttentionGuidance(layout, alpha=alpha, step_range=(0, 2), loss_fn=f)
             try:
-                _final_latents(pipe, layout, [mag], num_inference_steps)
+                final_latents(pipe, layout, [mag], num_inference_steps)
             except Exception as error:
-                raise _Failed(f"through the engine: {type(error).__name__}: {error}") from None
+                raise Failed(f"through the engine: {type(error).__name__}: {error}") from None
             return len(values) + 1
         return len(values)
 
-    return _verdict("check_guidance_loss", fn, solutions.share_loss, run)
+    return make_verdict("check_guidance_loss", fn, solutions.share_loss, run)
 
 
 # ============================================================================ 08
@@ -342,19 +342,19 @@ def check_joint_probs(fn: Callable, captured: dict | None = None) -> Verdict:
     given the output of ``capture_joint_qk`` - the block the hook recorded in a real layer.
     """
     def run(f):
-        cases = dict(_joint_cases())
+        cases = dict(joint_cases())
         if captured is not None:
             cases[f"the real layer {captured['layer']} ({captured['place']}) at step 0"] = (
                 captured["q"], captured["k"], captured["num_text_tokens"])
         for case, (q, k, text) in cases.items():
             real = captured is not None and q is captured["q"]
             want = captured["probs"] if real else solutions.joint_image_text_probs(q, k, text)
-            got = _call(f, case, q.clone(), k.clone(), text)
+            got = call_yours(f, case, q.clone(), k.clone(), text)
             try:
-                _compare(got, want, case, atol=1e-4 if real else 1e-5, dims="(batch, head, image token, text token)")
-            except _Failed as failure:  # say which known mistake it is, if it is one
-                hint = _diagnose_joint(got, q.float(), k.float(), text) if isinstance(got, torch.Tensor) else ""
-                raise _Failed(f"{failure}{hint}") from None
+                compare(got, want, case, atol=1e-4 if real else 1e-5, dims="(batch, head, image token, text token)")
+            except Failed as failure:  # say which known mistake it is, if it is one
+                hint = diagnose_joint(got, q.float(), k.float(), text) if isinstance(got, torch.Tensor) else ""
+                raise Failed(f"{failure}{hint}") from None
         return len(cases)
 
-    return _verdict("check_joint_probs", fn, solutions.joint_image_text_probs, run)
+    return make_verdict("check_joint_probs", fn, solutions.joint_image_text_probs, run)

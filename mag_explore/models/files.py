@@ -1,23 +1,19 @@
 """Finding a model and checking it before gigabytes of weights are loaded.
 
-Everything in mag-explore works on the cross-attention layers of a UNet: the layers
-where each image position looks at the prompt's tokens. Only models that have them
-are accepted, and that is checked from the small ``model_index.json``:
+Everything in mag-explore works on the attention where each image position looks at the
+prompt's tokens: the cross-attention layers of a UNet or a DiT, or the image→text block of
+an MMDiT's joint attention. Only models whose family says where that attention is are
+accepted, and that is checked from the small ``model_index.json``:
 
-* supported: Stable Diffusion 1.x and 2.x in diffusers format
-  (``StableDiffusionPipeline``-style: ``unet`` = UNet2DConditionModel with
-  cross-attention blocks, ``text_encoder`` = CLIPTextModel, ``tokenizer`` =
-  CLIPTokenizer, ``vae`` = AutoencoderKL), SDXL base (``StableDiffusionXLPipeline``:
-  also ``text_encoder_2`` = CLIPTextModelWithProjection and ``tokenizer_2``; see
-  ``mag_explore.families``), from the Hugging Face hub or a local folder, and
-  ``"shapes"``, the small model shipped in the package; Flux.1 (``FluxPipeline``) and SD3
-  (``StableDiffusion3Pipeline``), whose joint attention is hooked instead (``families.mmdit``);
-  and every other registered family (PixArt-Σ, Sana, a user's): its ``pipeline_class`` and
-  ``components`` say what it accepts (``Family.check_index``);
+* supported: Stable Diffusion 1.x and 2.x and SDXL base (UNets with cross-attention, CLIP
+  text encoders), PixArt-Σ and Sana (DiTs with cross-attention), Flux.1, Flux.2 Klein,
+  SD3/3.5, Chroma, Qwen-Image and Z-Image (joint attention): one file of
+  ``mag_explore.families`` each (:func:`supported_models` lists them); from the Hugging Face
+  hub or a local folder, and ``"shapes"`` / ``"shapes_flux"``, the small models shipped in
+  the package;
 * refused with :class:`UnsupportedModelError`: the SDXL refiner (no first text encoder),
-  PixArt-α and other unregistered transformers, inpainting / image-to-image / editing
-  pipelines (Flux Kontext, ...) by their class name, Kandinsky (image-embedding conditioning),
-  DeepFloyd IF (T5), inpainting and upscaling UNets (extra input channels), ...
+  Kandinsky (image-embedding conditioning), DeepFloyd IF, inpainting and upscaling models
+  (extra input channels), image-to-image and edit pipelines, ...
 
 Only ``.safetensors`` weights are read: pickle files (``.bin``, ``.ckpt``) can run
 arbitrary code when loaded, and no code shipped with a model is ever executed.
@@ -28,8 +24,8 @@ import json
 import re
 from pathlib import Path
 
-from .data import DATA_ENV, data_dir
-from .families import SDXL_COMPONENTS, family_for_index, registered_families
+from ..data import DATA_ENV, data_dir
+from ..families import SDXL_COMPONENTS, family_for_index, registered_families
 
 #: The model used on a CUDA machine when no model is named.
 DEFAULT_GPU_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
