@@ -41,10 +41,16 @@ def add_common_options(p: argparse.ArgumentParser, steps_help: str = "denoising 
                    help="show the libraries' loading bars and warnings while the model loads")
 
 
+#: The families ``load_pipeline`` accepts, as their titles say (written out, so that ``--help`` needs no
+#: torch import; tests/test_cli.py checks it against the registry).
+FAMILIES_IN_HELP = ("Stable Diffusion 1.x/2.x, SDXL base, Flux.1, SD3 / SD3.5, PixArt-Σ, Sana, Chroma, Qwen-Image, "
+                    "Z-Image, Flux.2 Klein")
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of a pipeline of a supported family: SD 1.x/2.x, SDXL, Flux.1, SD3/SD3.5, "
-                        "PixArt-Σ or Sana; or 'shapes' (default: 'shapes' "
+                   help=f"hub id or local folder of a pipeline of a supported family: {FAMILIES_IN_HELP}; "
+                        "or 'shapes' (default: 'shapes' "
                         "without a GPU, Stable Diffusion 1.5 with one; env MAG_EXPLORE_MODEL overrides)")
     p.add_argument("--negative-prompt", default=None, help="default: the model's")
     p.add_argument("--layout", help="color-label PNG of the regions")

@@ -132,3 +132,12 @@ def test_demo_writes_one_row_per_method_and_a_column_per_region(sd15_folder, tmp
     assert main(["demo", "--model", str(sd15_folder), "--steps", "4", "--out", str(out), "--device", "cpu"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert Image.open(out).size == (round(4 * 3.4 * 110), round(3 * 3.4 * 110))
+
+
+def test_help_lists_every_registered_family():
+    """--help names the families without importing torch; the registry is the truth it must match."""
+    from mag_explore import cli
+    from mag_explore.families.base import registered_families
+
+    for family in registered_families():
+        assert family.title.split(" (")[0] in cli.FAMILIES_IN_HELP, family.title
