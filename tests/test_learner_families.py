@@ -14,7 +14,8 @@ import torch
 
 import mag_explore as mx
 from mag_explore import families
-from mag_explore.course import exercises, solutions, testing_mmdit
+from mag_explore.course import exercises, solutions
+from mag_explore.testing import mmdit as testing_mmdit
 from mag_explore.methods import MaskedAttentionGuidance
 from mag_explore.testing.folders import write_tiny_folder
 
