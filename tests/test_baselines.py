@@ -68,7 +68,9 @@ class RecordScores(Control, AttentionHook):
         self.scores[(ctx.step_index, ctx.layer)] = (scores.clone(), ctx)
 
 
-def test_pww_probabilities_are_the_softmax_of_the_edited_logits(sd15_pipe, layout):
+@pytest.mark.parametrize("model", ["sd15_pipe", "sdxl_pipe"])
+def test_pww_probabilities_are_the_softmax_of_the_edited_logits(model, layout, request):
+    sd15_pipe = request.getfixturevalue(model)  # SDXL: the same bonus at its 11 layers, two text encoders
     record = RecordScores()
     store = AttentionStore(tokens="all", heads="all", roles=("uncond", "cond"), dtype=torch.float32)
     pww = PaintWithWords(layout, weight=0.4, mask_mode="nearest")
@@ -197,9 +199,11 @@ def test_official_layers_are_mid_and_the_first_up_block(sd15_pipe):
     assert len(chosen) == 3  # tiny SD1.5: 1 mid + 2 in up_blocks.1 (SD1.5 itself: 1 + 3)
 
 
-def test_layout_guidance_gradient_matches_a_finite_difference(sd15_pipe, layout):
+@pytest.mark.parametrize("model", ["sd15_pipe", "sdxl_pipe"])
+def test_layout_guidance_gradient_matches_a_finite_difference(model, layout, request):
     # The gradient guidance steps along is the loss's: a central difference along a random
     # direction d, (L(x + h·d) − L(x − h·d)) / 2h, equals <∇L, d> to O(h²).
+    sd15_pipe = request.getfixturevalue(model)
     lg = LayoutGuidance(layout, step_range=(0, 1))
     sampler = Sampler(sd15_pipe, PROMPT, num_inference_steps=5, seed=0, controls=[lg])
     from mag_explore.attention import cross_attention_hooks
@@ -214,7 +218,8 @@ def test_layout_guidance_gradient_matches_a_finite_difference(sd15_pipe, layout)
         _, grad = guidance_pass(state, sampler.latents, lg.hook)
         plus, _ = guidance_pass(state, sampler.latents + h * direction, lg.hook)
         minus, _ = guidance_pass(state, sampler.latents - h * direction, lg.hook)
-    assert len(lg.hook.layers) == 3
+    # the mid block and the first up block with cross-attention: SD's 1 + 2 layers, the tiny SDXL's 2 + 4
+    assert len(lg.hook.layers) == {"sd15_pipe": 3, "sdxl_pipe": 6}[model]
     directional = float((grad * direction).sum())
     assert abs(directional) > 1e-4  # the check means something
     assert (float(plus) - float(minus)) / (2 * h) == pytest.approx(directional, rel=0.05)

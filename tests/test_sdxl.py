@@ -285,7 +285,8 @@ def test_mag_gradient_is_the_same_with_gradient_checkpointing(sdxl_pipe, layout)
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["mag", "pww", "lg"])
+# paint-with-words and layout guidance on SDXL are checked against their formulas in test_baselines.py
+@pytest.mark.parametrize("method", ["mag"])
 def test_guidance_methods_change_the_image_on_sdxl(sdxl_pipe, layout, method):
     controls = {"mag": lambda: MaskedAttentionGuidance(layout, alpha=2.0, step_range=(0, 2)),
                 "pww": lambda: PaintWithWords(layout, weight=2.0),
