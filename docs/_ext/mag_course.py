@@ -61,21 +61,27 @@ def notebook_info(path: Path) -> dict:
     number = path.stem[:2]
     before = f"{int(number) - 1:02d}" if number.isdigit() and int(number) > 0 else None
     return {"path": path, "number": number, "title": title, "goals": goals, "time": _field(title_cell, "Time"),
+            "goals_stated": bool(_field(title_cell, "What you learn")),
             "learner": learner, "checks": checks,
             "prerequisites": PREREQUISITES.get(number, [before] if before else [])}
 
 
 def _glance(info: dict, infos: dict) -> str:
+    """The cell under the title. Goals and time are repeated only where the title cell does not
+    already say them in the course's words ("What you learn", "Time")."""
     prereq = ", ".join(f"[{infos[n]['title']}]({infos[n]['path'].name})" for n in info["prerequisites"]
                        if n in infos) or "none: start here"
     wrote = ", ".join(f"`{name}`" for name in info["learner"]) or "no function of the course's core"
     checks = ", ".join(f"`exercises.{name}`" for name in info["checks"]) or "none"
-    lines = [":::{admonition} At a glance", ":class: tip", "",
-             f"**Goals:** {info['goals']}", "", f"**Time:** {info['time'] or 'see the notebook'}", "",
-             f"**Prerequisites:** {prereq}", "",
-             f"**Exercises:** you write {wrote}; checked by {checks} (see [For teachers](/teachers.md)).",
-             "", f"**Run it yourself:** [Open in Colab]({colab_url(info['path'].name, ROOT)}) · "
-             f"or locally `jupyter lab notebooks/{info['path'].name}`", ":::"]
+    lines = [":::{admonition} At a glance", ":class: tip", ""]
+    if not info["goals_stated"]:
+        lines += [f"**Goals:** {info['goals']}", ""]
+    if not info["time"]:
+        lines += ["**Time:** see the notebook", ""]
+    lines += [f"**Prerequisites:** {prereq}", "",
+              f"**Exercises:** you write {wrote}; checked by {checks} (see [For teachers](/teachers.md)).", "",
+              f"**Run it yourself:** [Open in Colab]({colab_url(info['path'].name, ROOT)}) · "
+              f"or locally `jupyter lab notebooks/{info['path'].name}`", ":::"]
     return "\n".join(lines)
 
 
