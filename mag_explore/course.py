@@ -221,7 +221,7 @@ class Claims:
         """True where the text's numbers are meant to hold (the embedded model at its defaults)."""
         return self.reason is None
 
-    def expect(self, claim: str, holds, measured=None, anywhere: bool = False) -> bool:
+    def expect(self, claim: str, holds, measured=None, anywhere: bool = False) -> None:
         """Check one claim; ``holds`` is a bool, or a function called only where the claim applies.
 
         ``anywhere=True``: a claim about shapes, counts or formulas, true whatever the weights
@@ -230,14 +230,13 @@ class Claims:
         if not (self.apply or anywhere):
             self.skipped += 1
             print(f"– not checked here ({self.reason}): {claim}")
-            return False
+            return
         ok = bool(holds() if callable(holds) else holds)
         shown = "" if measured is None else f" · measured {_rounded(measured)}"
         if not ok:
             raise ClaimFailed(f"✗ the text says: {claim}; but{shown or ' it does not hold'}")
         self.checked += 1
-        print(f"✓ {claim}{shown}")
-        return True
+        print(f"✓ {claim}{shown}")  # returns nothing: a notebook cell that ends with it shows no "None"
 
 
 def _rounded(value):

@@ -123,12 +123,13 @@ def test_claims_are_checked_on_the_embedded_model_at_its_defaults(capsys):
     shapes = load_pipeline("shapes", device="cpu")
     claims = course.Claims(shapes, None)
     assert claims.apply
-    assert claims.expect("two is more than one", 2 > 1, {"two": 2.004})
-    assert capsys.readouterr().out == "✓ two is more than one · measured {'two': 2.0}\n"
+    claims.expect("two is more than one", 2 > 1, {"two": 2.004})
+    assert claims.checked == 1 and capsys.readouterr().out == "✓ two is more than one · measured {'two': 2.0}\n"
     with pytest.raises(course.ClaimFailed, match=r"the text says: MAG places it; but · measured 0.12"):
         claims.expect("MAG places it", False, 0.123)
     # a claim is a function where computing it only makes sense on the embedded model
-    assert claims.expect("lazily", lambda: True)
+    claims.expect("lazily", lambda: True)
+    assert claims.checked == 2
 
 
 def test_claims_elsewhere_say_so_instead_of_checking(sd15_pipe, capsys):
@@ -137,8 +138,8 @@ def test_claims_elsewhere_say_so_instead_of_checking(sd15_pipe, capsys):
     calls = []
     claims = course.Claims(sd15_pipe, None)
     assert not claims.apply
-    assert claims.expect("MAG places it", lambda: calls.append(1)) is False
-    assert calls == []  # never computed, never asserted
+    claims.expect("MAG places it", lambda: calls.append(1))
+    assert calls == [] and claims.skipped == 1 and claims.checked == 0  # never computed, never asserted
     out = capsys.readouterr().out
     assert out.startswith("– not checked here (the text describes the embedded 'shapes' model at its default steps; "
                           "this run uses ") and out.endswith("): MAG places it\n")
