@@ -18,8 +18,11 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .plots import CMAP, _resolve_tokens
+from .tokens import token_text
 
+#: The attention colormap, the same as ``plots.CMAP`` (plots re-exports this module, so this one
+#: cannot import plots; tests/test_slides.py checks that the two agree).
+CMAP = "viridis"
 #: Height in pixels of the caption strip under each frame ("step 3 · t = 901").
 CAPTION = 24
 #: A slide's size in pixels: 16:9 at 1080p, the size projectors and slide software expect.
@@ -31,6 +34,13 @@ def _palette(cmap: str) -> list[int]:
     return list((colors * 255).round().astype(np.uint8).ravel())
 
 
+def _word(result, word: str | int) -> tuple[str, list[int]]:
+    """A word or phrase of the prompt, or a token index -> (label, token indices)."""
+    if isinstance(word, int):
+        return token_text(result.tokens[word]), [word]
+    return word, result.token_indices(word)
+
+
 def attention_indices(result, word: str | int, step: int, size: int = 256, resolutions=None) -> np.ndarray:
     """One step's map of ``word`` (all layers, head mean) as palette indices 0-255, ``size`` × ``size``.
 
@@ -40,7 +50,7 @@ def attention_indices(result, word: str | int, step: int, size: int = 256, resol
     store = result.store
     if store is None or not store.maps:
         raise ValueError("this result has no attention: pass store=AttentionStore() to generate()")
-    (_, indices), = _resolve_tokens(result, [word])
+    _, indices = _word(result, word)
     heat = store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).float().numpy()
     peak = float(heat.max())
     levels = np.zeros(heat.shape, np.uint8) if peak <= 0 else np.round(heat / peak * 255).astype(np.uint8)
@@ -57,7 +67,7 @@ def attention_frame(result, word: str | int, step: int, size: int = 256, resolut
 
 def _frames(result, word, size, resolutions, cmap) -> list[Image.Image]:
     store = result.store
-    (label, _), = _resolve_tokens(result, [word])
+    label, _ = _word(result, word)
     frames = []
     for step in store.step_indices:
         canvas = np.zeros((size + CAPTION, size), np.uint8)  # the caption strip is palette index 0

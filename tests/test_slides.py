@@ -54,6 +54,12 @@ def test_mp4_has_one_frame_per_step(result, tmp_path):
     assert int(counted) == len(result.store.step_indices)
 
 
+def test_slides_use_the_plots_colormap():
+    from mag_explore import slides
+
+    assert slides.CMAP == plots.CMAP
+
+
 def test_unknown_animation_format_is_refused(result, tmp_path):
     with pytest.raises(ValueError, match=".gif or .mp4"):
         plots.save_animation(result, "circle", tmp_path / "circle.avi")

@@ -14,10 +14,10 @@ MAX_LINES = 400
 CORE = {"bpe", "data", "model_files", "models", "families", "schedule", "tokens", "t5_tokens", "text_keys",  # base
         "validation",
         "metrics", "suites",
-        "attention", "sampling", "layouts", "methods", "inversion", "editing", "plots"}
+        "attention", "sampling", "layouts", "methods", "inversion", "editing", "plots", "slides"}
 #: Above the core: what users run and what the course uses.
 APPS = {"cli", "demo", "course", "course_joint", "widgets", "exercises", "checking", "learner", "solutions",  # the course's checks
-        "evaluate", "nbtools", "testing", "testing_mmdit", "testing_dit", "testing_joint", "testing_vision", "__main__"}
+        "evaluate", "nbtools", "nbcache", "testing", "testing_mmdit", "testing_dit", "testing_joint", "testing_vision", "__main__"}
 #: The synthetic world: may import the core, never the reverse.
 WORLD = {"shapes"}
 
