@@ -371,3 +371,8 @@ def _label_point(mask: np.ndarray) -> tuple[float, float]:
         return cy, cx
     nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
     return float(ys[nearest]), float(xs[nearest])
+
+
+# Slide-ready exports live in their own module (this one is near its size limit); they are
+# reached from here, beside the figures they export: plots.save_animation, plots.save_slide.
+from .slides import save_animation, save_slide  # noqa: E402,F401

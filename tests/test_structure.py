@@ -12,7 +12,7 @@ MAX_LINES = 400
 
 #: The engine and what it stands on: folders, and a few root modules. None of it may import the apps or the shapes world.
 CORE = {"data", "models", "families", "text", "schedule", "validation",  # base
-        "attention", "sampling", "layouts", "methods", "editing", "plots"}
+        "attention", "sampling", "layouts", "methods", "editing", "plots", "slides"}
 #: Above the core: what users run, the course, the evaluation, and the tiny builds the tests and notebooks use.
 APPS = {"cli", "demo", "__main__", "course", "widgets", "evaluate", "testing"}
 #: The synthetic world: may import the core, never the reverse.
