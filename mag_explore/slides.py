@@ -18,7 +18,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .tokens import token_text
+from .text.tokens import token_text
 
 #: The attention colormap, the same as ``plots.CMAP`` (plots re-exports this module, so this one
 #: cannot import plots; tests/test_slides.py checks that the two agree).
@@ -41,7 +41,7 @@ def _word(result, word: str | int) -> tuple[str, list[int]]:
     return word, result.token_indices(word)
 
 
-def attention_indices(result, word: str | int, step: int, size: int = 256, resolutions=None) -> np.ndarray:
+def attention_indices(result, word: str | int, step: int, size: int = 256, layer_sizes=None) -> np.ndarray:
     """One step's map of ``word`` (all layers, head mean) as palette indices 0-255, ``size`` × ``size``.
 
     Each map is scaled to its own peak (as in ``plot_attention_over_steps``: the animation shows
@@ -51,27 +51,27 @@ def attention_indices(result, word: str | int, step: int, size: int = 256, resol
     if store is None or not store.maps:
         raise ValueError("this result has no attention: pass store=AttentionStore() to generate()")
     _, indices = _word(result, word)
-    heat = store.aggregate(tokens=indices, steps=[step], resolutions=resolutions).sum(0).float().numpy()
+    heat = store.aggregate(tokens=indices, steps=[step], layer_sizes=layer_sizes).sum(0).float().numpy()
     peak = float(heat.max())
     levels = np.zeros(heat.shape, np.uint8) if peak <= 0 else np.round(heat / peak * 255).astype(np.uint8)
     reps = (-(-size // levels.shape[0]), -(-size // levels.shape[1]))  # ceil: then crop to size
     return np.kron(levels, np.ones(reps, np.uint8))[:size, :size]
 
 
-def attention_frame(result, word: str | int, step: int, size: int = 256, resolutions=None,
+def attention_frame(result, word: str | int, step: int, size: int = 256, layer_sizes=None,
                     cmap: str = CMAP) -> np.ndarray:
     """The RGB pixels (``size`` × ``size`` × 3, uint8) of one step's map, as the animation shows them."""
     palette = np.asarray(_palette(cmap), np.uint8).reshape(256, 3)
-    return palette[attention_indices(result, word, step, size, resolutions)]
+    return palette[attention_indices(result, word, step, size, layer_sizes)]
 
 
-def _frames(result, word, size, resolutions, cmap) -> list[Image.Image]:
+def _frames(result, word, size, layer_sizes, cmap) -> list[Image.Image]:
     store = result.store
     label, _ = _word(result, word)
     frames = []
     for step in store.step_indices:
         canvas = np.zeros((size + CAPTION, size), np.uint8)  # the caption strip is palette index 0
-        canvas[:size] = attention_indices(result, word, step, size, resolutions)
+        canvas[:size] = attention_indices(result, word, step, size, layer_sizes)
         frame = Image.fromarray(canvas, mode="P")
         frame.putpalette(_palette(cmap))
         # the caption also keeps frames distinct: Pillow merges identical consecutive GIF frames
@@ -80,7 +80,7 @@ def _frames(result, word, size, resolutions, cmap) -> list[Image.Image]:
     return frames
 
 
-def save_animation(result, word: str | int, path, fps: float = 4, size: int = 256, resolutions=None,
+def save_animation(result, word: str | int, path, fps: float = 4, size: int = 256, layer_sizes=None,
                    cmap: str = CMAP) -> Path:
     """Save ``word``'s attention over the captured steps as ``.gif`` (Pillow) or ``.mp4`` (ffmpeg).
 
@@ -89,7 +89,7 @@ def save_animation(result, word: str | int, path, fps: float = 4, size: int = 25
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = _frames(result, word, size, resolutions, cmap)
+    frames = _frames(result, word, size, layer_sizes, cmap)
     if not frames:
         raise ValueError("the store holds no steps: nothing to animate")
     if path.suffix.lower() == ".gif":
