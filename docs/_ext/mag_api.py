@@ -59,6 +59,8 @@ def module_page(name: str, module, seen: set[int]) -> str:
         # small values share an identity, and their full names never collide anyway)
         if directive != "autodata" and id(obj) in seen:
             lines.append("   :no-index:")
+        elif inspect.ismodule(obj):  # a submodule in a package's __all__: indexed on its own page
+            lines.append("   :no-index:")
         seen.add(id(obj))
         lines.append("")
     lines.append("```")
